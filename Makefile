@@ -1,0 +1,57 @@
+# The few commands a person needs. Everything installs itself into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION ?= 2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install dev run test lint format models bench clean system-deps
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# The CPU wheel: a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
+
+run: install
+	$(VENV)/bin/textgen serve --host $(HOST) --port $(PORT)
+
+# System packages the suite drives as real processes (redis-server for the Redis paths).
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+test: dev system-deps
+	$(PY) -m pytest
+
+lint: dev
+	$(VENV)/bin/ruff check lm app worker textgen tests bench
+	$(VENV)/bin/ruff format --check lm app worker textgen tests bench
+	$(VENV)/bin/mypy
+
+format: dev
+	$(VENV)/bin/ruff format lm app worker textgen tests bench
+	$(VENV)/bin/ruff check --fix lm app worker textgen tests bench
+
+# Rebuild the shipped models from the shipped corpora (the exact commands live in each
+# model folder's TRAIN_COMMAND file and in scripts/build_models.sh).
+models: install
+	bash scripts/build_models.sh
+
+bench: dev
+	$(PY) bench/train_quality.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
