@@ -1,0 +1,326 @@
+"""Sampling: from one step's logits to the next token, and from tokens to text that is safe to stream.
+
+`SequenceSampler` holds one sequence's state (seeded generator, token counts for the penalties, the
+incremental detokenizer, the stop-string look-behind). It never touches the model, so the HTTP engine
+can call `choose()` / `push()` on each row of a batched logits tensor. `stream_generate()` is the
+single-sequence loop built on it: the prompt in one forward call, then one token per step with the
+LSTM state carried, never re-feeding the sequence (as in pytorch/examples word_language_model).
+
+Order of the logits processors (the same as Hugging Face's and vLLM's):
+repetition penalty -> presence/frequency penalties -> temperature -> top-k -> top-p -> min-p -> sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lm.errors import ConfigError
+from lm.tokenizers import StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_STRINGS = 8
+FINISH_LENGTH = "length"
+FINISH_STOP = "stop"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 200
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # nucleus sampling (Holtzman et al. 2019); 1 = off
+    min_p: float = 0.0  # drop tokens below min_p * p(most likely token); 0 = off
+    repetition_penalty: float = 1.0  # CTRL (Keskar et al. 2019) over prompt + completion; 1 = off
+    presence_penalty: float = 0.0  # OpenAI semantics, over completion tokens
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # accept a list (JSON bodies, argparse) but keep the frozen value hashable
+        if not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first parameter that is out of bounds."""
+        _check_int("max_tokens", self.max_tokens, 1, None)
+        _check_float("temperature", self.temperature, 0.0, 5.0)
+        _check_int("top_k", self.top_k, 0, None)
+        _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _check_float("min_p", self.min_p, 0.0, 1.0, hi_open=True)
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, 10.0, lo_open=True)
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ConfigError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}", "stop")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError("every stop string must be a non-empty string", "stop")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError(f"seed must be an integer or null, got {self.seed!r}", "seed")
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}", name)
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{name} must be {bound}, got {value}", name)
+
+
+def _check_float(
+    name: str, value: object, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}", name)
+    too_low = value <= lo if lo_open else value < lo
+    too_high = value >= hi if hi_open else value > hi
+    if too_low or too_high:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ConfigError(f"{name} must be in {interval}, got {value:g}", name)
+
+
+class SequenceSampler:
+    """One sequence's sampling and detokenizing state.
+
+    Call `choose(logits)` for the next id, then `push(id)` for the text that is safe to emit, until
+    `finished`; then `flush()` for what was held back. Nothing here depends on the model.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_ids: list[int]) -> None:
+        params.validate()
+        self.tokenizer = tokenizer
+        self.params = params
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.finished = False
+        self.finish_reason: str | None = None
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        vocab = tokenizer.vocab_size
+        self._counts = torch.zeros(vocab)  # (V,) completion-token counts: presence/frequency penalties
+        self._seen = torch.zeros(vocab, dtype=torch.bool)  # (V,) prompt + completion: repetition penalty
+        self._seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        self._decoder = StreamDecoder(tokenizer)
+        self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
+
+    # -- choosing -------------------------------------------------------------------------------
+
+    def choose(self, logits: Tensor) -> int:
+        """logits (V,) -> the next token id. Sampling runs on CPU in float32, so a seed gives the same
+        draw whatever device produced the logits."""
+        x = logits.detach().to("cpu", torch.float32)  # (V,)
+        if x.shape != self._counts.shape:
+            raise ValueError(f"expected logits of shape ({self._counts.numel()},), got {tuple(x.shape)}")
+        x = self._penalize(x)
+        p = self.params
+        if p.temperature == 0:
+            return int(x.argmax())
+        x = x / p.temperature
+        if p.top_k:
+            x = _top_k(x, p.top_k)
+        if p.top_p < 1.0:
+            x = _top_p(x, p.top_p)
+        if p.min_p > 0.0:
+            x = _min_p(x, p.min_p)
+        probs = torch.softmax(x, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _penalize(self, x: Tensor) -> Tensor:
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            # CTRL: shrink a seen token's logit towards "less likely" whatever its sign
+            penalized = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            x = torch.where(self._seen, penalized, x)
+        if p.presence_penalty or p.frequency_penalty:
+            # OpenAI: logit -= count * frequency_penalty + (count > 0) * presence_penalty
+            x = x - self._counts * p.frequency_penalty - (self._counts > 0).float() * p.presence_penalty
+        return x
+
+    def logprobs(self, logits: Tensor, token_id: int, top: int) -> tuple[float, dict[str, float]]:
+        """Log-probability of `token_id` and of the `top` most likely tokens, as {piece: logprob}.
+
+        The distribution is the model's softmax at the request's temperature (temperature 1 when greedy),
+        before penalties and top-k/top-p/min-p truncation, so it does not depend on the sequence's state.
+        """
+        temperature = self.params.temperature or 1.0
+        lp = torch.log_softmax(logits.detach().to("cpu", torch.float32) / temperature, dim=-1)  # (V,)
+        values, ids = lp.topk(min(top, lp.numel())) if top > 0 else (lp[:0], lp[:0].long())
+        pieces: dict[str, float] = {}
+        for value, tid in zip(values.tolist(), ids.tolist(), strict=True):
+            pieces.setdefault(self._piece(tid), value)  # two ids may share a piece: keep the likelier
+        return float(lp[token_id]), pieces
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    # -- emitting -------------------------------------------------------------------------------
+
+    def push(self, token_id: int) -> str:
+        """Record the chosen token; return the text that is safe to emit now.
+
+        Text that could still become a stop string is held back. When a stop string completes, the
+        sequence finishes with "stop" and neither the stop string nor anything after it is returned.
+        After max_tokens the sequence finishes with "length"; `flush()` then returns the held-back text.
+        A push after the sequence finished is ignored.
+        """
+        if self.finished:
+            return ""
+        self.completion_tokens += 1
+        self._counts[token_id] += 1
+        self._seen[token_id] = True
+        out = self._release(self._decoder.push(token_id))
+        if not self.finished and self.completion_tokens >= self.params.max_tokens:
+            self._finish(FINISH_LENGTH)
+        return out
+
+    def flush(self) -> str:
+        """The text held back so far (and any partial UTF-8 at the end), cut at a stop string.
+        Nothing after a "stop" finish; empty on a second call."""
+        if self.finish_reason == FINISH_STOP:
+            return ""
+        text = self._held + self._decoder.flush()
+        self._held = ""
+        cut = self._find_stop(text)
+        if cut is not None:
+            self._finish(FINISH_STOP)
+            return text[:cut]
+        return text
+
+    def _release(self, text: str) -> str:
+        if not self.params.stop:
+            return text
+        buf = self._held + text
+        cut = self._find_stop(buf)
+        if cut is not None:
+            self._held = ""
+            self._finish(FINISH_STOP)
+            return buf[:cut]
+        keep = self._stop_prefix_len(buf)
+        self._held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep]
+
+    def _find_stop(self, text: str) -> int | None:
+        """Index of the earliest stop string in text, or None."""
+        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of some stop string."""
+        longest = 0
+        for stop in self.params.stop:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def _finish(self, reason: str) -> None:
+        self.finished = True
+        self.finish_reason = reason
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+def _top_k(x: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of x (V,); -inf elsewhere."""
+    if k >= x.numel():
+        return x
+    kth = torch.topk(x, k).values[-1]
+    return x.masked_fill(x < kth, float("-inf"))
+
+
+def _top_p(x: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability sums to >= top_p (at least one)."""
+    sorted_x, order = torch.sort(x, descending=True)  # (V,)
+    probs = torch.softmax(sorted_x, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
+    drop_sorted = mass_before >= top_p  # the first token always has mass_before 0, so it stays
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return x.masked_fill(drop, float("-inf"))
+
+
+def _min_p(x: Tensor, min_p: float) -> Tensor:
+    """Drop tokens whose probability is below min_p times the top token's (Nguyen et al. 2024)."""
+    probs = torch.softmax(x, dim=-1)
+    return x.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The ids to feed for a prompt; an empty prompt starts from the encoding of "\\n"."""
+    ids = tokenizer.encode(prompt) if prompt else []
+    return ids or tokenizer.encode("\n") or [tokenizer.unk_id]
+
+
+@torch.inference_mode()
+def _forward(model: nn.Module, ids: list[int], state: tuple[Tensor, Tensor] | None, device: torch.device):
+    """ids (T,) -> logits of the last position (V,) and the carried state."""
+    logits, state = model(torch.tensor([ids], dtype=torch.long, device=device), state)  # (1, T, V)
+    return logits[0, -1], state
+
+
+class Generation:
+    """The pieces of one generation, as an iterator. After it is exhausted, `finish_reason`
+    ("length" | "stop") and `usage` ({prompt_tokens, completion_tokens, total_tokens}) are set;
+    `usage` counts the fed prompt tokens (1 for an empty prompt, the start token)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> None:
+        params.validate()
+        self.prompt_ids = prompt_ids(tokenizer, prompt)
+        self.sampler = SequenceSampler(tokenizer, params, self.prompt_ids)
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+        self._pieces = self._run(model)
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _run(self, model: nn.Module) -> Iterator[str]:
+        sampler = self.sampler
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()  # dropout off: a seed must give the same text
+        try:
+            logits, state = _forward(model, self.prompt_ids, None, device)  # the whole prompt, once
+            while True:
+                token = sampler.choose(logits)
+                text = sampler.push(token)
+                if text:
+                    yield text
+                if sampler.finished:
+                    break
+                logits, state = _forward(model, [token], state, device)  # one token, state carried
+            rest = sampler.flush()
+            if rest:
+                yield rest
+            self.finish_reason = sampler.finish_reason
+            self.usage = sampler.usage
+            log.debug("generation finished: %s, %s", self.finish_reason, self.usage)
+        finally:
+            model.train(was_training)
+
+
+def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Generation:
+    """Generate text for `prompt`, piece by piece. Raises ConfigError for out-of-bounds params."""
+    return Generation(model, tokenizer, prompt, params)
+
+
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> str:
+    """The whole completion as one string (the stop string, if any, excluded)."""
+    return "".join(stream_generate(model, tokenizer, prompt, params))
