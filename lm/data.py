@@ -1,0 +1,79 @@
+"""Corpus reading, the train/validation split, and contiguous batching for truncated BPTT.
+
+Batching follows pytorch/examples word_language_model: the token stream is cut into B
+contiguous streams (one per batch row), so row b of window k+1 continues row b of window k
+and the hidden state can be carried across windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lm.errors import CorpusError
+
+# A text file with more than this share of control characters is treated as binary.
+_MAX_CONTROL_SHARE = 0.01
+_ALLOWED_CONTROLS = {"\n", "\r", "\t", "\f", "\v"}
+
+
+def check_text(text: str, name: str = "corpus") -> str:
+    """Reject text that cannot be a training corpus: empty or binary-looking."""
+    if not text.strip():
+        raise CorpusError(f"{name} is empty")
+    if "\x00" in text:
+        raise CorpusError(f"{name} looks binary (it contains NUL bytes); give a UTF-8 text file")
+    sample = text[:100_000]
+    controls = sum(1 for ch in sample if ord(ch) < 32 and ch not in _ALLOWED_CONTROLS)
+    if controls > _MAX_CONTROL_SHARE * len(sample):
+        raise CorpusError(f"{name} looks binary ({controls} control characters in the first {len(sample)})")
+    return text
+
+
+def decode_corpus(data: bytes, name: str = "corpus") -> str:
+    """UTF-8 bytes -> text, with CorpusError for binary or non-UTF-8 input."""
+    if b"\x00" in data[:100_000]:
+        raise CorpusError(f"{name} looks binary (it contains NUL bytes); give a UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{name} is not valid UTF-8 (byte offset {e.start}); give a UTF-8 text file") from None
+    return check_text(text.removeprefix("\ufeff"), name)
+
+
+def read_corpus(path: Path | str) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"corpus file not found: {path}")
+    return decode_corpus(path.read_bytes(), str(path))
+
+
+def split_corpus(ids: Sequence[int] | Tensor, val_fraction: float) -> tuple[Tensor, Tensor]:
+    """By position: the last `val_fraction` of the tokens validate (nanoGPT's Shakespeare split)."""
+    data = torch.as_tensor(ids, dtype=torch.long)
+    n_val = int(round(len(data) * val_fraction))
+    if val_fraction > 0:
+        n_val = max(n_val, 2)
+    return data[: len(data) - n_val], data[len(data) - n_val :]
+
+
+def batchify(ids: Tensor, batch_size: int) -> Tensor:
+    """(N,) -> (B, N // B): B contiguous streams; the ragged tail is dropped."""
+    per_row = len(ids) // batch_size
+    return ids[: per_row * batch_size].view(batch_size, per_row)
+
+
+def windows(data: Tensor, seq_len: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (x, y) windows of (B, t <= seq_len); y is x shifted by one token."""
+    n = data.size(1) - 1
+    for start in range(0, n, seq_len):
+        t = min(seq_len, n - start)
+        yield data[:, start : start + t], data[:, start + 1 : start + 1 + t]
+
+
+def num_windows(data: Tensor, seq_len: int) -> int:
+    n = data.size(1) - 1
+    return max(0, (n + seq_len - 1) // seq_len)

@@ -1,0 +1,587 @@
+"""The training loop: truncated BPTT over contiguous streams, AdamW, per-epoch validation.
+
+Shaped after pytorch/examples word_language_model (carry the hidden state, detach between
+windows) and nanoGPT's train.py (AdamW, warmup + cosine decay, gradient clipping, bf16
+autocast). Resumable state is written at each epoch end as safetensors + JSON (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lm.data import batchify, check_text, num_windows, split_corpus, windows
+from lm.errors import ConfigError, CorpusError, TrainingCancelled
+from lm.model import LSTMLanguageModel, ModelConfig, State
+from lm.tokenizers import Tokenizer, fit_tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from lm.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+TOKENIZERS = ("char", "word", "bpe")
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Inclusive bounds of every numeric hyperparameter: shared by the CLI and the HTTP schema.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "vocab_size": (16, 100_000),
+    "embedding_dim": (4, 4096),
+    "hidden_dim": (4, 4096),
+    "layers": (1, 8),
+    "dropout": (0.0, 0.9),
+    "seq_len": (2, 2048),
+    "batch_size": (1, 2048),
+    "lr": (1e-6, 1.0),
+    "weight_decay": (0.0, 1.0),
+    "grad_clip": (0.0, 100.0),
+    "warmup_steps": (0, 100_000),
+    "epochs": (1, 10_000),
+    "max_steps": (1, 100_000_000),
+    "time_budget_s": (1.0, 30 * 24 * 3600.0),
+    "patience": (1, 1000),
+    "val_fraction": (0.001, 0.5),
+    "seed": (0, 2**63 - 1),
+    "threads": (1, 256),
+}
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+STATE_TOKENIZER = "tokenizer.json"
+
+
+@dataclass
+class TrainConfig:
+    """Every field is a `textgen train` flag and a `POST /train` field. The default is the char recipe."""
+
+    tokenizer: str = "char"
+    vocab_size: int | None = None  # None: char keeps every symbol; word/bpe default to 8000
+    embedding_dim: int = 512
+    hidden_dim: int = 512
+    layers: int = 2
+    dropout: float = 0.1
+    tie_weights: bool = False
+    seq_len: int = 128
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+    epochs: int = 10
+    max_steps: int | None = None
+    time_budget_s: float | None = None
+    patience: int | None = None  # early stopping: epochs without a better validation loss
+    val_fraction: float = 0.1
+    seed: int = 1337
+    threads: int | None = None
+    precision: str = "auto"
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}", "tokenizer")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}", "precision")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}", "device")
+        for name, (lo, hi) in BOUNDS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} must be a number, got {value!r}", name)
+            if not lo <= value <= hi:
+                raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}", name)
+        if self.tie_weights and self.embedding_dim != self.hidden_dim:
+            raise ConfigError("tie_weights needs embedding_dim equal to hidden_dim", "tie_weights")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=vocab_size,
+            embedding_dim=self.embedding_dim,
+            hidden_dim=self.hidden_dim,
+            layers=self.layers,
+            dropout=self.dropout,
+            tie_weights=self.tie_weights,
+        )
+
+
+@dataclass
+class TrainEvent:
+    kind: str  # "progress" | "epoch" | "state_saved"
+    epoch: int  # 1-based epoch being trained (or just finished, for "epoch")
+    epochs: int
+    step: int
+    total_steps: int
+    train_loss: float | None
+    val_loss: float | None
+    tokens_per_s: float
+    eta_s: float | None
+    elapsed_s: float
+    lr: float | None = None
+    sample: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: LSTMLanguageModel
+    tokenizer: Tokenizer
+    config: TrainConfig
+    metrics: dict[str, Any]
+    corpus_sha256: str
+    corpus_bytes: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Progress:
+    """Everything the loop carries that a resume must restore."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    best_val: float | None = None
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is available", "device")
+    return torch.device(device)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast where the hardware has native bf16 (AVX512-BF16/AMX on CPU, Ampere+ on CUDA)."""
+    if precision == "fp32":
+        return False
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if precision == "bf16" and not supported:
+        log.warning("bf16 was asked for but %s has no native bf16; training in fp32", device)
+    return supported
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int, time_fraction: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak (nanoGPT's schedule).
+
+    Under a time budget the decay follows whichever is further along: steps or time.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, max((step - cfg.warmup_steps) / span, time_fraction))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train(
+    text: str,
+    cfg: TrainConfig,
+    *,
+    on_event: Callable[[TrainEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    state_dir: Path | str | None = None,
+    base: Checkpoint | None = None,
+    progress_interval_s: float = 2.0,
+) -> TrainResult:
+    """Train a model on `text`. Resumes from `state_dir` when it holds a saved epoch state."""
+    cfg.validate()
+    check_text(text)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    bf16 = use_bf16(cfg.precision, device)
+    corpus_sha = sha256_text(text)
+    state_path = Path(state_dir) if state_dir else None
+    resuming = state_path is not None and (state_path / STATE_JSON).is_file()
+
+    torch.manual_seed(cfg.seed)
+    if resuming:
+        assert state_path is not None
+        tokenizer = load_tokenizer(state_path / STATE_TOKENIZER)
+    elif base is not None:
+        tokenizer = base.tokenizer
+    else:
+        tokenizer = fit_tokenizer(cfg.tokenizer, text, cfg.vocab_size)
+    if base is not None:
+        cfg = _adopt_architecture(cfg, base)
+
+    ids = tokenizer.encode(text)
+    train_ids, val_ids = split_corpus(ids, cfg.val_fraction)
+    _check_corpus_size(len(train_ids), len(val_ids), cfg)
+    train_data = batchify(train_ids, cfg.batch_size).to(device)  # (B, N)
+    val_data = batchify(val_ids, min(cfg.batch_size, len(val_ids) // 2)).to(device)
+    val_chars_per_token = len(tokenizer.decode(val_ids.tolist())) / max(1, len(val_ids))
+
+    model = LSTMLanguageModel(cfg.model_config(tokenizer.vocab_size))
+    if base is not None:
+        model.load_state_dict(base.model.state_dict())
+    model.to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay, fused=device.type == "cpu"
+    )
+    prog = _Progress()
+    best_weights: dict[str, Tensor] | None = None
+    if resuming:
+        assert state_path is not None
+        prog, best_weights = _load_state(state_path, cfg, corpus_sha, model, optimizer)
+
+    steps_per_epoch = num_windows(train_data, cfg.seq_len)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    loop = _Loop(cfg, model, optimizer, train_data, bf16, total_steps, prog, on_event, should_stop, progress_interval_s)
+
+    stopped_by = "epochs"
+    last_train_loss: float | None = None
+    while prog.epoch < cfg.epochs:
+        epoch_loss, stop_reason = loop.run_epoch()
+        last_train_loss = epoch_loss if epoch_loss is not None else last_train_loss
+        if epoch_loss is None:  # no step ran this epoch: a limit was already reached
+            stopped_by = stop_reason or stopped_by
+            break
+        val = evaluate_ids(model, val_data, cfg.seq_len, bf16=False)
+        prog.epoch += 1
+        improved = prog.best_val is None or val < prog.best_val
+        if improved:
+            prog.best_val, prog.bad_epochs = val, 0
+            if cfg.patience is not None:
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            prog.bad_epochs += 1
+        prog.history.append({"epoch": prog.epoch, "step": prog.step, "train_loss": epoch_loss, "val_loss": val})
+        loop.emit("epoch", train_loss=epoch_loss, val_loss=val, sample=sample_text(model, tokenizer, cfg.seed))
+        if state_path is not None:
+            _save_state(state_path, cfg, corpus_sha, tokenizer, model, optimizer, prog, best_weights)
+            loop.emit("state_saved", train_loss=epoch_loss, val_loss=val)
+        if stop_reason is not None:
+            stopped_by = stop_reason
+            break
+        if cfg.patience is not None and prog.bad_epochs >= cfg.patience:
+            stopped_by = "early_stopping"
+            break
+
+    if best_weights is not None and prog.history and prog.history[-1]["val_loss"] > (prog.best_val or math.inf):
+        model.load_state_dict(best_weights)  # early stopping keeps the best epoch's weights
+    model.eval()
+    val_loss = evaluate_ids(model, val_data, cfg.seq_len, bf16=False)
+    metrics = _metrics(last_train_loss, val_loss, val_chars_per_token, prog, stopped_by)
+    log.info("training done: %s", json.dumps(metrics))
+    return TrainResult(
+        model=model.cpu(),
+        tokenizer=tokenizer,
+        config=cfg,
+        metrics=metrics,
+        corpus_sha256=corpus_sha,
+        corpus_bytes=len(text.encode("utf-8")),
+        history=prog.history,
+    )
+
+
+class _Loop:
+    """One epoch of truncated BPTT at a time, with progress events and limits."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: LSTMLanguageModel,
+        optimizer: torch.optim.Optimizer,
+        data: Tensor,
+        bf16: bool,
+        total_steps: int,
+        prog: _Progress,
+        on_event: Callable[[TrainEvent], None] | None,
+        should_stop: Callable[[], bool] | None,
+        interval_s: float,
+    ) -> None:
+        self.cfg, self.model, self.optimizer, self.data = cfg, model, optimizer, data
+        self.bf16, self.total_steps, self.prog = bf16, total_steps, prog
+        self.on_event, self.should_stop, self.interval_s = on_event, should_stop, interval_s
+        self.started = time.perf_counter() - prog.elapsed_s
+        self.session_start = time.perf_counter()
+        self.session_tokens = 0
+        self.last_report = 0.0
+        self.recent_loss: float | None = None
+        self.lr: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def limit_reached(self) -> str | None:
+        if self.cfg.max_steps is not None and self.prog.step >= self.cfg.max_steps:
+            return "max_steps"
+        if self.cfg.time_budget_s is not None and self.elapsed() >= self.cfg.time_budget_s:
+            return "time_budget"
+        return None
+
+    def run_epoch(self) -> tuple[float | None, str | None]:
+        """Returns (mean train loss of the epoch or None if no step ran, the limit that stopped it)."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        state: State | None = None
+        loss_sum, n = 0.0, 0
+        vocab = model.cfg.vocab_size
+        for x, y in windows(self.data, cfg.seq_len):
+            if self.should_stop is not None and self.should_stop():
+                raise TrainingCancelled("training was cancelled")
+            reason = self.limit_reached()
+            if reason is not None:
+                return (loss_sum / n if n else None), reason
+            budget_fraction = self.elapsed() / cfg.time_budget_s if cfg.time_budget_s else 0.0
+            self.lr = lr_at(cfg, self.prog.step, self.total_steps, budget_fraction)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits, state = model(x, state)  # (B, t, V)
+            loss = nn.functional.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1))
+            state = (state[0].detach(), state[1].detach())  # detach: truncated BPTT
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise ConfigError(f"training diverged (loss {value}); lower lr (now {cfg.lr:g})", "lr")
+            loss_sum, n = loss_sum + value, n + 1
+            self.recent_loss = value if self.recent_loss is None else 0.9 * self.recent_loss + 0.1 * value
+            self.prog.step += 1
+            self.prog.tokens += x.numel()
+            self.session_tokens += x.numel()
+            self.prog.elapsed_s = self.elapsed()
+            if time.perf_counter() - self.last_report >= self.interval_s:
+                self.emit("progress", train_loss=self.recent_loss)
+        return (loss_sum / n if n else None), self.limit_reached()
+
+    def tokens_per_s(self) -> float:
+        dt = time.perf_counter() - self.session_start
+        return self.session_tokens / dt if dt > 0 else 0.0
+
+    def eta_s(self) -> float | None:
+        rate = self.tokens_per_s()
+        if rate <= 0:
+            return None
+        tokens_per_step = self.cfg.batch_size * self.cfg.seq_len
+        eta = (self.total_steps - self.prog.step) * tokens_per_step / rate
+        if self.cfg.time_budget_s is not None:
+            eta = min(eta, max(0.0, self.cfg.time_budget_s - self.elapsed()))
+        return eta
+
+    def emit(self, kind: str, *, train_loss: float | None, val_loss: float | None = None, sample: str | None = None):
+        self.last_report = time.perf_counter()
+        if self.on_event is None:
+            return
+        epoch = self.prog.epoch if kind != "progress" else self.prog.epoch + 1
+        self.on_event(
+            TrainEvent(
+                kind=kind,
+                epoch=epoch,
+                epochs=self.cfg.epochs,
+                step=self.prog.step,
+                total_steps=self.total_steps,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                tokens_per_s=self.tokens_per_s(),
+                eta_s=self.eta_s(),
+                elapsed_s=self.elapsed(),
+                lr=self.lr,
+                sample=sample,
+            )
+        )
+
+
+@torch.inference_mode()
+def evaluate_ids(model: LSTMLanguageModel, data: Tensor, seq_len: int, *, bf16: bool = False) -> float:
+    """Mean cross-entropy (nats per token) over batchified `data`, carrying the state across windows."""
+    was_training = model.training
+    model.eval()
+    state: State | None = None
+    total, count = 0.0, 0
+    for x, y in windows(data, max(seq_len, 256)):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, state = model(x, state)
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        total += loss.item()
+        count += y.numel()
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def evaluate(
+    model: LSTMLanguageModel, tokenizer: Tokenizer, text: str, *, seq_len: int = 256, batch_size: int = 16
+) -> dict[str, float | int]:
+    """Loss, perplexity and bits per character of `model` on `text` (the whole text is scored)."""
+    check_text(text, "evaluation text")
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    if len(ids) < 2:
+        raise CorpusError("evaluation text is too short: it needs at least 2 tokens")
+    streams = max(1, min(batch_size, (len(ids) - 1) // 2))
+    data = batchify(ids, streams).to(next(model.parameters()).device)
+    loss = evaluate_ids(model, data, seq_len)
+    tokens = streams * (data.size(1) - 1)
+    chars = tokens * len(text) / len(ids)
+    return {
+        "tokens": tokens,
+        "chars": round(chars),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bits_per_char": loss * tokens / (chars * math.log(2)),
+    }
+
+
+def sample_text(model: LSTMLanguageModel, tokenizer: Tokenizer, seed: int, max_tokens: int = 160) -> str:
+    """A short seeded sample for progress reports (each epoch's `sample`)."""
+    from lm.sampler import SamplingParams, generate  # sampler imports train's siblings only
+
+    was_training = model.training
+    model.eval()
+    try:
+        return generate(model, tokenizer, "", SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=seed))
+    finally:
+        model.train(was_training)
+
+
+def _adopt_architecture(cfg: TrainConfig, base: Checkpoint) -> TrainConfig:
+    """Fine-tuning keeps the base model's architecture and tokenizer."""
+    arch = base.model.cfg
+    return replace(
+        cfg,
+        tokenizer=base.tokenizer.kind,
+        vocab_size=arch.vocab_size,
+        embedding_dim=arch.embedding_dim,
+        hidden_dim=arch.hidden_dim,
+        layers=arch.layers,
+        dropout=arch.dropout,
+        tie_weights=arch.tie_weights,
+    )
+
+
+def _check_corpus_size(n_train: int, n_val: int, cfg: TrainConfig) -> None:
+    need = 2 * cfg.batch_size
+    if n_train < need:
+        raise CorpusError(
+            f"corpus is shorter than one batch: {n_train} training tokens, but batch_size {cfg.batch_size} "
+            f"needs at least {need}; give more text or lower batch_size"
+        )
+    if n_val < 2:
+        raise CorpusError("corpus is too short to hold out a validation part; give more text or raise val_fraction")
+
+
+def _metrics(
+    train_loss: float | None, val_loss: float, chars_per_token: float, prog: _Progress, stopped_by: str
+) -> dict[str, Any]:
+    bits_per_token = val_loss / math.log(2)
+    return {
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(min(val_loss, 700.0)),
+        "val_bits_per_token": bits_per_token,
+        "val_bits_per_char": bits_per_token / max(chars_per_token, 1e-9),
+        "steps": prog.step,
+        "epochs": prog.epoch,
+        "tokens": prog.tokens,
+        "elapsed_s": prog.elapsed_s,
+        "tokens_per_s": prog.tokens / prog.elapsed_s if prog.elapsed_s > 0 else 0.0,
+        "stopped_by": stopped_by,
+    }
+
+
+# --- resumable state: safetensors for tensors, JSON for the rest (no pickle) ---
+
+
+def _save_state(
+    path: Path,
+    cfg: TrainConfig,
+    corpus_sha: str,
+    tokenizer: Tokenizer,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    prog: _Progress,
+    best: dict[str, Tensor] | None,
+) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    opt_state = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for idx, slots in opt_state["state"].items():
+        for key, value in slots.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    if best is not None:
+        tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "config": cfg.to_dict(),
+        "corpus_sha256": corpus_sha,
+        "progress": asdict(prog),
+        "param_groups": opt_state["param_groups"],
+    }
+    # Tied weights share storage; safetensors wants distinct tensors.
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    _atomic_write(path / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
+    _atomic_write(path / STATE_TOKENIZER, lambda p: tokenizer.save(p))
+    _atomic_write(path / STATE_JSON, lambda p: p.write_text(json.dumps(meta, indent=1)))
+
+
+def _atomic_write(target: Path, write: Callable[[Path], Any]) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _load_state(
+    path: Path, cfg: TrainConfig, corpus_sha: str, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[_Progress, dict[str, Tensor] | None]:
+    meta = json.loads((path / STATE_JSON).read_text())
+    if meta["corpus_sha256"] != corpus_sha:
+        raise CorpusError(f"the saved training state in {path} was made from a different corpus")
+    saved = TrainConfig.from_dict(meta["config"])
+    shape_keys = ("embedding_dim", "hidden_dim", "layers", "tie_weights", "seq_len", "batch_size", "tokenizer")
+    if any(getattr(saved, k) != getattr(cfg, k) for k in shape_keys):
+        raise ConfigError(f"the saved training state in {path} was made with other hyperparameters")
+    tensors = load_file(str(path / STATE_TENSORS))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    opt_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, slot = key.split(".", 2)
+            opt_state["state"].setdefault(int(idx), {})[slot] = value
+    optimizer.load_state_dict(opt_state)
+    torch.set_rng_state(tensors["rng.torch"])
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    prog = _Progress(**meta["progress"])
+    log.info("resuming from %s at epoch %d, step %d", path, prog.epoch, prog.step)
+    return prog, best
