@@ -1,0 +1,119 @@
+"""Shared tiny fixtures for tests/lm: a 2-KB corpus, a 16-unit LSTM with fixed weights, a models folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.model import LSTMLanguageModel, ModelConfig
+from lm.tokenizers import CharTokenizer, fit_tokenizer
+
+# Shakespeare, Sonnets 18 and 116 and Hamlet III.1 (public domain): about 2 KB.
+TINY_CORPUS = """\
+Shall I compare thee to a summer's day?
+Thou art more lovely and more temperate:
+Rough winds do shake the darling buds of May,
+And summer's lease hath all too short a date;
+Sometime too hot the eye of heaven shines,
+And often is his gold complexion dimm'd;
+And every fair from fair sometime declines,
+By chance or nature's changing course untrimm'd;
+But thy eternal summer shall not fade,
+Nor lose possession of that fair thou ow'st;
+Nor shall death brag thou wander'st in his shade,
+When in eternal lines to time thou grow'st:
+So long as men can breathe or eyes can see,
+So long lives this, and this gives life to thee.
+
+Let me not to the marriage of true minds
+Admit impediments. Love is not love
+Which alters when it alteration finds,
+Or bends with the remover to remove.
+O no! it is an ever-fixed mark
+That looks on tempests and is never shaken;
+It is the star to every wand'ring bark,
+Whose worth's unknown, although his height be taken.
+Love's not Time's fool, though rosy lips and cheeks
+Within his bending sickle's compass come;
+Love alters not with his brief hours and weeks,
+But bears it out even to the edge of doom.
+If this be error and upon me prov'd,
+I never writ, nor no man ever lov'd.
+
+To be, or not to be, that is the question:
+Whether 'tis nobler in the mind to suffer
+The slings and arrows of outrageous fortune,
+Or to take arms against a sea of troubles
+And by opposing end them. To die: to sleep;
+No more; and by a sleep to say we end
+The heart-ache and the thousand natural shocks
+That flesh is heir to, 'tis a consummation
+Devoutly to be wish'd. To die, to sleep;
+To sleep: perchance to dream: ay, there's the rub;
+For in that sleep of death what dreams may come
+When we have shuffled off this mortal coil,
+Must give us pause.
+"""
+
+# Laozi, Dao De Jing chapters 1 and 8 (public domain).
+CHINESE_CORPUS = """\
+道可道，非常道。名可名，非常名。
+无名天地之始；有名万物之母。
+故常无欲，以观其妙；常有欲，以观其徼。
+此两者，同出而异名，同谓之玄。
+玄之又玄，众妙之门。
+上善若水。水善利万物而不争，处众人之所恶，故几于道。
+居善地，心善渊，与善仁，言善信，正善治，事善能，动善时。
+夫唯不争，故无尤。
+"""
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    # The test machine's cores are shared; tiny models gain nothing from more threads.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus() -> str:
+    return TINY_CORPUS
+
+
+@pytest.fixture(scope="session")
+def chinese_corpus() -> str:
+    return CHINESE_CORPUS
+
+
+@pytest.fixture
+def char_tokenizer() -> CharTokenizer:
+    tokenizer = fit_tokenizer("char", TINY_CORPUS)
+    assert isinstance(tokenizer, CharTokenizer)
+    return tokenizer
+
+
+def _make_tiny_model(vocab_size: int, *, tie_weights: bool = False, seed: int = 0) -> LSTMLanguageModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size, embedding_dim=16, hidden_dim=16, layers=2, dropout=0.1, tie_weights=tie_weights)
+    return LSTMLanguageModel(cfg).eval()
+
+
+@pytest.fixture
+def make_tiny_model() -> Callable[..., LSTMLanguageModel]:
+    """make_tiny_model(vocab_size, *, tie_weights=False, seed=0): a 2-layer, 16-unit LSTM, fixed weights, eval mode."""
+    return _make_tiny_model
+
+
+@pytest.fixture
+def tiny_model(char_tokenizer: CharTokenizer) -> LSTMLanguageModel:
+    """A 2-layer, 16-unit LSTM with fixed weights (seed 0) sized for `char_tokenizer`, in eval mode."""
+    return _make_tiny_model(char_tokenizer.vocab_size)
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "models"
+    path.mkdir()
+    return path
