@@ -88,7 +88,9 @@ class LSTMLanguageModel(nn.Module):
         logits = self.head(self.drop(out))  # (B, T, V)
         return logits, state
 
-    def init_state(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
+    def init_state(
+        self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> State:
         shape = (self.cfg.layers, batch, self.cfg.hidden_dim)
         dtype = dtype or self.head.weight.dtype
         device = device or self.head.weight.device

@@ -1,0 +1,143 @@
+"""Training benchmark: quality within a wall-clock budget, and throughput against a plain loop.
+
+On tiny-shakespeare with nanoGPT's split (first 90% train, last 10% validation), this runs
+the default character recipe (`textgen train` defaults) under time budgets and reports the
+validation loss in nats per character; then it measures training tokens/s of textgen's loop
+against a plain fp32 `nn.LSTM` loop of the same size, in the same process, one after the other.
+
+    python bench/train_quality.py                      # 5, 10 and 20 minute budgets + throughput
+    python bench/train_quality.py --budgets 10 --throughput-steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lm.train import TrainConfig, TrainEvent, train
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+sys.path.insert(0, str(ROOT / "bench"))
+from results import machine_summary, write_section  # noqa: E402
+
+
+def plain_fp32_tokens_per_s(cfg: TrainConfig, vocab: int, data: torch.Tensor, steps: int) -> float:
+    """The reference: Embedding -> nn.LSTM -> Linear in fp32 with plain Adam, no tricks."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(vocab, cfg.embedding_dim)
+    lstm = nn.LSTM(cfg.embedding_dim, cfg.hidden_dim, cfg.layers, batch_first=True, dropout=cfg.dropout)
+    head = nn.Linear(cfg.hidden_dim, vocab)
+    params = [*emb.parameters(), *lstm.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    state = None
+    tokens, started = 0, 0.0
+    for i in range(steps + 2):  # two warm-up steps are not timed
+        if i == 2:
+            started, tokens = time.perf_counter(), 0
+        start = (i * cfg.seq_len) % (data.size(1) - cfg.seq_len - 1)
+        x, y = data[:, start : start + cfg.seq_len], data[:, start + 1 : start + 1 + cfg.seq_len]
+        out, state = lstm(emb(x), state)
+        loss = nn.functional.cross_entropy(head(out).view(-1, vocab), y.reshape(-1))
+        state = tuple(s.detach() for s in state)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        tokens += x.numel()
+    return tokens / (time.perf_counter() - started)
+
+
+def textgen_tokens_per_s(text: str, cfg: TrainConfig, steps: int) -> float:
+    events: list[TrainEvent] = []
+    # warmup_steps=2 mirrors the two untimed warm-up steps of the plain loop
+    run = TrainConfig.from_dict({**cfg.to_dict(), "max_steps": steps + 2, "epochs": 1})
+    result = train(text, run, on_event=events.append, progress_interval_s=0.0)
+    timed = [e for e in events if e.kind == "progress"]
+    if len(timed) < 3:
+        return result.metrics["tokens_per_s"]
+    first, last = timed[1], timed[-1]  # skip the first step (allocation warm-up)
+    tokens = (last.step - first.step) * cfg.batch_size * cfg.seq_len
+    return tokens / (last.elapsed_s - first.elapsed_s)
+
+
+def quality_run(text: str, cfg: TrainConfig, minutes: float) -> dict:
+    run = TrainConfig.from_dict({**cfg.to_dict(), "time_budget_s": minutes * 60, "epochs": 1000})
+    curve: list[tuple[float, float]] = []
+
+    def on_event(e: TrainEvent) -> None:
+        if e.kind == "epoch" and e.val_loss is not None:
+            curve.append((round(e.elapsed_s, 1), round(e.val_loss, 4)))
+            print(f"  epoch {e.epoch} at {e.elapsed_s:.0f}s: val {e.val_loss:.4f}", flush=True)
+
+    result = train(text, run, on_event=on_event)
+    m = result.metrics
+    print(f"  {minutes:g} min: val loss {m['val_loss']:.4f} after {m['steps']} steps", flush=True)
+    return {
+        "minutes": minutes,
+        "val_loss": m["val_loss"],
+        "steps": m["steps"],
+        "tokens_per_s": m["tokens_per_s"],
+        "epochs": m["epochs"],
+        "curve": curve,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--budgets", default="5,10,20", help="minutes, comma-separated ('' to skip)")
+    parser.add_argument("--throughput-steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text = args.corpus.read_text(encoding="utf-8")
+    cfg = TrainConfig(threads=args.threads)
+    print(f"recipe: {json.dumps(cfg.to_dict())}", flush=True)
+
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    quality = [quality_run(text, cfg, minutes) for minutes in budgets]
+
+    vocab = len(set(text)) + 1
+    ids = torch.tensor([ord(c) % vocab for c in text[: cfg.batch_size * 4000]]).view(cfg.batch_size, -1)
+    plain = plain_fp32_tokens_per_s(cfg, vocab, ids, args.throughput_steps)
+    ours = textgen_tokens_per_s(text, cfg, args.throughput_steps)
+    print(f"throughput: textgen {ours:.0f} tok/s, plain fp32 {plain:.0f} tok/s, ratio {ours / plain:.2f}x", flush=True)
+
+    lines = [
+        f"Command: `python bench/train_quality.py --budgets {args.budgets} --throughput-steps {args.throughput_steps}`",
+        f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Machine: {machine_summary()}. torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}.",
+        f"Recipe (the `textgen train` defaults): `{json.dumps(cfg.to_dict())}`",
+        "",
+        "| budget | validation loss (nats/char) | steps | epochs | train tokens/s |",
+        "| --- | --- | --- | --- | --- |",
+        *[
+            f"| {q['minutes']:g} min | {q['val_loss']:.4f} | {q['steps']} | {q['epochs']} | {q['tokens_per_s']:.0f} |"
+            for q in quality
+        ],
+        "",
+        "| training loop | tokens/s | ratio |",
+        "| --- | --- | --- |",
+        f"| plain fp32 `nn.LSTM` loop, same size | {plain:.0f} | 1.00x |",
+        f"| textgen (`lm.train`) | {ours:.0f} | {ours / plain:.2f}x |",
+        "",
+        "Validation curves (elapsed seconds, val loss) per budget: "
+        + "; ".join(f"{q['minutes']:g} min: {q['curve']}" for q in quality),
+    ]
+    if not args.no_write:
+        write_section("Training quality and throughput (`bench/train_quality.py`)", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
