@@ -8,7 +8,10 @@ import re
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = "# Benchmark results\n\nEach section is rewritten by the script named in its title. Ratios are measured in one run.\n"
+HEADER = (
+    "# Benchmark results\n\n"
+    "Each section is rewritten by the script named in its title. Ratios are measured in one run.\n"
+)
 
 
 def machine_summary() -> str:

@@ -22,9 +22,11 @@ class CountingLSTM(LSTMLanguageModel):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.calls: list[tuple[tuple[int, ...], bool]] = []
+        self.modes: list[bool] = []  # self.training at each call
 
     def forward(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         self.calls.append((tuple(ids.shape), state is not None))
+        self.modes.append(self.training)
         return super().forward(ids, state)
 
 
@@ -123,14 +125,13 @@ def test_empty_prompt_starts_from_newline(model, tok):
     assert gen.usage == {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}
 
 
-def test_generation_turns_dropout_off_and_restores_training_mode(tok):
+def test_generation_runs_in_eval_mode_and_restores_training_mode(tok):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, embedding_dim=16, hidden_dim=16, layers=2, dropout=0.5)
-    model = LSTMLanguageModel(cfg).train()
-    params = SamplingParams(max_tokens=30, seed=5)
-    a = generate(model, tok, "the ", params)
+    model = CountingLSTM(cfg).train()
+    generate(model, tok, "the ", SamplingParams(max_tokens=5, seed=5))
+    assert model.modes == [False] * 5  # dropout off while generating
     assert model.training
-    assert generate(model, tok, "the ", params) == a  # same seed, same text: dropout was off
 
 
 # -- finishing: length and stop strings -----------------------------------------------------------
@@ -235,6 +236,16 @@ def test_min_p_drops_tokens_below_a_share_of_the_top_one(tok):
     assert {everything.choose(logits) for _ in range(200)} == {a, b, c}
 
 
+def test_temperature_sharpens_or_flattens_the_distribution(tok):
+    a, b = ids_of(tok, "ab")
+    logits = logits_for(tok, {a: 1.0, b: 0.0})
+    cold = SequenceSampler(tok, SamplingParams(temperature=0.05, seed=0), [])  # p(b) = e^-20
+    assert {cold.choose(logits) for _ in range(200)} == {a}
+    warm = SequenceSampler(tok, SamplingParams(temperature=1.0, seed=0), [])  # p(b) = 0.27
+    draws = [warm.choose(logits) for _ in range(400)]
+    assert 0.15 < draws.count(b) / 400 < 0.4
+
+
 def test_top_k_keeps_the_k_most_likely(tok):
     a, b, c = ids_of(tok, "abc")
     logits = logits_for(tok, {a: 1.0, b: 0.9, c: 0.8})
@@ -295,3 +306,14 @@ def test_bounds_are_inclusive_where_documented():
     SamplingParams(max_tokens=1, temperature=5.0, top_p=1.0, min_p=0.0, repetition_penalty=10.0).validate()
     SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, stop=tuple("abcdefgh"), seed=0).validate()
     assert SamplingParams(stop=["\n"]).stop == ("\n",)  # a list (JSON, argparse) becomes a tuple
+
+
+def test_stop_string_across_byte_level_bpe_tokens_in_chinese():
+    tok = fit_tokenizer("bpe", "你好，世界！今天天气很好。再见，世界。\n" * 3, vocab_size=300)
+    ids = tok.encode("今天你好世界再见")
+    assert len(ids) > len("今天你好世界再见")  # some characters span several byte tokens
+    sampler = SequenceSampler(tok, SamplingParams(stop=("世界",)), [])
+    text = "".join(sampler.push(i) for i in ids)
+    assert text == "今天你好"
+    assert sampler.finish_reason == "stop"
+    assert "\ufffd" not in text  # no half characters were emitted
