@@ -1,0 +1,82 @@
+"""Bearer-token auth with two scopes.
+
+- "inference" (generation, tokenize, listing models): any key of TEXTGEN_API_KEYS or TEXTGEN_ADMIN_KEYS;
+  open when neither is set.
+- "admin" (registry changes, later training): a key of TEXTGEN_ADMIN_KEYS; open only when no key
+  at all is set. With API keys but no admin keys, the admin routes are closed (403).
+
+Missing or unknown key -> 401, a valid key of the wrong scope -> 403. Keys are compared in
+constant time (hmac.compare_digest, against every configured key) and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import Request
+
+from app.errors import ApiError
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _matches(token: str, keys: list[str]) -> bool:
+    """Constant time in the token's content: every key is compared, no early exit."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(token.encode(), key.encode())
+    return found
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_api_key(request: Request) -> None:
+    """Dependency of the inference routes."""
+    settings = _settings(request)
+    if not settings.auth_enabled:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if not (_matches(token, settings.api_keys) | _matches(token, settings.admin_keys)):
+        raise _unauthorized("invalid API key")
+
+
+def require_admin_key(request: Request) -> None:
+    """Dependency of the routes that change the registry."""
+    settings = _settings(request)
+    if not settings.auth_enabled:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise _unauthorized("missing admin key: send 'Authorization: Bearer <key>'")
+    if _matches(token, settings.admin_keys):
+        return
+    if _matches(token, settings.api_keys):
+        raise ApiError(403, "this key may generate text but not change models; use an admin key", code="forbidden")
+    raise _unauthorized("invalid API key")
+
+
+def warn_if_open(settings: Settings) -> None:
+    if not settings.auth_enabled:
+        log.warning("no TEXTGEN_API_KEYS or TEXTGEN_ADMIN_KEYS set: the API is open to anyone who can reach it")
+    elif not settings.admin_keys:
+        log.warning("TEXTGEN_ADMIN_KEYS is not set: the routes that change models are closed")

@@ -1,0 +1,38 @@
+"""`Annotated[..., Depends(...)]` aliases: what a route needs, taken from the app's state.
+
+`create_app()` puts one of each on `app.state`; tests build an app with their own `Settings`
+(or override these dependencies) instead of patching modules.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.engine import Admission
+from app.holder import ModelHolder
+from app.metrics import Metrics
+from app.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_holder(request: Request) -> ModelHolder:
+    return request.app.state.holder
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_admission(request: Request) -> Admission:
+    return request.app.state.admission
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+HolderDep = Annotated[ModelHolder, Depends(get_holder)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]

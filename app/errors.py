@@ -1,0 +1,151 @@
+"""Every error the service answers is JSON: {"error": {"type", "message", "param", "code"}}.
+
+That is OpenAI's error shape, so one shape serves both the native routes and /v1. The one
+difference: a request that fails validation is 422 on the native routes (FastAPI's convention)
+and 400 on /v1 (OpenAI's). A user's mistake is never a 500; an unexpected failure is logged
+with its traceback and answered with a generic 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lm.errors import (
+    ActiveModelError,
+    CheckpointError,
+    ConfigError,
+    InvalidModelId,
+    ModelNotFound,
+    PromotionConflict,
+    TextgenError,
+)
+
+log = logging.getLogger(__name__)
+
+# status -> error type; the names follow OpenAI's where OpenAI has one
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+RETRYABLE = frozenset({429, 500, 503})
+
+
+class ApiError(Exception):
+    """An expected failure with its status; raised anywhere in app/ and answered by `api_error_handler`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    @property
+    def type(self) -> str:
+        return ERROR_TYPES.get(self.status, "invalid_request_error")
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in RETRYABLE
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"type": self.type, "message": self.message, "param": self.param, "code": self.code}}
+
+
+def is_openai_route(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def invalid(message: str, param: str | None, request: Request | None = None) -> ApiError:
+    """A user's bad input: 400 on /v1, 422 elsewhere."""
+    status = 400 if request is not None and is_openai_route(request) else 422
+    return ApiError(status, message, param=param, code="invalid_value")
+
+
+def from_domain_error(exc: TextgenError, request: Request | None = None) -> ApiError:
+    """Map an lm/ error onto a status. ModelNotFound and InvalidModelId are both "no such model"."""
+    if isinstance(exc, ModelNotFound | InvalidModelId):
+        return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ConfigError):
+        return invalid(str(exc), exc.param, request)
+    if isinstance(exc, ActiveModelError | PromotionConflict):
+        return ApiError(409, str(exc))
+    if isinstance(exc, CheckpointError):
+        return ApiError(422, f"the checkpoint was refused: {exc}", code="invalid_checkpoint")
+    return ApiError(400, str(exc))
+
+
+def _json(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return _json(exc)
+
+
+async def domain_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TextgenError)
+    return _json(from_domain_error(exc, request))
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Name the first field at fault: {"param": "temperature", "message": "temperature: ..."}."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return _json(invalid(message, param, request))
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (unknown route, wrong method, body too large) in our shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}"
+    elif exc.status_code == 413:
+        limit = request.app.state.settings.max_body_bytes
+        message = f"the request body is larger than TEXTGEN_MAX_BODY_BYTES={limit} bytes"
+    return _json(ApiError(exc.status_code, message, headers=dict(exc.headers or {})))
+
+
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return _json(ApiError(500, "the server failed to answer this request; it has been logged"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(TextgenError, domain_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)

@@ -1,0 +1,203 @@
+"""From a validated request to sequences in an engine, and back: the glue every generation route shares.
+
+`start_job()` pins a model version, checks the limits that depend on settings (max_tokens cap,
+prompt length, the admission bound -> 429), and submits one `Sequence` per (prompt, choice).
+The `Job` it returns must be closed exactly once, in a `finally` (or by `EventStream`'s
+`on_close`): that cancels what still runs, frees the admission slots and releases the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+
+from app.engine import Admission, Event, Failed, Finished, Overloaded, Sequence, Token
+from app.errors import ApiError, invalid
+from app.holder import Lease, ModelHolder
+from app.metrics import Metrics
+from app.settings import Settings
+from lm.errors import ConfigError
+from lm.sampler import SamplingParams, SequenceSampler, prompt_ids
+from lm.tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Completion:
+    """What one sequence produced, for a non-streaming answer."""
+
+    text: str
+    finish_reason: str
+    usage: dict[str, int]
+    tokens: list[Token] = field(default_factory=list)  # the generated tokens, with logprobs when asked
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's sequences, all on one pinned model version."""
+
+    lease: Lease
+    sequences: list[Sequence]
+    queue: asyncio.Queue[tuple[int, Event]]
+    admission: Admission
+    metrics: Metrics
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    closed: bool = False
+
+    @property
+    def model_id(self) -> str:
+        return self.lease.model_id
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.lease.loaded.checkpoint.tokenizer
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(sequence index, event) as they come, until every sequence has finished or failed."""
+        remaining = len(self.sequences)
+        while remaining:
+            index, event = await self.queue.get()
+            yield index, event
+            if isinstance(event, Finished | Failed):
+                remaining -= 1
+
+    async def collect(self) -> list[Completion]:
+        """Wait for every sequence; the completions in sequence order. A failed one raises ApiError."""
+        texts: list[list[str]] = [[] for _ in self.sequences]
+        tokens: list[list[Token]] = [[] for _ in self.sequences]
+        done: dict[int, Completion] = {}
+        async for index, event in self.events():
+            if isinstance(event, Token):
+                texts[index].append(event.text)
+                if event.token_id is not None:
+                    tokens[index].append(event)
+            elif isinstance(event, Finished):
+                done[index] = Completion("".join(texts[index]), event.finish_reason, event.usage, tokens[index])
+            else:
+                raise ApiError(503 if event.retryable else 500, event.message)
+        return [done[i] for i in range(len(self.sequences))]
+
+    def close(self, disconnected: bool = False) -> None:
+        """Cancel what still runs (the engine drops it before its next step) and release everything."""
+        if self.closed:
+            return
+        self.closed = True
+        unfinished = [s for s in self.sequences if not s.done]
+        for seq in unfinished:
+            seq.cancel()
+        if disconnected and unfinished:
+            self.metrics.dropped.inc()
+            log.info("request %s: client disconnected, %d sequences dropped", self.id, len(unfinished))
+        self.admission.release(len(self.sequences))
+        self.lease.release()
+
+
+def check_params(params: SamplingParams, settings: Settings, request: Request) -> None:
+    if params.max_tokens > settings.max_tokens:
+        raise invalid(
+            f"max_tokens is {params.max_tokens}; the limit is TEXTGEN_MAX_TOKENS={settings.max_tokens}",
+            "max_tokens",
+            request,
+        )
+    try:
+        params.validate()
+    except ConfigError as e:
+        raise invalid(str(e), e.param, request) from None
+
+
+def check_prompt(prompt: str, settings: Settings, request: Request, param: str = "prompt") -> None:
+    limit = settings.max_prompt_chars
+    if len(prompt) > limit:
+        message = f"the prompt has {len(prompt)} characters; the limit is TEXTGEN_MAX_PROMPT_CHARS={limit}"
+        raise invalid(message, param, request)
+
+
+async def start_job(
+    *,
+    request: Request,
+    holder: ModelHolder,
+    admission: Admission,
+    settings: Settings,
+    prompts: list[str],
+    params: list[SamplingParams],
+    model: str | None = None,
+    lease: Lease | None = None,
+    logprobs: int | None = None,
+    prompt_param: str = "prompt",
+) -> Job:
+    """Check limits, pin the model (or take over `lease`), submit one sequence per (prompt, params).
+
+    ApiError 404 (unknown model), 422/400 (limits), 429 (overload), 503 (no model loaded).
+    """
+    try:
+        for p in params:
+            check_params(p, settings, request)
+        for prompt in set(prompts):
+            check_prompt(prompt, settings, request, prompt_param)
+    except ApiError:
+        if lease is not None:
+            lease.release()
+        raise
+    if lease is None:
+        lease = await holder.lease(model)
+    try:
+        tokenizer = lease.loaded.checkpoint.tokenizer
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        sequences = []
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            ids = prompt_ids(tokenizer, prompt)
+            sampler = SequenceSampler(tokenizer, p, ids)
+            sequences.append(Sequence(ids, sampler, loop, queue, index=i, logprobs=logprobs))
+        _admit(admission, len(sequences), holder.metrics, settings)
+        for seq in sequences:
+            lease.loaded.engine.submit(seq)
+    except BaseException:
+        lease.release()
+        raise
+    return Job(lease, sequences, queue, admission, holder.metrics)
+
+
+def _admit(admission: Admission, n: int, metrics: Metrics, settings: Settings) -> None:
+    try:
+        admission.acquire(n)
+    except Overloaded as e:
+        metrics.rejected.inc()
+        raise ApiError(
+            429,
+            f"the server is at capacity ({e}); retry after {settings.retry_after_s} s",
+            code="overloaded",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        ) from None
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but give up as soon as the client disconnects (raises ClientDisconnect)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientDisconnect()
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,269 @@
+"""The model holder: which model versions are loaded, which one is active, and who is using them.
+
+Hot swap, as in docs/DESIGN.md: a new checkpoint is loaded and validated off the event loop
+(shapes, a fixed-seed smoke generation, finite logits), then ONE reference is swapped. Each
+loaded version has its own `Engine`. A request pins the version it starts on with a `Lease`
+and releases it in `finally`; a version that is no longer active is stopped and freed when its
+last lease ends. A checkpoint that fails validation is refused and the old model keeps serving.
+
+Besides the active model, a request may name another model of the registry: it is loaded on
+demand and kept while at most `max_loaded_models` versions are loaded (least recently used first out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from app.engine import Engine
+from app.errors import ApiError
+from app.metrics import Metrics
+from app.settings import Settings
+from lm.checkpoint import Checkpoint, validate_model_id
+from lm.errors import CheckpointError, ConfigError
+from lm.registry import ModelInfo, Registry
+from lm.sampler import SamplingParams, prompt_ids, stream_generate
+
+log = logging.getLogger(__name__)
+
+SMOKE_PARAMS = SamplingParams(max_tokens=8, temperature=1.0, seed=0)
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One loaded model version and its engine."""
+
+    checkpoint: Checkpoint
+    engine: Engine
+    leases: int = 0
+    retired: bool = False
+
+    @property
+    def model_id(self) -> str:
+        return self.checkpoint.model_id
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.checkpoint.config
+
+    @property
+    def chat_template(self) -> dict[str, Any]:
+        return self.checkpoint.config["chat_template"]
+
+
+@dataclass(eq=False)
+class Lease:
+    """A request's pin on one model version; `release()` is idempotent."""
+
+    loaded: LoadedModel
+    holder: ModelHolder
+    released: bool = field(default=False)
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.holder._unpin(self.loaded)
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("TEXTGEN_DEVICE=cuda but torch sees no CUDA device", "device")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def validate_checkpoint(checkpoint: Checkpoint) -> None:
+    """Refuse a checkpoint that cannot serve: shapes, finite logits, a fixed-seed smoke generation.
+
+    Loading already checked every tensor's shape against config.json (strict); this checks that
+    the model actually runs and produces usable numbers. Raises CheckpointError.
+    """
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    name = checkpoint.model_id
+    if model.cfg.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(f"{name}: model has {model.cfg.vocab_size} outputs, tokenizer {tokenizer.vocab_size}")
+    with torch.inference_mode():
+        ids = torch.tensor([prompt_ids(tokenizer, "The ")], dtype=torch.long)  # (1, T)
+        logits, (h, c) = model(ids)  # (1, T, V)
+    if logits.shape[-1] != tokenizer.vocab_size:
+        raise CheckpointError(f"{name}: logits have {logits.shape[-1]} entries, expected {tokenizer.vocab_size}")
+    if not (torch.isfinite(logits).all() and torch.isfinite(h).all() and torch.isfinite(c).all()):
+        raise CheckpointError(f"{name}: the model produces non-finite logits (NaN or inf weights?)")
+    generation = stream_generate(model, tokenizer, "The ", SMOKE_PARAMS)
+    text = "".join(generation)
+    if generation.usage is None or generation.usage["completion_tokens"] < 1:
+        raise CheckpointError(f"{name}: the smoke generation produced no tokens")
+    log.debug("%s passed validation; smoke text %r", name, text)
+
+
+class ModelHolder:
+    def __init__(self, settings: Settings, metrics: Metrics, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.registry = registry or Registry(settings.models_dir)
+        self.device = resolve_device(settings.device)
+        self.active: LoadedModel | None = None
+        self._others: OrderedDict[str, LoadedModel] = OrderedDict()  # loaded by name, least recent first
+        self._lock = asyncio.Lock()  # one load or swap at a time
+        self.not_ready_reason = "the service is starting"
+
+    # -- startup and shutdown ---------------------------------------------------------------------
+
+    async def load_initial(self) -> None:
+        """Load the registry's active model (or TEXTGEN_DEFAULT_MODEL); on failure, say why in /readyz."""
+        model_id = await asyncio.to_thread(self.registry.active_id) or self.settings.default_model
+        if model_id is None:
+            self.not_ready_reason = (
+                f"no active model in {self.settings.models_dir}: train one or POST /models/{{id}}/activate"
+            )
+            log.warning("not ready: %s", self.not_ready_reason)
+            return
+        self.not_ready_reason = f"loading model {model_id}"
+        try:
+            await self.activate(model_id)
+        except Exception as e:
+            message = e.message if isinstance(e, ApiError) else str(e)
+            self.not_ready_reason = f"could not load model {model_id}: {message}"
+            log.error("not ready: %s", self.not_ready_reason)
+
+    async def close(self) -> None:
+        loaded = [m for m in [self.active, *self._others.values()] if m is not None]
+        self.active = None
+        self._others.clear()
+        for m in loaded:
+            m.engine.stop()
+        for m in loaded:
+            await asyncio.to_thread(m.engine.join, 5.0)
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    async def lease(self, model_id: str | None = None) -> Lease:
+        """Pin a model version for one request: the active one, or `model_id` (loaded on demand)."""
+        active = self.active
+        if model_id is None or (active is not None and model_id == active.model_id):
+            if active is None:
+                raise ApiError(503, f"no model is loaded: {self.not_ready_reason}", code="model_not_ready")
+            return self._pin(active)
+        loaded = self._others.get(model_id)
+        if loaded is None:
+            loaded = await self._load_other(model_id)
+        else:
+            self._others.move_to_end(model_id)
+        return self._pin(loaded)
+
+    def _pin(self, loaded: LoadedModel) -> Lease:
+        loaded.leases += 1
+        return Lease(loaded, self)
+
+    def _unpin(self, loaded: LoadedModel) -> None:
+        loaded.leases -= 1
+        if loaded.retired and loaded.leases == 0:
+            self._free(loaded)
+
+    async def _load_other(self, model_id: str) -> LoadedModel:
+        await self.info(model_id)  # 404 before any loading
+        async with self._lock:
+            loaded = self._others.get(model_id)
+            if self.active is not None and self.active.model_id == model_id:
+                return self.active
+            if loaded is None:
+                loaded = await self._load(model_id)
+                self._others[model_id] = loaded
+                self._evict()
+            return loaded
+
+    def _evict(self) -> None:
+        """Keep at most max_loaded_models versions: retire the least recently used extra ones."""
+        while self._others and len(self._others) + (self.active is not None) > self.settings.max_loaded_models:
+            _, oldest = self._others.popitem(last=False)
+            self._retire(oldest)
+
+    # -- registry operations ----------------------------------------------------------------------
+
+    async def info(self, model_id: str) -> ModelInfo:
+        validate_model_id(model_id)  # InvalidModelId -> 404, before the id touches a path
+        return await asyncio.to_thread(self.registry.get, model_id)
+
+    async def activate(self, model_id: str) -> LoadedModel:
+        """Load + validate `model_id`, point the registry at it, swap it in; the old version drains."""
+        await self.info(model_id)
+        async with self._lock:
+            current = self.active
+            if current is not None and current.model_id == model_id:
+                await asyncio.to_thread(self.registry.activate, model_id)
+                return current
+            loaded = self._others.pop(model_id, None) or await self._load(model_id)
+            try:
+                await asyncio.to_thread(self.registry.activate, model_id)
+            except Exception:
+                self._retire(loaded)
+                raise
+            self.active = loaded  # the swap: new requests lease the new version from here on
+            self.metrics.model.info({"model_id": model_id})
+            self.metrics.swaps.labels(result="ok").inc()
+            log.info("active model: %s (was %s)", model_id, current.model_id if current else None)
+            if current is not None:
+                self._retire(current)
+            self._evict()
+            return loaded
+
+    async def delete(self, model_id: str) -> None:
+        await self.info(model_id)
+        async with self._lock:
+            await asyncio.to_thread(self.registry.delete, model_id)  # ActiveModelError for the active one
+            loaded = self._others.pop(model_id, None)
+            if loaded is not None:
+                self._retire(loaded)
+
+    def loaded_ids(self) -> set[str]:
+        ids = set(self._others)
+        if self.active is not None:
+            ids.add(self.active.model_id)
+        return ids
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    async def _load(self, model_id: str) -> LoadedModel:
+        """Load and validate in a worker thread, then start the version's engine."""
+        try:
+            checkpoint = await asyncio.to_thread(self._load_and_validate, model_id)
+        except Exception:
+            self.metrics.swaps.labels(result="refused").inc()
+            raise
+        engine = Engine(
+            checkpoint.model,
+            checkpoint.tokenizer,
+            model_id=checkpoint.model_id,
+            max_running=self.settings.max_running,
+            device=self.device,
+            metrics=self.metrics,
+        )
+        engine.start()
+        return LoadedModel(checkpoint, engine)
+
+    def _load_and_validate(self, model_id: str) -> Checkpoint:
+        checkpoint = self.registry.load(model_id)
+        validate_checkpoint(checkpoint)
+        checkpoint.model.to(self.device).eval()
+        log.info("loaded %s on %s", model_id, self.device)
+        return checkpoint
+
+    def _retire(self, loaded: LoadedModel) -> None:
+        loaded.retired = True
+        if loaded.leases == 0:
+            self._free(loaded)
+
+    def _free(self, loaded: LoadedModel) -> None:
+        """The engine thread ends on its own; the model goes with the last reference."""
+        log.info("unloading %s", loaded.model_id)
+        loaded.engine.stop()

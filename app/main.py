@@ -1,0 +1,86 @@
+"""Build the FastAPI app: `create_app(settings)`.
+
+The lifespan starts loading the active model in the background (so /healthz answers at once and
+/readyz says "loading ..." until it is in) and stops every engine at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import torch
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+import lm
+from app.auth import warn_if_open
+from app.engine import Admission
+from app.errors import install_error_handlers
+from app.holder import ModelHolder
+from app.logging import RequestLogMiddleware
+from app.metrics import Metrics, RequestMetricsMiddleware
+from app.routes import generate, health, models, openai, tokenize
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    holder: ModelHolder = app.state.holder
+    warn_if_open(settings)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    loading = asyncio.create_task(holder.load_initial())
+    app.state.loading = loading
+    try:
+        yield
+    finally:
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+        await holder.close()
+
+
+async def client_gone(request: object, exc: Exception) -> Response:
+    """The client left before its answer was ready: nobody reads this response."""
+    return Response(status_code=499)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    app = FastAPI(
+        title="textgen",
+        version=lm.__version__,
+        summary="Train and serve LSTM language models",
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.holder = ModelHolder(settings, metrics)
+    app.state.admission = Admission(settings.max_running, settings.max_waiting)
+
+    install_error_handlers(app)
+    app.add_exception_handler(ClientDisconnect, client_gone)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Model-Version", "X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestLogMiddleware)  # added last = outermost: it sees every response
+
+    for router in (generate.router, openai.router, tokenize.router, models.router, health.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,96 @@
+"""Prometheus metrics, all named `textgen_*`, in a registry of their own per app.
+
+A registry per app (not prometheus-client's global one) lets tests build many apps in one
+process without "duplicated timeseries" errors. The engine thread updates the generation
+metrics directly: prometheus-client's metrics are thread-safe.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "textgen_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            "textgen_time_to_first_token_seconds",
+            "From admission to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "textgen_inter_token_latency_seconds",
+            "Between two consecutive tokens of one sequence",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "textgen_e2e_latency_seconds",
+            "From admission to the end of a sequence",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("textgen_prompt_tokens", "Prompt tokens fed to the model", registry=r)
+        self.generated_tokens = Counter("textgen_generated_tokens", "Tokens generated", registry=r)
+        self.running = Gauge("textgen_running_sequences", "Sequences in a decode batch", registry=r)
+        self.waiting = Gauge("textgen_waiting_sequences", "Admitted sequences waiting for a decode slot", registry=r)
+        self.batch_size = Histogram(
+            "textgen_batch_size", "Sequences advanced by one decode step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.model = Info("textgen_model", "The active model version", registry=r)
+        self.swaps = Counter("textgen_model_swaps", "Model activations by result", ["result"], registry=r)
+        self.dropped = Counter(
+            "textgen_requests_dropped", "Generations stopped because the client disconnected", registry=r
+        )
+        self.rejected = Counter("textgen_requests_rejected", "Requests refused with 429 for overload", registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by its route template (not its raw path: ids would explode the labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(route=route_label(scope), status=str(status)).inc()
+
+
+def route_label(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,104 @@
+"""POST /generate: the native generation route, JSON or Server-Sent Events."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from app import sse
+from app.auth import require_api_key
+from app.deps import AdmissionDep, HolderDep, SettingsDep
+from app.engine import Failed, Finished, Token
+from app.errors import ERROR_TYPES
+from app.generation import Job, start_job, unless_disconnected
+from app.schemas import GenerateRequest, GenerateResponse, Usage
+from lm.sampler import SamplingParams
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)])
+
+SSE_RESPONSES = {
+    200: {
+        "description": "JSON, or with `stream: true` a text/event-stream of `token` events and one `done` event",
+        "content": {"text/event-stream": {}},
+    }
+}
+
+
+def sampling_params(body: GenerateRequest) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        stop=tuple(body.stop),
+        seed=body.seed,
+    )
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=SSE_RESPONSES)  # type: ignore[arg-type]
+async def generate(
+    body: GenerateRequest,
+    request: Request,
+    response: Response,
+    holder: HolderDep,
+    admission: AdmissionDep,
+    settings: SettingsDep,
+) -> GenerateResponse | sse.EventStream:
+    """Continue a prompt; the whole text as JSON, or token by token as SSE with `"stream": true`."""
+    job = await start_job(
+        request=request,
+        holder=holder,
+        admission=admission,
+        settings=settings,
+        model=body.model,
+        prompts=[body.prompt],
+        params=[sampling_params(body)],
+    )
+    headers = {"X-Model-Version": job.model_id}
+    if body.stream:
+        return sse.EventStream(
+            native_events(job), keepalive_s=settings.keepalive_s, on_close=job.close, headers=headers
+        )
+    disconnected = True
+    try:
+        (completion,) = await unless_disconnected(request, job.collect())
+        disconnected = False
+    finally:
+        job.close(disconnected)
+    response.headers.update(headers)
+    return GenerateResponse(
+        id=f"gen-{job.id}",
+        model=job.model_id,
+        text=completion.text,
+        finish_reason=completion.finish_reason,  # type: ignore[arg-type]
+        usage=Usage(**completion.usage),
+    )
+
+
+async def native_events(job: Job) -> AsyncIterator[bytes]:
+    """`token` events with {"text", "index"}, then one `done`, or one `error` if generation fails."""
+    index = 0
+    try:
+        async for _, event in job.events():
+            if isinstance(event, Token):
+                if event.text:
+                    yield sse.event("token", {"text": event.text, "index": index})
+                    index += 1
+            elif isinstance(event, Finished):
+                done = {"finish_reason": event.finish_reason, "usage": event.usage, "model": job.model_id}
+                yield sse.event("done", done)
+            elif isinstance(event, Failed):
+                yield error_event(event.message, retryable=event.retryable)
+    except Exception:
+        log.exception("stream of request %s failed", job.id)
+        yield error_event("the stream failed on the server; it has been logged", retryable=True)
+
+
+def error_event(message: str, *, retryable: bool) -> bytes:
+    return sse.event("error", {"error": {"type": ERROR_TYPES[500], "message": message, "retryable": retryable}})

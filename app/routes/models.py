@@ -1,0 +1,67 @@
+"""The model registry: list, show, activate (hot swap in this process), delete."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Response
+
+from app.auth import require_admin_key, require_api_key
+from app.deps import HolderDep
+from app.holder import ModelHolder
+from app.schemas import ModelDetail, ModelList, ModelPublic
+from lm.registry import ModelInfo
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+def model_public(info: ModelInfo, holder: ModelHolder) -> ModelPublic:
+    return ModelPublic(
+        id=info.model_id,
+        created_at=info.created_at,
+        parameters=info.parameters,
+        tokenizer=info.tokenizer,
+        metrics=info.metrics,
+        active=info.active,
+        loaded=info.model_id in holder.loaded_ids(),
+        size_bytes=info.size_bytes,
+    )
+
+
+def model_detail(info: ModelInfo, holder: ModelHolder) -> ModelDetail:
+    config = info.config
+    return ModelDetail(
+        **model_public(info, holder).model_dump(),
+        architecture=config.get("architecture", {}),
+        training=info.training,
+        chat_template=config.get("chat_template", {}),
+        versions=config.get("versions", {}),
+    )
+
+
+@router.get("", response_model=ModelList, dependencies=[Depends(require_api_key)])
+async def list_models(holder: HolderDep) -> ModelList:
+    """Every model in the registry, newest first."""
+    infos = await asyncio.to_thread(holder.registry.list)
+    active = await asyncio.to_thread(holder.registry.active_id)
+    return ModelList(active=active, models=[model_public(i, holder) for i in infos])
+
+
+@router.get("/{model_id}", response_model=ModelDetail, dependencies=[Depends(require_api_key)])
+async def get_model(model_id: str, holder: HolderDep) -> ModelDetail:
+    """One model: architecture, tokenizer, training recipe, metrics, chat template."""
+    return model_detail(await holder.info(model_id), holder)
+
+
+@router.post("/{model_id}/activate", response_model=ModelDetail, dependencies=[Depends(require_admin_key)])
+async def activate_model(model_id: str, holder: HolderDep) -> ModelDetail:
+    """Load, validate and swap in a model; requests already running finish on the old one."""
+    await holder.activate(model_id)
+    return model_detail(await holder.info(model_id), holder)
+
+
+@router.delete("/{model_id}", status_code=204, dependencies=[Depends(require_admin_key)])
+async def delete_model(model_id: str, holder: HolderDep) -> Response:
+    """Delete a model that is not active."""
+    await holder.delete(model_id)
+    return Response(status_code=204)

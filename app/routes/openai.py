@@ -1,0 +1,339 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+Request fields, objects, chunks and errors follow OpenAI's shapes, so the official `openai`
+client works with `base_url=http://host:port/v1`. Streams are `data: <chunk>` events ending with
+`data: [DONE]`. With `n` > 1 and a seed, choice j samples with seed + j (otherwise all choices
+would be the same text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from app import sse
+from app.auth import require_api_key
+from app.chat import render_chat
+from app.deps import AdmissionDep, HolderDep, SettingsDep
+from app.engine import Failed, Finished, Token
+from app.errors import ERROR_TYPES, invalid
+from app.generation import Completion as Done
+from app.generation import Job, start_job, unless_disconnected
+from app.holder import ModelHolder
+from app.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ModelObject,
+    ModelObjectList,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from lm.sampler import MAX_STOP_STRINGS, SamplingParams
+from lm.tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_CHAT_MAX_TOKENS = 200  # a chat turn usually ends earlier, at the template's stop string
+DONE = sse.data_line("[DONE]")
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+@router.post("/completions", response_model=Completion)
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    response: Response,
+    holder: HolderDep,
+    admission: AdmissionDep,
+    settings: SettingsDep,
+) -> Any:
+    """OpenAI text completion: one choice per (prompt, n)."""
+    if body.echo:
+        raise invalid("echo is not supported", "echo", request)
+    prompts = [p for p in body.prompts for _ in range(body.n)]
+    max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
+    params = [_params(body, max_tokens, list(body.stop), j) for _ in body.prompts for j in range(body.n)]
+    job = await start_job(
+        request=request,
+        holder=holder,
+        admission=admission,
+        settings=settings,
+        model=body.model,
+        prompts=prompts,
+        params=params,
+        logprobs=body.logprobs,
+    )
+    meta = {"id": f"cmpl-{job.id}", "created": int(time.time()), "model": job.model_id}
+    headers = {"X-Model-Version": job.model_id}
+    if body.stream:
+        chunks = completion_chunks(
+            job, meta, n=body.n, include_usage=body.include_usage, logprobs=body.logprobs is not None
+        )
+        return sse.EventStream(chunks, keepalive_s=settings.keepalive_s, on_close=job.close, headers=headers)
+    done = await _collect(job, request)
+    response.headers.update(headers)
+    choices = [
+        CompletionChoice(
+            index=i,
+            text=c.text,
+            logprobs=_completion_logprobs(c.tokens, job.tokenizer) if body.logprobs is not None else None,
+            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+        )
+        for i, c in enumerate(done)
+    ]
+    return Completion.model_validate({**meta, "choices": choices, "usage": _usage(job, done, body.n)})
+
+
+@router.post("/chat/completions", response_model=ChatCompletion)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    response: Response,
+    holder: HolderDep,
+    admission: AdmissionDep,
+    settings: SettingsDep,
+) -> Any:
+    """OpenAI chat completion: the messages rendered by the model's chat template."""
+    lease = await holder.lease(body.model)
+    try:
+        prompt, template_stop = render_chat(lease.loaded.chat_template, body.messages)
+        stop = list(dict.fromkeys([*template_stop, *body.stop]))
+        if len(stop) > MAX_STOP_STRINGS:
+            room = MAX_STOP_STRINGS - len(template_stop)
+            message = f"stop takes at most {room} strings here: the chat template adds {template_stop}"
+            raise invalid(message, "stop", request)
+        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
+        params = [_params(body, max_tokens, stop, j) for j in range(body.n)]
+    except BaseException:
+        lease.release()
+        raise
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    job = await start_job(
+        request=request,
+        holder=holder,
+        admission=admission,
+        settings=settings,
+        lease=lease,
+        prompts=[prompt] * body.n,
+        params=params,
+        logprobs=top,
+        prompt_param="messages",
+    )
+    meta = {"id": f"chatcmpl-{job.id}", "created": int(time.time()), "model": job.model_id}
+    headers = {"X-Model-Version": job.model_id}
+    if body.stream:
+        chunks = chat_chunks(job, meta, n=body.n, include_usage=body.include_usage, logprobs=top is not None)
+        return sse.EventStream(chunks, keepalive_s=settings.keepalive_s, on_close=job.close, headers=headers)
+    done = await _collect(job, request)
+    response.headers.update(headers)
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=c.text),
+            logprobs=_chat_logprobs(c.tokens, job.tokenizer) if top is not None else None,
+            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+        )
+        for i, c in enumerate(done)
+    ]
+    return ChatCompletion.model_validate({**meta, "choices": choices, "usage": _usage(job, done, body.n)})
+
+
+@router.get("/models", response_model=ModelObjectList)
+async def list_models(holder: HolderDep) -> ModelObjectList:
+    """The registry's models, as OpenAI model objects."""
+    infos = await _list(holder)
+    return ModelObjectList(data=[ModelObject(id=i.model_id, created=_epoch(i.created_at)) for i in infos])
+
+
+@router.get("/models/{model_id}", response_model=ModelObject)
+async def get_model(model_id: str, holder: HolderDep) -> ModelObject:
+    """One model, as an OpenAI model object."""
+    info = await holder.info(model_id)
+    return ModelObject(id=info.model_id, created=_epoch(info.created_at))
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _params(body: Any, max_tokens: int, stop: list[str], choice: int) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        stop=tuple(stop),
+        seed=None if body.seed is None else body.seed + choice,
+    )
+
+
+async def _collect(job: Job, request: Request) -> list[Done]:
+    disconnected = True
+    try:
+        done = await unless_disconnected(request, job.collect())
+        disconnected = False
+        return done
+    finally:
+        job.close(disconnected)
+
+
+async def _list(holder: ModelHolder) -> list[Any]:
+    return await asyncio.to_thread(holder.registry.list)
+
+
+def _usage(job: Job, done: list[Done], n: int) -> Usage:
+    """Over all choices; each prompt counted once (choices j of one prompt share it), as OpenAI counts."""
+    prompt = sum(len(seq.prompt_ids) for seq in job.sequences[::n])
+    completion = sum(c.usage["completion_tokens"] for c in done)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _epoch(created_at: str) -> int:
+    try:
+        return int(datetime.fromisoformat(created_at.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+def _piece(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def _completion_logprobs(tokens: list[Token], tokenizer: Tokenizer, offset: int = 0) -> CompletionLogprobs:
+    pieces = [_piece(tokenizer, t.token_id) for t in tokens if t.token_id is not None]
+    offsets = []
+    for piece in pieces:
+        offsets.append(offset)
+        offset += len(piece)
+    return CompletionLogprobs(
+        tokens=pieces,
+        token_logprobs=[t.logprob or 0.0 for t in tokens if t.token_id is not None],
+        top_logprobs=[t.top_logprobs or {} for t in tokens if t.token_id is not None],
+        text_offset=offsets,
+    )
+
+
+def _chat_logprobs(tokens: list[Token], tokenizer: Tokenizer) -> ChatLogprobs:
+    content = []
+    for t in tokens:
+        if t.token_id is None:
+            continue
+        piece = _piece(tokenizer, t.token_id)
+        top = [
+            TopLogprob(token=p, logprob=lp, bytes=list(p.encode("utf-8"))) for p, lp in (t.top_logprobs or {}).items()
+        ]
+        content.append(
+            TokenLogprob(token=piece, logprob=t.logprob or 0.0, bytes=list(piece.encode("utf-8")), top_logprobs=top)
+        )
+    return ChatLogprobs(content=content)
+
+
+def _error_chunk(message: str, retryable: bool) -> bytes:
+    error = {"type": ERROR_TYPES[500], "message": message, "param": None, "code": None, "retryable": retryable}
+    return sse.event(None, {"error": error})
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+async def completion_chunks(
+    job: Job, meta: dict[str, Any], *, n: int, include_usage: bool, logprobs: bool
+) -> AsyncIterator[bytes]:
+    """text_completion chunks: text pieces per choice, a finish chunk per choice, [usage], [DONE]."""
+    pending: list[list[Token]] = [[] for _ in job.sequences]  # tokens whose logprobs are not sent yet
+    offsets = [0] * len(job.sequences)
+    done: list[Done] = []
+
+    def chunk(index: int, text: str, finish_reason: str | None) -> bytes:
+        lp = None
+        if logprobs:
+            lp = _completion_logprobs(pending[index], job.tokenizer, offsets[index]).model_dump()
+            offsets[index] += len(text)
+            pending[index] = []
+        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+        body: dict[str, Any] = {**meta, "object": "text_completion", "choices": [choice]}
+        if include_usage:
+            body["usage"] = None
+        return sse.event(None, body)
+
+    try:
+        async for index, event in job.events():
+            if isinstance(event, Token):
+                if event.token_id is not None:
+                    pending[index].append(event)
+                if event.text:
+                    yield chunk(index, event.text, None)
+            elif isinstance(event, Finished):
+                done.append(Done("", event.finish_reason, event.usage))
+                yield chunk(index, "", event.finish_reason)
+            elif isinstance(event, Failed):
+                yield _error_chunk(event.message, event.retryable)
+                return
+        if include_usage:
+            usage = _usage(job, done, n).model_dump()
+            yield sse.event(None, {**meta, "object": "text_completion", "choices": [], "usage": usage})
+        yield DONE
+    except Exception:
+        log.exception("stream of request %s failed", job.id)
+        yield _error_chunk("the stream failed on the server; it has been logged", True)
+
+
+async def chat_chunks(
+    job: Job, meta: dict[str, Any], *, n: int, include_usage: bool, logprobs: bool
+) -> AsyncIterator[bytes]:
+    """chat.completion.chunk: a role delta, content deltas, a finish delta per choice, [usage], [DONE]."""
+    pending: list[list[Token]] = [[] for _ in job.sequences]
+
+    def chunk(index: int, delta: dict[str, str], finish_reason: str | None) -> bytes:
+        lp = None
+        if logprobs:
+            lp = _chat_logprobs(pending[index], job.tokenizer).model_dump()
+            pending[index] = []
+        choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+        body: dict[str, Any] = {**meta, "object": "chat.completion.chunk", "choices": [choice]}
+        if include_usage:
+            body["usage"] = None
+        return sse.event(None, body)
+
+    done: list[Done] = []
+    try:
+        for seq in job.sequences:
+            yield chunk(seq.index, {"role": "assistant", "content": ""}, None)
+        async for index, event in job.events():
+            if isinstance(event, Token):
+                if event.token_id is not None:
+                    pending[index].append(event)
+                if event.text:
+                    yield chunk(index, {"content": event.text}, None)
+            elif isinstance(event, Finished):
+                done.append(Done("", event.finish_reason, event.usage))
+                yield chunk(index, {}, event.finish_reason)
+            elif isinstance(event, Failed):
+                yield _error_chunk(event.message, event.retryable)
+                return
+        if include_usage:
+            usage = _usage(job, done, n).model_dump()
+            yield sse.event(None, {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        yield DONE
+    except Exception:
+        log.exception("stream of request %s failed", job.id)
+        yield _error_chunk("the stream failed on the server; it has been logged", True)

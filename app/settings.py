@@ -1,0 +1,58 @@
+"""The service's settings: one pydantic-settings class, read from `TEXTGEN_*` environment variables.
+
+Every field is documented in docs/API.md ("Settings"). Tests build a `Settings(...)` and pass it
+to `create_app()`; routes read it through `SettingsDep`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]  # "a,b,c" in the environment, not JSON
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TEXTGEN_", extra="ignore")
+
+    # where and what to serve
+    models_dir: Path = Path("models")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    default_model: str | None = None  # loaded at start when the registry has no active model
+    redis_url: str | None = None  # unused by the service until the training-jobs issue
+
+    # auth: Bearer tokens; empty = open (a startup warning says so)
+    api_keys: CommaList = []
+    admin_keys: CommaList = []
+
+    # limits
+    max_tokens: int = Field(default=2048, ge=1)  # cap on a request's max_tokens
+    max_prompt_chars: int = Field(default=16_384, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1)
+    max_running: int = Field(default=32, ge=1)  # sequences decoded together, per loaded model version
+    max_waiting: int = Field(default=64, ge=0)  # admitted sequences waiting for a running slot (whole process)
+    max_loaded_models: int = Field(default=2, ge=1)  # the active model plus models requested by name
+    retry_after_s: int = Field(default=1, ge=1)  # the Retry-After header of a 429
+
+    # runtime
+    threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None = torch's default
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    keepalive_s: float = Field(default=15.0, gt=0)  # SSE comment on an idle stream after this many seconds
+    cors_origins: CommaList = []
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)

@@ -1,0 +1,198 @@
+"""Fixtures for the service tests: a tiny models folder, ASGI clients, and real uvicorn servers.
+
+The models folder holds three char models built from a 1-KB corpus with fixed random weights
+(16 hidden units, so everything runs in milliseconds):
+- `tiny-a` (active): the default chat template;
+- `tiny-b`: a chat template of its own ("Q: " / "A: ", stop at a newline);
+- `tiny-nan`: NaN weights, which validation must refuse.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.main import create_app
+from app.settings import Settings
+from lm.model import LSTMLanguageModel, ModelConfig
+from lm.registry import Registry
+from lm.tokenizers import fit_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CORPUS = """\
+Shall I compare thee to a summer's day?
+Thou art more lovely and more temperate:
+Rough winds do shake the darling buds of May,
+And summer's lease hath all too short a date;
+To be, or not to be, that is the question:
+Whether 'tis nobler in the mind to suffer
+The slings and arrows of outrageous fortune,
+Or to take arms against a sea of troubles
+And by opposing end them. To die: to sleep;
+QA: User Assistant System 0123456789 ?!
+"""
+MODEL_A = "tiny-a"
+MODEL_B = "tiny-b"
+MODEL_NAN = "tiny-nan"
+B_TEMPLATE = {"system": "S: ", "user": "Q: ", "assistant": "A: ", "separator": "\n", "stop": ["\n"]}
+TRAINING = {"recipe": {"note": "random weights for tests"}, "corpus_sha256": "0" * 64, "corpus_bytes": len(CORPUS)}
+
+
+def _tiny_model(vocab_size: int, seed: int) -> LSTMLanguageModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size, embedding_dim=16, hidden_dim=16, layers=2, dropout=0.0)
+    return LSTMLanguageModel(cfg).eval()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)  # the test machine's cores are shared; a 16-unit LSTM gains nothing from more
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def models_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The models folder, built once; tests get copies (activation moves the pointer)."""
+    path = tmp_path_factory.mktemp("models-template")
+    tokenizer = fit_tokenizer("char", CORPUS)
+    registry = Registry(path)
+    metrics = {"val_loss": 4.0}
+    registry.publish(
+        _tiny_model(tokenizer.vocab_size, 1), tokenizer, model_id=MODEL_A, training=TRAINING, metrics=metrics
+    )
+    time.sleep(0.01)  # distinct created_at: listings are newest first
+    registry.publish(
+        _tiny_model(tokenizer.vocab_size, 2),
+        tokenizer,
+        model_id=MODEL_B,
+        training=TRAINING,
+        metrics=metrics,
+        chat_template=B_TEMPLATE,
+    )
+    broken = _tiny_model(tokenizer.vocab_size, 3)
+    with torch.no_grad():
+        broken.head.weight.fill_(float("nan"))
+    registry.publish(broken, tokenizer, model_id=MODEL_NAN, training=TRAINING, metrics=metrics)
+    registry.activate(MODEL_A)
+    return path
+
+
+@pytest.fixture
+def models_dir(models_template: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "models"
+    shutil.copytree(models_template, path)
+    return path
+
+
+# ---------------------------------------------------------------------------- ASGI
+
+
+ClientFactory = Callable[..., Awaitable[httpx.AsyncClient]]
+
+
+@pytest.fixture
+async def make_client(models_dir: Path) -> AsyncIterator[ClientFactory]:
+    """make_client(**settings): an httpx client on a fresh app (lifespan run, initial model loaded)."""
+    stack: list[tuple[object, httpx.AsyncClient]] = []
+
+    async def make(**overrides: object) -> httpx.AsyncClient:
+        settings = Settings(**{"models_dir": models_dir, "threads": 1, **overrides})  # type: ignore[arg-type]
+        app = create_app(settings)
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        await app.state.loading
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://textgen.test")
+        client.app = app  # type: ignore[attr-defined]
+        stack.append((lifespan, client))
+        return client
+
+    yield make
+    for lifespan, client in reversed(stack):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> httpx.AsyncClient:
+    return await make_client()
+
+
+# ---------------------------------------------------------------------------- uvicorn
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(models_dir: Path, log_dir: Path, **env: str) -> Server:
+    """`python -m textgen serve` on a free port, with TEXTGEN_* settings from `env`; waits for /readyz."""
+    port = _free_port()
+    log_path = log_dir / f"server-{port}.log"
+    environ = {**os.environ, "TEXTGEN_THREADS": "1", **{f"TEXTGEN_{k.upper()}": v for k, v in env.items()}}
+    cmd = [sys.executable, "-m", "textgen", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--models-dir", str(models_dir)]
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    stop_server(server)
+    raise RuntimeError(f"server not ready after 60 s:\n{server.log()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGINT)
+        try:
+            server.process.wait(10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(models_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real server per test module: 2 running slots, 1 waiting, quick keep-alives, a huge token cap."""
+    root = tmp_path_factory.mktemp("server")
+    models = root / "models"
+    shutil.copytree(models_template, models)
+    srv = start_server(models, root, max_running="2", max_waiting="1", keepalive_s="0.2", max_tokens="1000000")
+    yield srv
+    stop_server(srv)
