@@ -1,0 +1,311 @@
+"""Job records as files under models/jobs/: the job store of embedded mode (no Redis)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lm.jobs import (
+    DEFAULT_LEASE_S,
+    FINAL_EVENTS,
+    FINAL_STATES,
+    JOB_ID_RE,
+    JOBS_DIR,
+    Claim,
+    JobConflict,
+    JobEvent,
+    JobNotFound,
+    JobRecord,
+    atomic_write_bytes,
+    claimable,
+    final_event_data,
+    lease_expired,
+    new_job_id,
+    remove_job_files,
+    utc_now,
+    validate_job_id,
+    write_corpus,
+)
+
+
+class FileStore:
+    """Job records as JSON files under models/jobs/, for one machine without Redis.
+
+    Every read-modify-write of a record holds an flock on the job's `.lock`; a claim holds the
+    queue's lock (models/jobs/.queue.lock), so two local workers never take the same job.
+    Records are replaced atomically: a reader sees the old record or the new one.
+    """
+
+    RECORD = "job.json"
+    EVENTS = "events.jsonl"
+
+    def __init__(self, models_dir: Path, *, lease_s: float = DEFAULT_LEASE_S) -> None:
+        self.models_dir = Path(models_dir)
+        self.root = self.models_dir / JOBS_DIR
+        self.lease_s = lease_s
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "file", "models_dir": str(self.models_dir), "lease_s": self.lease_s}
+
+    def ping(self) -> None:
+        return None
+
+    # -- files and locks
+
+    def _dir(self, job_id: str) -> Path:
+        return self.root / validate_job_id(job_id)
+
+    @contextlib.contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
+
+    def _read(self, job_id: str) -> JobRecord:
+        try:
+            data = json.loads((self._dir(job_id) / self.RECORD).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise JobNotFound(f"no training job {job_id!r}") from None
+        return JobRecord.from_dict(data)
+
+    def _write(self, record: JobRecord) -> None:
+        text = json.dumps(record.to_dict(), ensure_ascii=False, indent=1)
+        atomic_write_bytes(self._dir(record.id) / self.RECORD, text.encode("utf-8"))
+
+    def _modify(self, job_id: str, change: Callable[[JobRecord], bool]) -> tuple[bool, JobRecord]:
+        """Apply `change` under the job's lock; it returns False to leave the record as it was."""
+        with self._locked(self._dir(job_id) / ".lock"):
+            record = self._read(job_id)
+            changed = change(record)
+            if changed:
+                self._write(record)
+        return changed, record
+
+    # -- the API's side
+
+    def submit(self, params: dict[str, Any], text: str) -> JobRecord:
+        job_id = new_job_id()
+        write_corpus(self.models_dir, job_id, text)
+        record = JobRecord(id=job_id, state="queued", params=params, created=utc_now())
+        with self._locked(self._dir(job_id) / ".lock"):
+            self._write(record)
+        self.append_event(job_id, "queued", {"state": "queued"})
+        return record
+
+    def get(self, job_id: str) -> JobRecord:
+        return self._read(job_id)
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+        records = []
+        for job_id in self._ids(newest_first=True):
+            try:
+                record = self._read(job_id)
+            except (JobNotFound, json.JSONDecodeError):
+                continue  # being created, or not a job folder
+            if state is None or record.state == state:
+                records.append(record)
+            if len(records) >= limit:
+                break
+        return records
+
+    def _ids(self, newest_first: bool = False) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        ids = [p.name for p in self.root.iterdir() if JOB_ID_RE.fullmatch(p.name)]
+        return sorted(ids, reverse=newest_first)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """A queued job (or one whose worker is gone) is cancelled at once; a running one is asked to stop."""
+        now = time.time()
+
+        def change(r: JobRecord) -> bool:
+            if r.final:
+                raise JobConflict(f"job {job_id} has already {r.state}; there is nothing to cancel")
+            if r.state == "queued" or lease_expired(r, now, self.lease_s * 2):
+                r.state, r.finished, r.worker = "cancelled", utc_now(), None
+            r.cancel_requested = True
+            return True
+
+        _, record = self._modify(job_id, change)
+        if record.state == "cancelled":
+            remove_job_files(self.models_dir, job_id)
+            self.append_event(job_id, "cancelled", final_event_data(record))
+        return record
+
+    def events(self, job_id: str, after: str | None = None, block_s: float = 0.0) -> list[JobEvent]:
+        """Events after the opaque id `after` (a byte offset in events.jsonl), waiting up to block_s for one."""
+        path = self._dir(job_id) / self.EVENTS
+        offset = int(after) if after and after.isdigit() else 0
+        deadline = time.monotonic() + block_s
+        while True:
+            found = self._read_events(path, offset)
+            if found or time.monotonic() >= deadline:
+                return found
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+
+    def _read_events(self, path: Path, offset: int) -> list[JobEvent]:
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        found = []
+        for line in chunk.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # a line being appended right now
+            offset += len(line)
+            entry = json.loads(line)
+            found.append(JobEvent(id=str(offset), kind=entry["kind"], data=entry["data"]))
+        return found
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next job to start; None when the job is not queued."""
+        if self._read(job_id).state != "queued":
+            return None
+        ahead = 0
+        for other in self._ids():
+            if other == job_id:
+                return ahead + 1
+            with contextlib.suppress(JobNotFound, json.JSONDecodeError):
+                ahead += self._read(other).state == "queued"
+        return None
+
+    # -- the workers' side
+
+    def claim(self, worker: str, block_s: float) -> Claim | None:
+        """The oldest job left by a dead worker, else the oldest queued job; polls up to block_s."""
+        deadline = time.monotonic() + block_s
+        while True:
+            claim = self._claim_once(worker)
+            if claim is not None or time.monotonic() >= deadline:
+                return claim
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def _claim_once(self, worker: str) -> Claim | None:
+        with self._locked(self.root / ".queue.lock"):
+            now = time.time()
+            candidates = []
+            for job_id in self._ids():
+                try:
+                    record = self._read(job_id)
+                except (JobNotFound, json.JSONDecodeError):
+                    continue
+                if not claimable(record, now, self.lease_s):
+                    continue
+                if record.state == "running":
+                    candidates.insert(0, record)  # resume abandoned work first
+                else:
+                    candidates.append(record)
+            for record in candidates:
+                token = secrets.token_hex(8)
+
+                def take(r: JobRecord, token: str = token) -> bool:
+                    if not claimable(r, time.time(), self.lease_s):
+                        return False
+                    r.worker, r.heartbeat_at = f"{worker}/{token}", time.time()
+                    return True
+
+                taken, _ = self._modify(record.id, take)
+                if taken:
+                    return Claim(job_id=record.id, token=token, worker=worker)
+        return None
+
+    def _holds(self, r: JobRecord, claim: Claim) -> bool:
+        return r.worker == f"{claim.worker}/{claim.token}"
+
+    def start(self, claim: Claim) -> JobRecord | None:
+        """queued/running -> running under this claim; None when the job ended meanwhile (cancelled)."""
+
+        def change(r: JobRecord) -> bool:
+            if r.final or not self._holds(r, claim):
+                return False
+            r.state, r.attempts = "running", r.attempts + 1
+            r.started = r.started or utc_now()
+            return True
+
+        started, record = self._modify(claim.job_id, change)
+        return record if started else None
+
+    def heartbeat(self, claim: Claim) -> bool:
+        def change(r: JobRecord) -> bool:
+            if not self._holds(r, claim) or r.final:
+                return False
+            r.heartbeat_at = time.time()
+            return True
+
+        held, _ = self._modify(claim.job_id, change)
+        return held
+
+    def update(self, job_id: str, **values: Any) -> None:
+        def change(r: JobRecord) -> bool:
+            for name, value in values.items():
+                setattr(r, name, value)
+            return True
+
+        self._modify(job_id, change)
+
+    def set_once(self, job_id: str, name: str, value: Any) -> Any:
+        """Set a field that is still None; returns the field's value afterwards."""
+
+        def change(r: JobRecord) -> bool:
+            if getattr(r, name) is not None:
+                return False
+            setattr(r, name, value)
+            return True
+
+        _, record = self._modify(job_id, change)
+        return getattr(record, name)
+
+    def append_event(self, job_id: str, kind: str, data: dict[str, Any]) -> str:
+        path = self._dir(job_id) / self.EVENTS
+        line = json.dumps({"kind": kind, "data": data, "time": utc_now()}, ensure_ascii=False) + "\n"
+        with self._locked(self._dir(job_id) / ".events.lock"), open(path, "ab") as f:
+            f.write(line.encode("utf-8"))
+            return str(f.tell())
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self._read(job_id).cancel_requested
+
+    def finish(self, claim: Claim, state: str, **values: Any) -> bool:
+        """running -> a final state, with the final event; False when this claim no longer holds the job."""
+        assert state in FINAL_STATES
+
+        def change(r: JobRecord) -> bool:
+            if r.final or not self._holds(r, claim):
+                return False
+            r.state, r.finished, r.worker = state, utc_now(), None
+            for name, value in values.items():
+                setattr(r, name, value)
+            return True
+
+        done, record = self._modify(claim.job_id, change)
+        if done:
+            self.append_event(claim.job_id, FINAL_EVENTS[state], final_event_data(record))
+        return done
+
+    def hand_back(self, claim: Claim, reason: str) -> bool:
+        """running -> queued, to be resumed by the next free worker; the start does not count as an attempt."""
+
+        def change(r: JobRecord) -> bool:
+            if r.final or not self._holds(r, claim):
+                return False
+            r.state, r.worker, r.heartbeat_at = "queued", None, None
+            r.attempts = max(0, r.attempts - 1)
+            return True
+
+        done, _ = self._modify(claim.job_id, change)
+        if done:
+            self.append_event(claim.job_id, "requeued", {"state": "queued", "reason": reason})
+        return done
+
+    def release(self, claim: Claim) -> None:
+        """Nothing to acknowledge: a final record is not a queued one."""
+        return None

@@ -1,0 +1,425 @@
+"""Jobs in Redis: the job store of Redis mode (records, event streams, the queue stream)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from lm.jobs import (
+    DEFAULT_LEASE_S,
+    FINAL_EVENTS,
+    FINAL_STATES,
+    Claim,
+    JobConflict,
+    JobEvent,
+    JobNotFound,
+    JobRecord,
+    StoreUnavailable,
+    final_event_data,
+    lease_expired,
+    new_job_id,
+    remove_job_files,
+    utc_now,
+    validate_job_id,
+    write_corpus,
+)
+
+log = logging.getLogger(__name__)
+
+
+def connect_redis(url: str, *, socket_timeout: float = 10.0) -> Any:
+    """A client that fails fast while Redis is down (StoreUnavailable upstream) and reconnects by itself."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=2.0,
+        socket_timeout=socket_timeout,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        health_check_interval=15,
+    )
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Turn a lost connection into StoreUnavailable, a retryable error the API answers with 503."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise StoreUnavailable(f"Redis is unreachable ({e}); retry in a few seconds") from None
+
+
+# A running job's heartbeat: only while this worker still owns the queue entry (another worker
+# may have claimed it after a long silence), reset the entry's idle time and stamp the record.
+_HEARTBEAT = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+redis.call('HSET', KEYS[2], 'heartbeat_at', ARGV[4])
+return 1
+"""
+
+# Does this worker still own the queue entry?
+_OWNS = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+return 1
+"""
+
+_RAW_FIELDS = ("id", "state", "created")  # stored as plain strings; every other field is JSON
+
+
+class RedisStore:
+    """Jobs in Redis: records, per-job event streams, and one queue stream with a consumer group.
+
+        <p>job:<id>          hash: one field per JobRecord field (JSON values; id/state/created plain)
+        <p>job:<id>:events   stream: kind + data (JSON); the SSE route reads it with XREAD BLOCK
+        <p>jobs              sorted set: every job id by creation time (listing)
+        <p>jobs:queued       sorted set: the queued job ids by creation time (queue position)
+        <p>queue             stream: one entry per job to run, read through the group `workers`
+
+    A worker takes entries with XREADGROUP; an entry stays pending until the job ends (XACK).
+    While it runs, the worker's heartbeat resets the entry's idle time; an entry idle for
+    longer than `lease_s` belongs to a dead worker and the next idle worker takes it over with
+    XAUTOCLAIM, resuming from the job's saved state. A worker stopped with SIGTERM hands the
+    entry back by making it look long idle, so the next free worker takes it at once.
+    """
+
+    GROUP = "workers"
+    HANDED_BACK = "handed-back"  # the consumer that holds entries handed back, until a worker claims them
+
+    def __init__(
+        self,
+        client: Any,
+        models_dir: Path,
+        *,
+        prefix: str = "textgen:",
+        lease_s: float = DEFAULT_LEASE_S,
+        events_maxlen: int = 5000,
+    ) -> None:
+        self.redis = client
+        self.models_dir = Path(models_dir)
+        self.prefix = prefix
+        self.lease_s = lease_s
+        self.events_maxlen = events_maxlen
+        self.queue_key = f"{prefix}queue"
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._owns = client.register_script(_OWNS)
+        self._group_ready = False
+
+    def spec(self) -> dict[str, Any]:
+        kwargs = self.redis.connection_pool.connection_kwargs
+        url = _redis_url(kwargs)
+        return {
+            "kind": "redis",
+            "url": url,
+            "prefix": self.prefix,
+            "models_dir": str(self.models_dir),
+            "lease_s": self.lease_s,
+        }
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{validate_job_id(job_id)}"
+
+    def _events_key(self, job_id: str) -> str:
+        return f"{self._job_key(job_id)}:events"
+
+    def ping(self) -> None:
+        with redis_errors():
+            self.redis.ping()
+
+    def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            self.redis.xgroup_create(self.queue_key, self.GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    # -- encoding
+
+    @staticmethod
+    def _encode(values: dict[str, Any]) -> dict[str, str]:
+        return {k: (v if k in _RAW_FIELDS else json.dumps(v, ensure_ascii=False)) for k, v in values.items()}
+
+    @staticmethod
+    def _decode(raw: dict[str, str]) -> JobRecord:
+        values = {k: (v if k in _RAW_FIELDS else json.loads(v)) for k, v in raw.items()}
+        return JobRecord.from_dict(values)
+
+    # -- the API's side
+
+    def submit(self, params: dict[str, Any], text: str) -> JobRecord:
+        job_id = new_job_id()
+        write_corpus(self.models_dir, job_id, text)
+        record = JobRecord(id=job_id, state="queued", params=params, created=utc_now())
+        score = time.time()
+        with redis_errors():
+            self._ensure_group()
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(self._job_key(job_id), mapping=self._encode(record.to_dict()))
+            pipe.zadd(f"{self.prefix}jobs", {job_id: score})
+            pipe.zadd(f"{self.prefix}jobs:queued", {job_id: score})
+            pipe.xadd(self._events_key(job_id), self._event_fields("queued", {"state": "queued"}))
+            pipe.xadd(self.queue_key, {"job_id": job_id})
+            pipe.execute()
+        return record
+
+    def get(self, job_id: str) -> JobRecord:
+        with redis_errors():
+            raw = self.redis.hgetall(self._job_key(job_id))
+        if not raw:
+            raise JobNotFound(f"no training job {job_id!r}")
+        return self._decode(raw)
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+        records: list[JobRecord] = []
+        start, page = 0, max(limit, 50)
+        with redis_errors():
+            while len(records) < limit:
+                ids = self.redis.zrevrange(f"{self.prefix}jobs", start, start + page - 1)
+                if not ids:
+                    break
+                pipe = self.redis.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.hgetall(self._job_key(job_id))
+                for raw in pipe.execute():
+                    if raw and (state is None or raw.get("state") == state):
+                        records.append(self._decode(raw))
+                start += page
+        return records[:limit]
+
+    def cancel(self, job_id: str) -> JobRecord:
+        key = self._job_key(job_id)
+        now = time.time()
+
+        def txn(pipe: Any) -> JobRecord:
+            raw = pipe.hgetall(key)
+            if not raw:
+                raise JobNotFound(f"no training job {job_id!r}")
+            record = self._decode(raw)
+            if record.final:
+                raise JobConflict(f"job {job_id} has already {record.state}; there is nothing to cancel")
+            pipe.multi()
+            values: dict[str, Any] = {"cancel_requested": True}
+            if record.state == "queued" or lease_expired(record, now, self.lease_s * 2):
+                values.update(state="cancelled", finished=utc_now(), worker=None)
+                pipe.zrem(f"{self.prefix}jobs:queued", job_id)
+            pipe.hset(key, mapping=self._encode(values))
+            for name, value in values.items():
+                setattr(record, name, value)
+            return record
+
+        with redis_errors():
+            record = self.redis.transaction(txn, key, value_from_callable=True)
+        if record.state == "cancelled":
+            remove_job_files(self.models_dir, job_id)
+            self.append_event(job_id, "cancelled", final_event_data(record))
+        return record
+
+    def events(self, job_id: str, after: str | None = None, block_s: float = 0.0) -> list[JobEvent]:
+        key = self._events_key(job_id)
+        with redis_errors():
+            if block_s > 0:
+                reply = self.redis.xread({key: after or "0"}, count=500, block=max(1, int(block_s * 1000)))
+                entries = reply[0][1] if reply else []
+            else:
+                entries = self.redis.xrange(key, min=f"({after}" if after else "-", count=500)
+        return [JobEvent(id=eid, kind=f["kind"], data=json.loads(f["data"])) for eid, f in entries]
+
+    def queue_position(self, job_id: str) -> int | None:
+        with redis_errors():
+            rank = self.redis.zrank(f"{self.prefix}jobs:queued", job_id)
+        return None if rank is None else rank + 1
+
+    # -- the workers' side
+
+    def claim(self, worker: str, block_s: float) -> Claim | None:
+        """An entry left by a dead (or stopped) worker first, else a new one; waits up to block_s."""
+        with redis_errors():
+            self._ensure_group()
+            _, taken, _ = self.redis.xautoclaim(
+                self.queue_key, self.GROUP, worker, min_idle_time=int(self.lease_s * 1000), start_id="0-0", count=1
+            )
+            if taken:
+                entry_id, entry = taken[0]
+                log.info("worker %s took over job %s (entry %s)", worker, entry.get("job_id"), entry_id)
+            else:
+                reply = self.redis.xreadgroup(
+                    self.GROUP, worker, {self.queue_key: ">"}, count=1, block=max(1, int(block_s * 1000))
+                )
+                if not reply or not reply[0][1]:
+                    return None
+                entry_id, entry = reply[0][1][0]
+        if not entry or "job_id" not in entry:  # trimmed away; nothing to run
+            self._ack(entry_id)
+            return None
+        return Claim(job_id=entry["job_id"], token=entry_id, worker=worker)
+
+    def _ack(self, entry_id: str) -> None:
+        with redis_errors():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xack(self.queue_key, self.GROUP, entry_id)
+            pipe.xdel(self.queue_key, entry_id)
+            pipe.execute()
+
+    def _owner_check(self, claim: Claim) -> bool:
+        return bool(self._owns(keys=[self.queue_key], args=[self.GROUP, claim.worker, claim.token]))
+
+    def start(self, claim: Claim) -> JobRecord | None:
+        """queued/running -> running; None (and the entry acknowledged) when the job ended meanwhile."""
+        key = self._job_key(claim.job_id)
+
+        def txn(pipe: Any) -> JobRecord | None:
+            raw = pipe.hgetall(key)
+            if not raw:
+                return None
+            record = self._decode(raw)
+            if record.final:
+                return None
+            record.state, record.attempts, record.worker = "running", record.attempts + 1, claim.worker
+            record.started = record.started or utc_now()
+            record.heartbeat_at = time.time()
+            pipe.multi()
+            pipe.hset(
+                key, mapping=self._encode(_pick(record, "state", "attempts", "worker", "started", "heartbeat_at"))
+            )
+            pipe.zrem(f"{self.prefix}jobs:queued", claim.job_id)
+            return record
+
+        with redis_errors():
+            if not self._owner_check(claim):
+                return None
+            record = self.redis.transaction(txn, key, value_from_callable=True)
+        if record is None:
+            self._ack(claim.token)
+        return record
+
+    def heartbeat(self, claim: Claim) -> bool:
+        with redis_errors():
+            held = self._heartbeat(
+                keys=[self.queue_key, self._job_key(claim.job_id)],
+                args=[self.GROUP, claim.worker, claim.token, json.dumps(time.time())],
+            )
+        return bool(held)
+
+    def update(self, job_id: str, **values: Any) -> None:
+        with redis_errors():
+            self.redis.hset(self._job_key(job_id), mapping=self._encode(values))
+
+    def set_once(self, job_id: str, name: str, value: Any) -> Any:
+        key = self._job_key(job_id)
+        with redis_errors():
+            current = self.redis.hget(key, name)
+            if current is None or json.loads(current) is None:
+                self.redis.hset(key, name, json.dumps(value))  # one writer: the worker holding the claim
+                return value
+            return json.loads(current)
+
+    def _event_fields(self, kind: str, data: dict[str, Any]) -> dict[str, str]:
+        return {"kind": kind, "data": json.dumps(data, ensure_ascii=False)}
+
+    def append_event(self, job_id: str, kind: str, data: dict[str, Any]) -> str:
+        with redis_errors():
+            return self.redis.xadd(
+                self._events_key(job_id), self._event_fields(kind, data), maxlen=self.events_maxlen, approximate=True
+            )
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with redis_errors():
+            return self.redis.hget(self._job_key(job_id), "cancel_requested") == "true"
+
+    def finish(self, claim: Claim, state: str, **values: Any) -> bool:
+        """running -> final, the entry acknowledged, atomically; then the final event."""
+        assert state in FINAL_STATES
+        key = self._job_key(claim.job_id)
+
+        def txn(pipe: Any) -> JobRecord | None:
+            raw = pipe.hgetall(key)
+            if not raw:
+                return None
+            record = self._decode(raw)
+            if record.final:
+                return None
+            record.state, record.finished, record.worker = state, utc_now(), None
+            for name, value in values.items():
+                setattr(record, name, value)
+            pipe.multi()
+            pipe.hset(key, mapping=self._encode(_pick(record, "state", "finished", "worker", *values)))
+            pipe.zrem(f"{self.prefix}jobs:queued", claim.job_id)
+            pipe.xack(self.queue_key, self.GROUP, claim.token)
+            pipe.xdel(self.queue_key, claim.token)
+            return record
+
+        with redis_errors():
+            if not self._owner_check(claim):
+                return False
+            record = self.redis.transaction(txn, key, value_from_callable=True)
+        if record is None:
+            self._ack(claim.token)
+            return False
+        self.append_event(claim.job_id, FINAL_EVENTS[state], final_event_data(record))
+        return True
+
+    def hand_back(self, claim: Claim, reason: str) -> bool:
+        """running -> queued; the entry is made to look long idle so the next free worker claims it at once."""
+        key = self._job_key(claim.job_id)
+
+        def txn(pipe: Any) -> bool:
+            raw = pipe.hgetall(key)
+            if not raw or self._decode(raw).final:
+                return False
+            record = self._decode(raw)
+            pipe.multi()
+            values = {"state": "queued", "worker": None, "heartbeat_at": None, "attempts": max(0, record.attempts - 1)}
+            pipe.hset(key, mapping=self._encode(values))
+            pipe.zadd(f"{self.prefix}jobs:queued", {claim.job_id: _created_score(record)})
+            idle_ms = int(max(self.lease_s, 1.0) * 1000) * 1000
+            pipe.xclaim(self.queue_key, self.GROUP, self.HANDED_BACK, 0, [claim.token], idle=idle_ms, justid=True)
+            return True
+
+        with redis_errors():
+            if not self._owner_check(claim):
+                return False
+            done = self.redis.transaction(txn, key, value_from_callable=True)
+        if done:
+            self.append_event(claim.job_id, "requeued", {"state": "queued", "reason": reason})
+        return bool(done)
+
+    def release(self, claim: Claim) -> None:
+        """Forget the consumer name of a worker that exits (its entries were finished or handed back)."""
+        with contextlib.suppress(StoreUnavailable), redis_errors():
+            self.redis.xgroup_delconsumer(self.queue_key, self.GROUP, claim.worker)
+
+
+def _pick(record: JobRecord, *names: str) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in names}
+
+
+def _created_score(record: JobRecord) -> float:
+    try:
+        return datetime.fromisoformat(record.created.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
+def _redis_url(kwargs: dict[str, Any]) -> str:
+    """Rebuild a redis:// URL from a client's connection kwargs (for a job's child process)."""
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    auth = ""
+    if kwargs.get("password"):
+        user = kwargs.get("username") or ""
+        auth = f"{user}:{kwargs['password']}@"
+    return f"redis://{auth}{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
