@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lm.errors import (
     ActiveModelError,
@@ -149,3 +151,40 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over TEXTGEN_MAX_BODY_BYTES, in the JSON error shape.
+
+    A declared Content-Length over the limit is refused before the app runs; a body without one
+    is counted as it arrives. (FastAPI's own `max_body_size` answers in plain text.)
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _json(self.too_large())(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # fastapi's HTTPException: its body reader re-raises it to our handler as it is
+                    raise HTTPException(413)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def too_large(self) -> ApiError:
+        return ApiError(413, f"the request body is larger than TEXTGEN_MAX_BODY_BYTES={self.max_bytes} bytes")

@@ -20,7 +20,7 @@ from starlette.responses import Response
 import lm
 from app.auth import warn_if_open
 from app.engine import Admission
-from app.errors import install_error_handlers
+from app.errors import BodyLimitMiddleware, install_error_handlers
 from app.holder import ModelHolder
 from app.logging import RequestLogMiddleware
 from app.metrics import Metrics, RequestMetricsMiddleware
@@ -61,7 +61,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=lm.__version__,
         summary="Train and serve LSTM language models",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -70,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     app.add_exception_handler(ClientDisconnect, client_gone)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

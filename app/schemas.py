@@ -100,8 +100,12 @@ class ModelList(BaseModel):
 
 
 class HealthStatus(BaseModel):
-    status: str
-    model: str | None = None
+    status: Literal["ok"]
+
+
+class ReadyStatus(BaseModel):
+    status: Literal["ready"]
+    model: str
 
 
 # ---------------------------------------------------------------------------- OpenAI

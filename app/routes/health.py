@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.deps import HolderDep, MetricsDep
 from app.errors import ApiError
-from app.schemas import HealthStatus
+from app.schemas import HealthStatus, ReadyStatus
 
 router = APIRouter(tags=["health"])
 
@@ -18,13 +18,13 @@ async def healthz() -> HealthStatus:
     return HealthStatus(status="ok")
 
 
-@router.get("/readyz", response_model=HealthStatus, responses={503: {"description": "no model loaded, and why"}})
-async def readyz(holder: HolderDep) -> HealthStatus | JSONResponse:
+@router.get("/readyz", response_model=ReadyStatus, responses={503: {"description": "no model loaded, and why"}})
+async def readyz(holder: HolderDep) -> ReadyStatus | JSONResponse:
     """Ready once a model is loaded; 503 with the reason until then."""
     if holder.active is None:
         error = ApiError(503, f"not ready: {holder.not_ready_reason}", code="model_not_ready")
         return JSONResponse(error.body(), status_code=503)
-    return HealthStatus(status="ready", model=holder.active.model_id)
+    return ReadyStatus(status="ready", model=holder.active.model_id)
 
 
 @router.get("/metrics", response_class=Response)

@@ -1,0 +1,112 @@
+"""The engine on its own: batched decoding gives each sequence exactly what lm's single-sequence loop gives."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from app.chat import render_chat
+from app.engine import Engine, Failed, Finished, Sequence, Token
+from app.metrics import Metrics
+from app.schemas import ChatMessage
+from lm.registry import Registry
+from lm.sampler import SamplingParams, SequenceSampler, prompt_ids, stream_generate
+from tests.app.conftest import MODEL_A
+
+pytestmark = pytest.mark.anyio
+
+PROMPTS = ["To be", "Shall I compare", "", "Or to take arms against a sea", "x"]
+
+
+def _params(i: int) -> SamplingParams:
+    return SamplingParams(max_tokens=25 + 7 * i, temperature=0.9, top_k=10 * i, seed=100 + i)
+
+
+async def _run(engine: Engine, prompts: list[str], params: list[SamplingParams]) -> list[tuple[str, str]]:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    tokenizer = engine.tokenizer
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        ids = prompt_ids(tokenizer, prompt)
+        engine.submit(Sequence(ids, SequenceSampler(tokenizer, p, ids), loop, queue, index=i))
+    texts = [""] * len(prompts)
+    reasons: dict[int, str] = {}
+    while len(reasons) < len(prompts):
+        index, event = await asyncio.wait_for(queue.get(), 10)
+        assert not isinstance(event, Failed), event
+        if isinstance(event, Token):
+            texts[index] += event.text
+        elif isinstance(event, Finished):
+            reasons[index] = event.finish_reason
+    return [(texts[i], reasons[i]) for i in range(len(prompts))]
+
+
+@pytest.fixture
+def engine(models_dir: Path):
+    import torch
+
+    checkpoint = Registry(models_dir).load(MODEL_A)
+    engine = Engine(
+        checkpoint.model,
+        checkpoint.tokenizer,
+        model_id=MODEL_A,
+        max_running=3,  # fewer slots than sequences: some wait, then join a running batch
+        device=torch.device("cpu"),
+        metrics=Metrics(),
+    )
+    engine.start()
+    yield engine
+    engine.stop()
+    engine.join(5)
+    assert not engine.alive
+
+
+async def test_batched_decoding_equals_single_sequence_generation(engine: Engine) -> None:
+    params = [_params(i) for i in range(len(PROMPTS))]
+    batched = await _run(engine, PROMPTS, params)
+    for (text, reason), prompt, p in zip(batched, PROMPTS, params, strict=True):
+        single = stream_generate(engine.model, engine.tokenizer, prompt, p)
+        assert text == "".join(single)
+        assert reason == single.finish_reason
+    samples = {s.name: s.value for m in engine.metrics.registry.collect() for s in m.samples}
+    assert samples["textgen_running_sequences"] == 0
+    assert samples["textgen_waiting_sequences"] == 0
+    assert samples["textgen_batch_size_sum"] > samples["textgen_batch_size_count"]  # real batches happened
+
+
+async def test_a_cancelled_sequence_leaves_and_frees_its_slot(engine: Engine) -> None:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    tokenizer = engine.tokenizer
+    ids = prompt_ids(tokenizer, "To be")
+    long = Sequence(ids, SequenceSampler(tokenizer, SamplingParams(max_tokens=10**9, seed=1), ids), loop, queue)
+    engine.submit(long)
+    await asyncio.wait_for(queue.get(), 10)  # it runs
+    long.cancel()
+    for _ in range(200):
+        if long.done and engine.states.available == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert long.done and engine.states.available == 3
+    # the freed slots serve new work
+    assert await _run(engine, ["a"], [SamplingParams(max_tokens=3, seed=0)]) == [
+        ("".join(stream_generate(engine.model, tokenizer, "a", SamplingParams(max_tokens=3, seed=0))), "length")
+    ]
+
+
+def test_render_chat() -> None:
+    template = {"system": "S: ", "user": "Q: ", "assistant": "A: ", "separator": "\n", "stop": ["\nQ:"]}
+    messages = [
+        ChatMessage(role="developer", content="Be brief."),
+        ChatMessage(role="user", content=[{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]),
+        ChatMessage(role="assistant", content="Hello."),
+        ChatMessage(role="user", content="Bye"),
+    ]
+    prompt, stop = render_chat(template, messages)
+    assert prompt == "S: Be brief.\nQ: Hi there\nA: Hello.\nQ: Bye\nA: "
+    assert stop == ["\nQ:"]
+    default_prompt, default_stop = render_chat(None, [ChatMessage(role="user", content="Hi")])
+    assert default_prompt == "User: Hi\nAssistant: "
+    assert default_stop == ["\nUser:"]
