@@ -102,7 +102,7 @@ class FileStore:
     def get(self, job_id: str) -> JobRecord:
         return self._read(job_id)
 
-    def list(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+    def list_jobs(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
         records = []
         for job_id in self._ids(newest_first=True):
             try:
@@ -192,7 +192,7 @@ class FileStore:
     def _claim_once(self, worker: str) -> Claim | None:
         with self._locked(self.root / ".queue.lock"):
             now = time.time()
-            candidates = []
+            candidates: list[JobRecord] = []
             for job_id in self._ids():
                 try:
                     record = self._read(job_id)
@@ -306,6 +306,6 @@ class FileStore:
             self.append_event(claim.job_id, "requeued", {"state": "queued", "reason": reason})
         return done
 
-    def release(self, claim: Claim) -> None:
-        """Nothing to acknowledge: a final record is not a queued one."""
+    def release(self, worker: str) -> None:
+        """Nothing to forget: a file claim lives in the job's record and ends with it."""
         return None

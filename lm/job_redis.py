@@ -183,7 +183,7 @@ class RedisStore:
             raise JobNotFound(f"no training job {job_id!r}")
         return self._decode(raw)
 
-    def list(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+    def list_jobs(self, state: str | None = None, limit: int = 100) -> list[JobRecord]:
         records: list[JobRecord] = []
         start, page = 0, max(limit, 50)
         with redis_errors():
@@ -397,10 +397,13 @@ class RedisStore:
             self.append_event(claim.job_id, "requeued", {"state": "queued", "reason": reason})
         return bool(done)
 
-    def release(self, claim: Claim) -> None:
-        """Forget the consumer name of a worker that exits (its entries were finished or handed back)."""
+    def release(self, worker: str) -> None:
+        """Forget the consumer name of a worker that exits, unless it still holds an entry (never lose a job)."""
         with contextlib.suppress(StoreUnavailable), redis_errors():
-            self.redis.xgroup_delconsumer(self.queue_key, self.GROUP, claim.worker)
+            self._ensure_group()
+            held = self.redis.xpending_range(self.queue_key, self.GROUP, min="-", max="+", count=1, consumername=worker)
+            if not held:
+                self.redis.xgroup_delconsumer(self.queue_key, self.GROUP, worker)
 
 
 def _pick(record: JobRecord, *names: str) -> dict[str, Any]:
