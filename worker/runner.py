@@ -167,12 +167,17 @@ class Runner:
             if now >= next_beat:
                 next_beat = now + self.config.heartbeat_s
                 if not self._heartbeat(claim):
-                    log.warning(
-                        "worker %s: job %s was taken over by another worker; stopping it", self.name, claim.job_id
-                    )
-                    proc.kill()
-                    proc.wait()
-                    return None
+                    return self._claim_lost(claim, proc)
+
+    def _claim_lost(self, claim: Claim, proc: subprocess.Popen[bytes]) -> int | None:
+        """The job ended (the child is exiting) or another worker took it over (kill the child)."""
+        try:
+            return proc.wait(timeout=2.0)  # the child recorded the outcome and is on its way out
+        except subprocess.TimeoutExpired:
+            log.warning("worker %s: another worker took job %s over; stopping it", self.name, claim.job_id)
+            proc.kill()
+            proc.wait()
+            return None
 
     def _heartbeat(self, claim: Claim) -> bool:
         try:
