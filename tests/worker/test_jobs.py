@@ -1,0 +1,219 @@
+"""The job store contract, against both stores: the file store and a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.job_redis import RedisStore, connect_redis
+from lm.jobs import (
+    JobConflict,
+    JobNotFound,
+    JobStore,
+    StoreUnavailable,
+    corpus_path,
+    planned_parameters,
+    validate_job_id,
+)
+from lm.model import LSTMLanguageModel, ModelConfig, count_parameters
+from lm.redis_pointer import RedisPointer
+from lm.tokenizers import fit_tokenizer
+from tests.worker.conftest import corpus, tiny_params
+from tests.worker.redis_server import RedisServer
+
+
+def test_submit_queues_the_job_and_keeps_the_corpus_in_the_models_folder(store: JobStore, models_dir: Path) -> None:
+    first = store.submit(tiny_params(), corpus())
+    second = store.submit(tiny_params(), corpus())
+
+    assert store.get(first.id).state == "queued"
+    assert store.queue_position(first.id) == 1
+    assert store.queue_position(second.id) == 2
+    assert corpus_path(models_dir, first.id).read_text(encoding="utf-8") == corpus()
+    assert [e.kind for e in store.events(first.id)] == ["queued"]
+    assert [r.id for r in store.list_jobs()] == [second.id, first.id]  # newest first
+    json.dumps(store.get(first.id).to_dict())  # a record is plain JSON
+
+
+def test_unknown_and_malformed_job_ids_are_not_found(store: JobStore) -> None:
+    with pytest.raises(JobNotFound):
+        store.get("job-20250101120000123-abcdef")
+    with pytest.raises(JobNotFound, match="job ids look like"):
+        validate_job_id("../../etc/passwd")
+
+
+def test_a_claimed_job_runs_and_finishes_once(store: JobStore) -> None:
+    job = store.submit(tiny_params(), corpus())
+    claim = store.claim("w1", block_s=1.0)
+    assert claim is not None and claim.job_id == job.id
+
+    record = store.start(claim)
+    assert record is not None and record.state == "running" and record.attempts == 1
+    assert store.queue_position(job.id) is None
+    assert store.heartbeat(claim)
+    store.append_event(job.id, "progress", {"step": 1})
+    assert store.finish(claim, "succeeded", model_id="tiny-x", activated=True)
+    assert not store.finish(claim, "failed", error="twice")  # a final state is final
+
+    done = store.get(job.id)
+    assert (done.state, done.model_id, done.activated, done.error) == ("succeeded", "tiny-x", True, None)
+    assert done.finished is not None
+    assert [e.kind for e in store.events(job.id)] == ["queued", "progress", "done"]
+    assert store.list_jobs(state="succeeded")[0].id == job.id
+    assert store.list_jobs(state="queued") == []
+    assert store.claim("w1", block_s=0.2) is None  # nothing left to run
+
+
+def test_events_after_an_id_and_blocking_for_the_next(store: JobStore) -> None:
+    job = store.submit(tiny_params(), corpus())
+    first = store.events(job.id)[0]
+    assert store.events(job.id, after=first.id) == []
+
+    started = time.monotonic()
+    assert store.events(job.id, after=first.id, block_s=0.3) == []
+    assert time.monotonic() - started >= 0.25
+
+    store.append_event(job.id, "epoch", {"epoch": 1, "val_loss": 2.5})
+    (event,) = store.events(job.id, after=first.id, block_s=1.0)
+    assert (event.kind, event.data) == ("epoch", {"epoch": 1, "val_loss": 2.5})
+
+
+def test_cancelling_a_queued_job_is_immediate(store: JobStore, models_dir: Path) -> None:
+    job = store.submit(tiny_params(), corpus())
+    record = store.cancel(job.id)
+
+    assert record.state == "cancelled"
+    assert store.events(job.id)[-1].kind == "cancelled"
+    assert not corpus_path(models_dir, job.id).exists()
+    claim = store.claim("w1", block_s=0.2)
+    assert claim is None or store.start(claim) is None  # nobody runs a cancelled job
+    with pytest.raises(JobConflict, match="already cancelled"):
+        store.cancel(job.id)
+
+
+def test_cancelling_a_running_job_asks_its_worker_to_stop(store: JobStore) -> None:
+    job = store.submit(tiny_params(), corpus())
+    claim = store.claim("w1", block_s=1.0)
+    assert claim is not None and store.start(claim) is not None
+
+    record = store.cancel(job.id)
+    assert record.state == "running" and record.cancel_requested
+    assert store.cancel_requested(job.id)
+    assert store.finish(claim, "cancelled")
+    assert store.get(job.id).state == "cancelled"
+
+
+def test_a_job_handed_back_is_taken_before_newer_jobs(store: JobStore) -> None:
+    first = store.submit(tiny_params(), corpus())
+    second = store.submit(tiny_params(), corpus())
+    claim = store.claim("w1", block_s=1.0)
+    assert claim is not None and claim.job_id == first.id and store.start(claim) is not None
+
+    assert store.hand_back(claim, "the worker was stopped")
+    assert store.get(first.id).state == "queued"
+    assert store.events(first.id)[-1].kind == "requeued"
+    assert not store.heartbeat(claim)  # the old claim is over
+
+    again = store.claim("w2", block_s=1.0)
+    assert again is not None and again.job_id == first.id
+    record = store.start(again)
+    assert record is not None and record.attempts == 1  # a hand-back is not a failed attempt
+    later = store.claim("w2", block_s=1.0)
+    assert later is not None and later.job_id == second.id
+
+
+def test_a_silent_worker_loses_its_job_to_another(store: JobStore) -> None:
+    job = store.submit(tiny_params(), corpus())
+    dead = store.claim("dead", block_s=1.0)
+    assert dead is not None and store.start(dead) is not None
+    assert store.claim("alive", block_s=0.1) is None  # the lease (1 s in these tests) still holds
+
+    time.sleep(1.3)
+    taken = store.claim("alive", block_s=1.0)
+    assert taken is not None and taken.job_id == job.id
+    record = store.start(taken)
+    assert record is not None and record.attempts == 2
+    assert not store.heartbeat(dead)
+    assert not store.finish(dead, "succeeded")  # the dead worker, if it wakes up, cannot end the job
+    assert store.finish(taken, "succeeded")
+
+
+def test_set_once_keeps_the_first_value(store: JobStore) -> None:
+    job = store.submit(tiny_params(), corpus())
+    assert store.set_once(job.id, "active_at_start", "") == ""
+    assert store.set_once(job.id, "active_at_start", "other") == ""
+
+
+@pytest.mark.parametrize(
+    ("params", "tie"),
+    [
+        ({"tokenizer": "char", "embedding_dim": 16, "hidden_dim": 24, "layers": 2}, False),
+        ({"tokenizer": "char", "embedding_dim": 16, "hidden_dim": 16, "layers": 1, "tie_weights": True}, True),
+        ({"tokenizer": "word", "embedding_dim": 8, "hidden_dim": 8, "layers": 3, "vocab_size": 50}, False),
+    ],
+)
+def test_planned_parameters_match_the_model_that_is_trained(params: dict, tie: bool) -> None:
+    text = corpus()
+    tokenizer = fit_tokenizer(params["tokenizer"], text, params.get("vocab_size"))
+    cfg = ModelConfig(
+        tokenizer.vocab_size, params["embedding_dim"], params["hidden_dim"], params["layers"], tie_weights=tie
+    )
+    torch.manual_seed(0)
+    assert planned_parameters(params, text) == count_parameters(LSTMLanguageModel(cfg))
+
+
+# ---------------------------------------------------------------------------- Redis only
+
+
+def test_redis_pointer_compare_and_set_and_activated_notice(redis_server: RedisServer, prefix: str) -> None:
+    client = connect_redis(redis_server.url)
+    pointer = RedisPointer(client, prefix=prefix)
+    notices = client.pubsub()
+    notices.subscribe(pointer.channel)
+    notices.get_message(timeout=1.0)  # the subscribe confirmation
+
+    assert pointer.get() is None
+    assert pointer.compare_and_set(None, "model-a")
+    assert not pointer.compare_and_set(None, "model-b")  # lost: the pointer is not empty any more
+    assert pointer.compare_and_set("model-a", "model-b")
+    assert pointer.get() == "model-b"
+    assert pointer.compare_and_set("model-b", "model-b")  # already there: no move, no notice
+
+    received = []
+    while (message := notices.get_message(timeout=0.5)) is not None:
+        if message["type"] == "message":
+            received.append(message["data"])
+    assert received == ["model-a", "model-b"]
+    notices.close()
+    client.close()
+
+
+def test_redis_outage_is_retryable_and_nothing_is_lost(tmp_path: Path, models_dir: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        store = RedisStore(connect_redis(server.url), models_dir, lease_s=1.0)
+        pointer = RedisPointer(store.redis)
+        job = store.submit(tiny_params(), corpus())
+        assert pointer.compare_and_set(None, "model-a")
+
+        server.stop()
+        with pytest.raises(StoreUnavailable, match="retry"):
+            store.get(job.id)
+        with pytest.raises(StoreUnavailable):
+            store.submit(tiny_params(), corpus())
+        with pytest.raises(StoreUnavailable):
+            pointer.compare_and_set("model-a", "model-b")
+        assert pointer.get() == "model-a"  # the last known value keeps listings working
+
+        server.start()  # same port, same folder: the append-only file brings everything back
+        assert store.get(job.id).state == "queued"
+        claim = store.claim("w1", block_s=1.0)
+        assert claim is not None and claim.job_id == job.id
+        assert pointer.compare_and_set("model-a", "model-b")
+    finally:
+        server.stop()
