@@ -1,0 +1,362 @@
+"""The `textgen` command line as a user runs it: real processes, a tmp models folder, a 2-KB corpus."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.train import TrainEvent
+from textgen.cli import ProgressBar, format_progress, main
+
+REPO = Path(__file__).resolve().parents[2]
+SENTENCE = "the quick brown fox jumps over a lazy dog while seven wise owls sing softly in the old oak tree"
+WORDS = SENTENCE.split()
+# ~2 KB of lower-case text, the same every run
+CORPUS = "\n".join(" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(9)) for i in range(40)) + "\n"
+TINY = [
+    *("--embedding-dim", "16", "--hidden-dim", "16", "--layers", "1", "--dropout", "0"),
+    *("--seq-len", "16", "--batch-size", "4", "--max-steps", "6", "--threads", "1", "--seed", "7"),
+]
+
+
+def textgen(*args: str, models_dir: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `python -m textgen ARGS` the way a user would; models_dir goes through TEXTGEN_MODELS_DIR."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.update(OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+    if models_dir is not None:
+        env["TEXTGEN_MODELS_DIR"] = str(models_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "textgen", *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "Owl Songs.txt"
+    path.write_text(CORPUS, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """A models folder holding one tiny model, 'tiny', trained by the CLI."""
+    models = tmp_path_factory.mktemp("models")
+    proc = textgen("--models-dir", str(models), "train", str(corpus), *TINY, "--name", "tiny")
+    assert proc.returncode == 0, proc.stderr
+    return models, proc
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- train -> models -> generate -> eval ----------------------------------------------------------
+
+
+def test_train_publishes_the_model_and_prints_a_summary(trained, corpus):
+    models, proc = trained
+    summary = dict(line.split(None, 1) for line in proc.stdout.splitlines() if not line.startswith(("val ", "bits")))
+    assert summary["model"] == "tiny"
+    assert summary["active"] == "yes"  # the first model in a folder becomes active
+    assert float(summary["perplexity"]) > 1
+    assert "val loss" in proc.stdout and "bits/char" in proc.stdout
+    # progress went to stderr (a pipe here: whole lines, no carriage returns)
+    assert "step 6/6" in proc.stderr and "100%" in proc.stderr and "tok/s" in proc.stderr
+    assert "\r" not in proc.stderr
+
+    config = json.loads((models / "tiny" / "config.json").read_text())
+    training = config["training"]
+    argv = ["--models-dir", str(models), "train", str(corpus), *TINY, "--name", "tiny"]
+    assert training["command"] == shlex.join(["textgen", *argv])
+    assert training["corpus_name"] == "Owl Songs.txt"
+    assert training["corpus_sha256"] == hashlib.sha256(CORPUS.encode()).hexdigest()
+    assert training["corpus_bytes"] == len(CORPUS.encode())
+    assert training["parent_model"] is None
+    assert training["recipe"]["hidden_dim"] == 16 and training["recipe"]["max_steps"] == 6
+    assert training["recipe"]["lr"] == 3e-3  # an untouched flag keeps TrainConfig's default
+    assert config["metrics"]["steps"] == 6
+
+
+def test_models_list_shows_the_model_whichever_way_the_folder_is_given(trained):
+    models, _ = trained
+    for proc in (
+        textgen("models", models_dir=models),
+        textgen("models", "list", "--models-dir", str(models)),
+    ):
+        assert proc.returncode == 0, proc.stderr
+        header, row = proc.stdout.splitlines()
+        assert header.split() == ["ID", "ACTIVE", "PARAMS", "TOKENIZER", "VAL", "LOSS", "CREATED"]
+        cells = row.split()
+        assert cells[:2] == ["tiny", "*"]
+        assert cells[3].startswith("char/")
+
+
+def test_generate_prints_the_continuation(trained):
+    models, _ = trained
+    first = textgen("generate", "the quick ", "--max-tokens", "25", "--seed", "3", models_dir=models)
+    again = textgen("generate", "the quick ", "--max-tokens", "25", "--seed", "3", models_dir=models)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.endswith("\n")
+    assert len(first.stdout) == 25 + 1  # a char model: one character per token, then the newline
+    assert again.stdout == first.stdout
+
+
+def test_generate_stops_before_a_stop_string(trained):
+    models, _ = trained
+    full = textgen("generate", "the ", "--temperature", "0", "--max-tokens", "40", models_dir=models).stdout[:-1]
+    stop = full[10:13]
+    stopped = textgen("generate", "the ", "--temperature", "0", "--max-tokens", "40", "--stop", stop, models_dir=models)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout == full[: full.index(stop)] + "\n"
+
+
+def test_eval_json_has_exactly_the_documented_keys(trained, corpus):
+    models, _ = trained
+    proc = textgen("eval", str(corpus), "--model", "tiny", "--json", models_dir=models)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result) == {"tokens", "chars", "loss", "perplexity", "bits_per_char"}
+    assert result["tokens"] > 1000 and result["chars"] > 1000
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    human = textgen("eval", str(corpus), models_dir=models)  # the active model
+    assert human.returncode == 0, human.stderr
+    assert f"perplexity  {result['perplexity']:.2f}" in human.stdout
+
+
+def test_fine_tune_then_show_activate_and_delete(trained, corpus, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(trained[0], models)
+    tune = textgen(
+        "train", str(corpus), *TINY, "--max-steps", "2", "--base-model", "tiny", "--name", "tiny-ft", models_dir=models
+    )
+    assert tune.returncode == 0, tune.stderr
+    assert "active      no" in tune.stdout  # tiny stays active without --activate
+
+    shown = json.loads(textgen("models", "show", "tiny-ft", models_dir=models).stdout)
+    assert shown["model_id"] == "tiny-ft" and shown["active"] is False
+    assert shown["training"]["parent_model"] == "tiny"
+    assert (models / "tiny-ft" / "tokenizer.json").read_text() == (models / "tiny" / "tokenizer.json").read_text()
+
+    assert textgen("models", "activate", "tiny-ft", models_dir=models).returncode == 0
+    rows = textgen("models", models_dir=models).stdout.splitlines()[1:]
+    assert {r.split()[0]: r.split()[1] for r in rows}["tiny-ft"] == "*"
+    refused = textgen("models", "delete", "tiny-ft", models_dir=models)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("textgen: error: 'tiny-ft' is the active model")
+
+    assert textgen("models", "activate", "tiny", models_dir=models).returncode == 0
+    deleted = textgen("models", "delete", "tiny-ft", models_dir=models)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not (models / "tiny-ft").exists()
+    assert [r.split()[0] for r in textgen("models", models_dir=models).stdout.splitlines()[1:]] == ["tiny"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_runs_the_service_on_the_given_models_folder(trained, tmp_path):
+    models, _ = trained
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    log = (tmp_path / "serve.log").open("w")
+    cmd = [sys.executable, "-m", "textgen", "serve", "--port", str(port), "--models-dir", str(models)]
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        ready = None
+        for _ in range(120):
+            time.sleep(0.25)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                    ready = json.load(resp)
+                break
+            except (OSError, ValueError):
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()
+        assert ready is not None and ready["status"] == "ready"
+        assert ready["model"] == "tiny"  # the active model of the folder given on the command line
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+# -- bad input: one line on stderr, exit status 2 -------------------------------------------------
+
+
+def test_bad_input_in_a_real_process_exits_2_with_one_line(trained, corpus, tmp_path):
+    models, _ = trained
+    (tmp_path / "empty.txt").write_text("")
+    cases = [
+        (["generate", "hello", "--model", "nope"], "no model named 'nope'"),
+        (["train", str(tmp_path / "empty.txt"), *TINY], "is empty"),
+        (["train", str(corpus), *TINY, "--hidden-dim", "0"], "hidden_dim"),
+    ]
+    for args, fragment in cases:
+        proc = textgen(*args, models_dir=models)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stdout == ""
+        [line] = proc.stderr.splitlines()
+        assert line.startswith("textgen: error: ") and fragment in line
+
+
+def test_generate_without_an_active_model_exits_2(tmp_path):
+    proc = textgen("generate", "hi", models_dir=tmp_path / "none-yet")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("textgen: error: no model is active")
+
+
+def bad_corpora(folder: Path) -> dict[str, Path]:
+    files = {
+        "empty": b"",
+        "binary": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00",
+        "latin1": "caf\u00e9 au lait, na\u00efve r\u00e9sum\u00e9\n".encode("latin-1") * 20,
+        "short": b"owls\n",
+    }
+    for name, data in files.items():
+        (folder / f"{name}.txt").write_bytes(data)
+    return {name: folder / f"{name}.txt" for name in files} | {"missing": folder / "missing.txt"}
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["train", "{missing}"], "not found"),
+        (["train", "{empty}"], "is empty"),
+        (["train", "{binary}"], "binary"),
+        (["train", "{latin1}"], "UTF-8"),
+        (["train", "{short}"], "shorter than one batch"),
+        (["train", "{corpus}", "--hidden-dim", "0"], "hidden_dim"),
+        (["train", "{corpus}", "--lr", "5"], "lr"),
+        (["train", "{corpus}", "--dropout", "0.95"], "dropout"),
+        (["train", "{corpus}", "--val-fraction", "0.9"], "val_fraction"),
+        (["train", "{corpus}", "--tokenizer", "morse"], "tokenizer"),
+        (["train", "{corpus}", "--precision", "fp8"], "precision"),
+        (["train", "{corpus}", "--name", "My Model!"], "invalid model id"),
+        (["train", "{corpus}", "--name", "tiny"], "already exists"),
+        (["train", "{corpus}", "--base-model", "nope"], "no model named 'nope'"),
+        (["generate", "--model", "nope"], "no model named 'nope'"),
+        (["generate", "--model", "../etc"], "invalid model id"),
+        (["generate", "--temperature", "9"], "temperature"),
+        (["generate", "--top-p", "0"], "top_p"),
+        (["generate", "--stop", ""], "stop"),
+        (["eval", "{corpus}", "--model", "nope"], "no model named 'nope'"),
+        (["eval", "{missing}"], "not found"),
+        (["eval", "{binary}"], "binary"),
+        (["models", "show", "nope"], "no model named 'nope'"),
+        (["models", "activate", "nope"], "no model named 'nope'"),
+        (["models", "delete", "nope"], "no model named 'nope'"),
+        (["models", "delete", "tiny"], "is the active model"),
+        (["models", "show", "Bad/Id"], "invalid model id"),
+    ],
+)
+def test_bad_input_exits_2_with_one_error_line(args, fragment, trained, corpus, tmp_path, capsys):
+    """The same main() the console script runs, in-process to keep the matrix fast."""
+    models, _ = trained
+    paths = {"corpus": corpus, **bad_corpora(tmp_path)}
+    args = [a.format(**paths) if a.startswith("{") else a for a in args]
+    if args[0] == "train":  # tiny settings first, so that the case's own flag wins
+        args = [*args[:2], *TINY, *args[2:]]
+    argv = ["--models-dir", str(models), *args]
+    before = sorted(p.name for p in models.iterdir())
+
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    [line] = err.splitlines()
+    assert line.startswith("textgen: error: ")
+    assert fragment in line
+    assert sorted(p.name for p in models.iterdir()) == before  # nothing was written
+
+
+def test_flags_argparse_cannot_parse_exit_2_with_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "corpus.txt", "--layers", "two"])
+    assert exc.value.code == 2
+    assert "textgen train: error: argument --layers: invalid int value: 'two'" in capsys.readouterr().err
+
+
+def test_there_is_no_worker_command_yet(capsys):
+    with pytest.raises(SystemExit):
+        main(["worker"])
+    assert "invalid choice: 'worker'" in capsys.readouterr().err
+
+
+# -- the progress line ----------------------------------------------------------------------------
+
+
+def event(kind: str = "progress", step: int = 30, val_loss: float | None = None) -> TrainEvent:
+    return TrainEvent(
+        kind=kind,
+        epoch=2,
+        epochs=3,
+        step=step,
+        total_steps=120,
+        train_loss=2.3456,
+        val_loss=val_loss,
+        tokens_per_s=1234.4,
+        eta_s=75.2,
+        elapsed_s=20.0,
+    )
+
+
+def test_progress_line_shows_epoch_step_loss_speed_and_eta():
+    line = format_progress(event(val_loss=2.1))
+    assert line == "epoch 2/3 step 30/120 [#####---------------]  25% loss 2.346 val 2.100 1234 tok/s ETA 0:01:15"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+    screen = Terminal()
+    bar = ProgressBar(screen)
+    bar(event(step=30, val_loss=2.1))
+    bar(event(step=60))  # a shorter line: the leftovers of the longer one are blanked
+    bar(event(kind="state_saved"))  # not drawn
+    bar.close()
+    first, second = screen.getvalue()[1:].split("\r")
+    assert second.rstrip() == format_progress(event(step=60))
+    assert len(second) == len(first) + 1  # padded to the old width, then the final newline
+    assert second.endswith("\n")
+
+
+def test_progress_writes_a_line_every_few_seconds_when_not_a_terminal():
+    log = io.StringIO()
+    now = [0.0]
+    bar = ProgressBar(log, interval=5.0, clock=lambda: now[0])
+    for t, step in [(0.0, 1), (2.0, 2), (4.0, 3), (5.5, 4), (6.0, 5)]:
+        now[0] = t
+        bar(event(step=step))
+    bar(event(kind="epoch", step=6, val_loss=2.0))  # an epoch's end is always written
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert [line.split()[3] for line in lines] == ["1/120", "4/120", "6/120"]
+    assert "\r" not in log.getvalue()
