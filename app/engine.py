@@ -252,12 +252,24 @@ class Engine:
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
+        self._drop_cancelled_waiting()
         while self._waiting and self.states.available:
             seq = self._waiting.popleft()
             self.metrics.waiting.dec()
-            if seq.cancelled:
-                continue
             self._prefill(seq)
+
+    def _drop_cancelled_waiting(self) -> None:
+        """A client that leaves while its sequence waits frees its place at once, not when a slot opens."""
+        if not any(seq.cancelled for seq in self._waiting):
+            return
+        kept: deque[Sequence] = deque()
+        for seq in self._waiting:
+            if seq.cancelled:
+                seq.done = True
+                self.metrics.waiting.dec()
+            else:
+                kept.append(seq)
+        self._waiting = kept
 
     def _prefill(self, seq: Sequence) -> None:
         """Run the whole prompt in one forward call, keep its state, sample the first token."""

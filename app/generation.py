@@ -140,6 +140,9 @@ async def start_job(
     ApiError 404 (unknown model), 422/400 (limits), 429 (overload), 503 (no model loaded).
     """
     try:
+        if len(params) > admission.capacity:
+            message = f"{len(params)} sequences asked; this server runs at most {admission.capacity} at a time"
+            raise invalid(message, "n", request)
         for p in params:
             check_params(p, settings, request)
         for prompt in set(prompts):

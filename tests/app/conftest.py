@@ -194,10 +194,12 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def server(models_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One real server per test module: 2 running slots, 1 waiting, quick keep-alives, a huge token cap."""
+    """One real server per test module: 2 running slots, 1 waiting, quick keep-alives, a huge token cap, JSON logs."""
     root = tmp_path_factory.mktemp("server")
     models = root / "models"
     shutil.copytree(models_template, models)
-    srv = start_server(models, root, max_running="2", max_waiting="1", keepalive_s="0.2", max_tokens="1000000")
+    srv = start_server(
+        models, root, max_running="2", max_waiting="1", keepalive_s="0.2", max_tokens="1000000", log_json="true"
+    )
     yield srv
     stop_server(srv)
