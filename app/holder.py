@@ -155,11 +155,10 @@ class ModelHolder:
                 raise ApiError(503, f"no model is loaded: {self.not_ready_reason}", code="model_not_ready")
             return self._pin(active)
         loaded = self._others.get(model_id)
-        if loaded is None:
-            loaded = await self._load_other(model_id)
-        else:
+        if loaded is not None:
             self._others.move_to_end(model_id)
-        return self._pin(loaded)
+            return self._pin(loaded)
+        return await self._load_other(model_id)
 
     def _pin(self, loaded: LoadedModel) -> Lease:
         loaded.leases += 1
@@ -170,17 +169,18 @@ class ModelHolder:
         if loaded.retired and loaded.leases == 0:
             self._free(loaded)
 
-    async def _load_other(self, model_id: str) -> LoadedModel:
+    async def _load_other(self, model_id: str) -> Lease:
         await self.info(model_id)  # 404 before any loading
         async with self._lock:
-            loaded = self._others.get(model_id)
             if self.active is not None and self.active.model_id == model_id:
-                return self.active
+                return self._pin(self.active)
+            loaded = self._others.get(model_id)
             if loaded is None:
                 loaded = await self._load(model_id)
                 self._others[model_id] = loaded
-                self._evict()
-            return loaded
+            lease = self._pin(loaded)  # pinned first: an eviction right away still lets this request finish
+            self._evict()
+            return lease
 
     def _evict(self) -> None:
         """Keep at most max_loaded_models versions: retire the least recently used extra ones."""

@@ -154,6 +154,14 @@ async def test_generate_with_a_named_model(client: httpx.AsyncClient) -> None:
     assert (await client.get("/readyz")).json()["model"] == MODEL_A  # naming a model does not activate it
 
 
+async def test_only_the_active_model_stays_loaded_with_max_loaded_models_1(make_client: ClientFactory) -> None:
+    client = await make_client(max_loaded_models=1)
+    named = await client.post("/generate", json={"prompt": "x", "max_tokens": 3, "model": MODEL_B})
+    assert named.status_code == 200 and named.json()["model"] == MODEL_B
+    loaded = {m["id"] for m in (await client.get("/models")).json()["models"] if m["loaded"]}
+    assert loaded == {MODEL_A}
+
+
 async def test_concurrent_requests_are_batched_and_keep_their_own_text(client: httpx.AsyncClient) -> None:
     import asyncio
 
@@ -360,3 +368,42 @@ async def test_openapi_lists_every_route(client: httpx.AsyncClient) -> None:
         "/readyz",
         "/metrics",
     } <= paths
+
+
+# ---------------------------------------------------------------------------- errors after the stream started
+
+
+async def _cut_by_unload(make_client: ClientFactory, path: str, body: dict) -> str:
+    """Start a long stream, unload every model (as a shutdown does), return what the client received."""
+    import asyncio
+
+    client = await make_client(max_tokens=1_000_000)
+    state = client.app.state  # type: ignore[attr-defined]
+    task = asyncio.create_task(client.post(path, json={**body, "max_tokens": 1_000_000, "stream": True}))
+    for _ in range(500):
+        if state.metrics.registry.get_sample_value("textgen_generated_tokens_total"):
+            break
+        await asyncio.sleep(0.01)
+    await state.holder.close()
+    answer = await task
+    assert answer.status_code == 200
+    return answer.text
+
+
+async def test_an_error_after_the_stream_started_is_an_error_event(make_client: ClientFactory) -> None:
+    events = parse_sse(await _cut_by_unload(make_client, "/generate", {"prompt": "To be"}))
+    assert events[0][0] == "token"
+    name, data = events[-1]
+    assert name == "error"
+    error = json.loads(data)["error"]
+    assert set(error) == {"type", "message", "retryable"}
+    assert error["retryable"] is True
+    assert "unloaded" in error["message"]
+    assert [n for n, _ in events].count("done") == 0
+
+
+async def test_an_error_in_an_openai_stream_is_an_error_chunk(make_client: ClientFactory) -> None:
+    events = parse_sse(await _cut_by_unload(make_client, "/v1/completions", {"prompt": "To be"}))
+    last = json.loads(events[-1][1])
+    assert last["error"]["type"] == "server_error"
+    assert "unloaded" in last["error"]["message"]
