@@ -1,0 +1,201 @@
+"""The worker end to end on the file store: real training processes, real checkpoints, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.job_files import FileStore
+from lm.jobs import JobEvent, JobStore, corpus_path, state_path
+from lm.model import LSTMLanguageModel, ModelConfig
+from lm.registry import Registry
+from lm.tokenizers import fit_tokenizer
+from lm.train import STATE_JSON, TrainConfig, train
+from tests.worker.conftest import ROOT, corpus, tiny_params
+from worker.errors import JobFailed, describe_exit, describe_failure
+from worker.publish import save_model
+from worker.runner import Runner, RunnerConfig
+
+FAST = RunnerConfig(threads=1, nice=0, heartbeat_s=0.3, poll_s=0.2, grace_s=10.0)
+
+
+def wait_for_event(store: JobStore, job_id: str, kind: str, timeout: float = 30.0) -> JobEvent:
+    deadline = time.monotonic() + timeout
+    after = None
+    while time.monotonic() < deadline:
+        for event in store.events(job_id, after=after, block_s=0.5):
+            after = event.id
+            if event.kind == kind:
+                return event
+    raise AssertionError(f"no {kind!r} event for job {job_id} within {timeout}s")
+
+
+def run_in_thread(store: JobStore) -> threading.Thread:
+    """A worker that takes the queued jobs and exits when the queue is empty."""
+    thread = threading.Thread(target=Runner(store, FAST).run, kwargs={"burst": True}, daemon=True)
+    thread.start()
+    return thread
+
+
+def publish_other_model(models_dir: Path, model_id: str) -> None:
+    """A second, ready-made model, made active the way an operator's POST /models/{id}/activate would."""
+    tokenizer = fit_tokenizer("char", corpus())
+    torch.manual_seed(1)
+    model = LSTMLanguageModel(ModelConfig(tokenizer.vocab_size, embedding_dim=16, hidden_dim=16, layers=1))
+    training = {"recipe": {}, "corpus_sha256": "0" * 64, "corpus_bytes": 0}
+    Registry(models_dir).publish(model, tokenizer, model_id=model_id, training=training, metrics={}, activate=True)
+
+
+def test_a_job_trains_publishes_and_activates_its_model(file_store: FileStore, models_dir: Path) -> None:
+    job = file_store.submit(tiny_params(name="sonnets-1"), corpus())
+
+    Runner(file_store, FAST).run(burst=True)
+
+    record = file_store.get(job.id)
+    assert record.state == "succeeded", record.error
+    assert (record.model_id, record.activated) == ("sonnets-1", True)
+    assert record.metrics is not None and record.metrics["epochs"] == 2 and record.metrics["val_loss"] > 0
+    registry = Registry(models_dir)
+    assert registry.active_id() == "sonnets-1"
+    assert registry.get("sonnets-1").training["job_id"] == job.id
+    kinds = [e.kind for e in file_store.events(job.id)]
+    assert kinds[:3] == ["queued", "started", "progress"]
+    assert kinds.count("epoch") == 2 and kinds.count("checkpoint") == 2
+    assert kinds[-2:] == ["published", "done"]
+    epoch = next(e for e in file_store.events(job.id) if e.kind == "epoch")
+    assert epoch.data["val_loss"] > 0 and isinstance(epoch.data["sample"], str) and epoch.data["sample"]
+    assert not corpus_path(models_dir, job.id).exists() and not state_path(models_dir, job.id).exists()
+
+
+def test_a_corpus_shorter_than_one_batch_fails_and_says_what_to_do(file_store: FileStore, models_dir: Path) -> None:
+    job = file_store.submit(tiny_params(batch_size=2048), corpus())
+
+    Runner(file_store, FAST).run(burst=True)
+
+    record = file_store.get(job.id)
+    assert record.state == "failed"
+    assert record.error is not None and "shorter than one batch" in record.error and "batch_size" in record.error
+    assert file_store.events(job.id)[-1].kind == "failed"
+    assert Registry(models_dir).list() == []
+
+
+def test_a_job_finishing_late_does_not_overwrite_a_newer_activation(file_store: FileStore, models_dir: Path) -> None:
+    job = file_store.submit(tiny_params(name="late", epochs=15), corpus())
+    worker = run_in_thread(file_store)
+    wait_for_event(file_store, job.id, "epoch")
+
+    publish_other_model(models_dir, "rollback")  # promoted while the job runs
+    worker.join(timeout=60)
+
+    record = file_store.get(job.id)
+    assert record.state == "succeeded", record.error
+    assert (record.model_id, record.activated) == ("late", False)
+    assert record.note is not None and "rollback" in record.note
+    registry = Registry(models_dir)
+    assert registry.active_id() == "rollback"
+    assert {m.model_id for m in registry.list()} == {"late", "rollback"}
+
+
+def test_cancelling_a_running_job_stops_it_and_publishes_nothing(file_store: FileStore, models_dir: Path) -> None:
+    job = file_store.submit(tiny_params(epochs=500), corpus())
+    worker = run_in_thread(file_store)
+    wait_for_event(file_store, job.id, "epoch")
+
+    asked = time.monotonic()
+    assert file_store.cancel(job.id).cancel_requested
+    wait_for_event(file_store, job.id, "cancelled", timeout=10)
+    assert time.monotonic() - asked < 5
+    worker.join(timeout=10)
+
+    assert file_store.get(job.id).state == "cancelled"
+    assert Registry(models_dir).list() == []
+    assert not state_path(models_dir, job.id).exists()
+
+
+def start_local_worker(models_dir: Path) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "worker.local", "--models-dir", str(models_dir), "--threads", "1", "--lease", "1"]
+    return subprocess.Popen(command, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_state_hands_the_job_back_and_another_worker_resumes(
+    file_store: FileStore, models_dir: Path
+) -> None:
+    job = file_store.submit(tiny_params(name="resumed", epochs=6), corpus())
+    worker = start_local_worker(models_dir)
+    try:
+        wait_for_event(file_store, job.id, "checkpoint")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=20) == 0
+    finally:
+        worker.kill()
+
+    record = file_store.get(job.id)
+    assert record.state == "queued" and record.attempts == 0
+    assert file_store.events(job.id)[-1].kind == "requeued"
+    assert (state_path(models_dir, job.id) / STATE_JSON).is_file()  # the last epoch's state is kept
+
+    Runner(file_store, FAST).run(burst=True)
+
+    record = file_store.get(job.id)
+    assert record.state == "succeeded", record.error
+    events = file_store.events(job.id)
+    requeued = next(i for i, e in enumerate(events) if e.kind == "requeued")
+    first_after = next(e for e in events[requeued:] if e.kind == "epoch")
+    assert first_after.data["epoch"] >= 2  # resumed, not restarted
+    assert record.metrics is not None and record.metrics["epochs"] == 6
+
+
+@pytest.mark.slow
+def test_a_training_process_killed_by_the_kernel_fails_the_job_with_a_reason(
+    file_store: FileStore, models_dir: Path
+) -> None:
+    job = file_store.submit(tiny_params(epochs=500), corpus())
+    worker = start_local_worker(models_dir)
+    try:
+        wait_for_event(file_store, job.id, "epoch")
+        os.kill(_only_child(worker.pid), signal.SIGKILL)  # what the out-of-memory killer does
+        wait_for_event(file_store, job.id, "failed", timeout=15)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=20)
+
+    record = file_store.get(job.id)
+    assert record.state == "failed"
+    assert record.error is not None and "SIGKILL" in record.error and "out of memory" in record.error
+
+
+def _only_child(pid: int) -> int:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_publication_is_idempotent_per_job(models_dir: Path) -> None:
+    cfg = TrainConfig(embedding_dim=8, hidden_dim=8, layers=1, seq_len=16, batch_size=4, epochs=1, threads=1)
+    result = train(corpus(), cfg)
+    registry = Registry(models_dir)
+    training = {"recipe": cfg.to_dict(), "corpus_sha256": result.corpus_sha256, "corpus_bytes": 1, "job_id": "job-a"}
+
+    first = save_model(registry, result, model_id="once", training=training)
+    again = save_model(registry, result, model_id="once", training=training)  # a second run of the same job
+
+    assert first == again and [m.model_id for m in registry.list()] == ["once"]
+    with pytest.raises(JobFailed, match="already exists"):
+        save_model(registry, result, model_id="once", training={**training, "job_id": "job-b"})
+
+
+def test_failure_descriptions_tell_the_user_what_to_do() -> None:
+    assert "out of memory" in describe_failure(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert "batch_size" in describe_failure(MemoryError())
+    assert "SIGKILL" in describe_exit(-signal.SIGKILL)
+    assert "SIGSEGV" in describe_exit(-signal.SIGSEGV)
+    assert "worker's log" in describe_failure(ZeroDivisionError("boom"))
