@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shlex
 import sys
 import time
@@ -176,7 +175,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = TrainConfig(**{dest: getattr(args, dest) for _, dest, _, _ in TRAIN_FLAGS if hasattr(args, dest)})
     cfg.validate()
     registry = Registry(args.models_dir)
-    model_id = validate_model_id(args.name) if args.name else registry.unique_id(_id_from_path(args.corpus))
+    # without --name the id comes from the file name: 'Owl Songs.txt' -> 'owl-songs' (or owl-songs-2, ...)
+    model_id = validate_model_id(args.name) if args.name else registry.unique_id(args.corpus.stem)
     if args.name and _exists(registry, model_id):
         raise ConfigError(f"a model named {model_id!r} already exists; choose another --name", "name")
     base = registry.load(args.base_model) if args.base_model else None
@@ -202,12 +202,6 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     )
     _print_summary(model_id, result.metrics, registry.path(model_id), registry.active_id() == model_id)
     return 0
-
-
-def _id_from_path(path: Path) -> str:
-    """A valid model id from a file name: 'Tiny Shakespeare.txt' -> 'tiny-shakespeare'."""
-    slug = re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-._")
-    return slug[:48] or "model"
 
 
 def _exists(registry: Any, model_id: str) -> bool:

@@ -150,28 +150,27 @@ def test_eval_json_has_exactly_the_documented_keys(trained, corpus):
 def test_fine_tune_then_show_activate_and_delete(trained, corpus, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(trained[0], models)
-    tune = textgen(
-        "train", str(corpus), *TINY, "--max-steps", "2", "--base-model", "tiny", "--name", "tiny-ft", models_dir=models
-    )
+    tune = textgen("train", str(corpus), *TINY, "--max-steps", "2", "--base-model", "tiny", models_dir=models)
     assert tune.returncode == 0, tune.stderr
+    assert tune.stdout.startswith("model       owl-songs\n")  # no --name: the id comes from 'Owl Songs.txt'
     assert "active      no" in tune.stdout  # tiny stays active without --activate
 
-    shown = json.loads(textgen("models", "show", "tiny-ft", models_dir=models).stdout)
-    assert shown["model_id"] == "tiny-ft" and shown["active"] is False
+    shown = json.loads(textgen("models", "show", "owl-songs", models_dir=models).stdout)
+    assert shown["model_id"] == "owl-songs" and shown["active"] is False
     assert shown["training"]["parent_model"] == "tiny"
-    assert (models / "tiny-ft" / "tokenizer.json").read_text() == (models / "tiny" / "tokenizer.json").read_text()
+    assert (models / "owl-songs" / "tokenizer.json").read_text() == (models / "tiny" / "tokenizer.json").read_text()
 
-    assert textgen("models", "activate", "tiny-ft", models_dir=models).returncode == 0
+    assert textgen("models", "activate", "owl-songs", models_dir=models).returncode == 0
     rows = textgen("models", models_dir=models).stdout.splitlines()[1:]
-    assert {r.split()[0]: r.split()[1] for r in rows}["tiny-ft"] == "*"
-    refused = textgen("models", "delete", "tiny-ft", models_dir=models)
+    assert {r.split()[0]: r.split()[1] for r in rows}["owl-songs"] == "*"
+    refused = textgen("models", "delete", "owl-songs", models_dir=models)
     assert refused.returncode == 2
-    assert refused.stderr.startswith("textgen: error: 'tiny-ft' is the active model")
+    assert refused.stderr.startswith("textgen: error: 'owl-songs' is the active model")
 
     assert textgen("models", "activate", "tiny", models_dir=models).returncode == 0
-    deleted = textgen("models", "delete", "tiny-ft", models_dir=models)
+    deleted = textgen("models", "delete", "owl-songs", models_dir=models)
     assert deleted.returncode == 0, deleted.stderr
-    assert not (models / "tiny-ft").exists()
+    assert not (models / "owl-songs").exists()
     assert [r.split()[0] for r in textgen("models", models_dir=models).stdout.splitlines()[1:]] == ["tiny"]
 
 
