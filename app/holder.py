@@ -114,6 +114,7 @@ class ModelHolder:
         self.device = resolve_device(settings.device)
         self.active: LoadedModel | None = None
         self._others: OrderedDict[str, LoadedModel] = OrderedDict()  # loaded by name, least recent first
+        self._loaded: set[LoadedModel] = set()  # every version whose engine runs, retired ones included
         self._lock = asyncio.Lock()  # one load or swap at a time
         self.not_ready_reason = "the service is starting"
 
@@ -130,16 +131,18 @@ class ModelHolder:
             return
         self.not_ready_reason = f"loading model {model_id}"
         try:
-            await self.activate(model_id)
+            await self.activate(model_id, persist=False)  # serve it; the pointer is not ours to rewrite here
         except Exception as e:
             message = e.message if isinstance(e, ApiError) else str(e)
             self.not_ready_reason = f"could not load model {model_id}: {message}"
             log.error("not ready: %s", self.not_ready_reason)
 
     async def close(self) -> None:
-        loaded = [m for m in [self.active, *self._others.values()] if m is not None]
+        """Stop every engine, retired ones still draining included; their sequences get a Failed event."""
+        loaded = list(self._loaded)
         self.active = None
         self._others.clear()
+        self._loaded.clear()
         for m in loaded:
             m.engine.stop()
         for m in loaded:
@@ -194,17 +197,19 @@ class ModelHolder:
         validate_model_id(model_id)  # InvalidModelId -> 404, before the id touches a path
         return await asyncio.to_thread(self.registry.get, model_id)
 
-    async def activate(self, model_id: str) -> LoadedModel:
-        """Load + validate `model_id`, point the registry at it, swap it in; the old version drains."""
+    async def activate(self, model_id: str, *, persist: bool = True) -> LoadedModel:
+        """Load + validate `model_id`, point the registry at it (`persist`), swap it in; the old version drains."""
         await self.info(model_id)
         async with self._lock:
             current = self.active
             if current is not None and current.model_id == model_id:
-                await asyncio.to_thread(self.registry.activate, model_id)
+                if persist:
+                    await asyncio.to_thread(self.registry.activate, model_id)
                 return current
             loaded = self._others.pop(model_id, None) or await self._load(model_id)
             try:
-                await asyncio.to_thread(self.registry.activate, model_id)
+                if persist:
+                    await asyncio.to_thread(self.registry.activate, model_id)
             except Exception:
                 self._retire(loaded)
                 raise
@@ -249,7 +254,9 @@ class ModelHolder:
             metrics=self.metrics,
         )
         engine.start()
-        return LoadedModel(checkpoint, engine)
+        loaded = LoadedModel(checkpoint, engine)
+        self._loaded.add(loaded)
+        return loaded
 
     def _load_and_validate(self, model_id: str) -> Checkpoint:
         checkpoint = self.registry.load(model_id)
@@ -266,4 +273,5 @@ class ModelHolder:
     def _free(self, loaded: LoadedModel) -> None:
         """The engine thread ends on its own; the model goes with the last reference."""
         log.info("unloading %s", loaded.model_id)
+        self._loaded.discard(loaded)
         loaded.engine.stop()

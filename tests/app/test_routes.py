@@ -64,6 +64,19 @@ async def test_default_model_setting_is_loaded_when_nothing_is_active(
     (models_dir / "ACTIVE").unlink()
     client = await make_client(default_model=MODEL_B)
     assert (await client.get("/readyz")).json()["model"] == MODEL_B
+    assert not (models_dir / "ACTIVE").exists()  # serving a default does not move the registry's pointer
+
+
+async def test_a_broken_active_model_keeps_the_service_not_ready(make_client: ClientFactory, models_dir: Path) -> None:
+    (models_dir / "ACTIVE").write_text(MODEL_NAN + "\n")
+    client = await make_client()
+    ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert f"could not load model {MODEL_NAN}" in ready.json()["error"]["message"]
+    assert "non-finite" in ready.json()["error"]["message"]
+    fixed = await client.post(f"/models/{MODEL_A}/activate")
+    assert fixed.status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
 
 
 # ---------------------------------------------------------------------------- /generate
