@@ -23,7 +23,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     default_model: str | None = None  # loaded at start when the registry has no active model
-    redis_url: str | None = None  # unused by the service until the training-jobs issue
+    redis_url: str | None = None  # unset = embedded mode: jobs run in a local worker process
+
+    # training jobs (docs/TRAINING.md)
+    redis_prefix: str = "textgen:"  # every Redis key and channel starts with this
+    data_dir: Path = Path(__file__).resolve().parent.parent / "data"  # shipped corpora, POST /train {"corpus": ...}
+    max_corpus_bytes: int = Field(default=50_000_000, ge=1)  # the largest training text POST /train accepts
+    max_train_parameters: int = Field(default=100_000_000, ge=1)  # the largest model POST /train may ask for
+    train_threads: int = Field(default=0, ge=0)  # embedded mode: torch threads per job (0 = half the cores)
+    job_lease_s: float = Field(default=30.0, gt=0)  # a job whose worker is silent this long is resumed elsewhere
+    reconcile_s: float = Field(default=2.0, gt=0)  # how often a replica checks the active pointer
 
     # auth: Bearer tokens; empty = open (a startup warning says so)
     api_keys: CommaList = []
