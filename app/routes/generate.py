@@ -14,6 +14,7 @@ from app.engine import Failed, Finished, Token
 from app.errors import ERROR_TYPES
 from app.generation import Job, start_job, unless_disconnected
 from app.schemas import GenerateRequest, GenerateResponse, Usage
+from app.settings import Settings
 from lm.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,11 @@ SSE_RESPONSES = {
 }
 
 
-def sampling_params(body: GenerateRequest) -> SamplingParams:
+def sampling_params(body: GenerateRequest, settings: Settings) -> SamplingParams:
+    # the default of 200 yields to a lower TEXTGEN_MAX_TOKENS; a value the client chose is checked against it
+    max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set else min(body.max_tokens, settings.max_tokens)
     return SamplingParams(
-        max_tokens=body.max_tokens,
+        max_tokens=max_tokens,
         temperature=body.temperature,
         top_k=body.top_k,
         top_p=body.top_p,
@@ -58,7 +61,7 @@ async def generate(
         settings=settings,
         model=body.model,
         prompts=[body.prompt],
-        params=[sampling_params(body)],
+        params=[sampling_params(body, settings)],
     )
     headers = {"X-Model-Version": job.model_id}
     if body.stream:

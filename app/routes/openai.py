@@ -70,7 +70,7 @@ async def completions(
     if body.echo:
         raise invalid("echo is not supported", "echo", request)
     prompts = [p for p in body.prompts for _ in range(body.n)]
-    max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
+    max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     params = [_params(body, max_tokens, list(body.stop), j) for _ in body.prompts for j in range(body.n)]
     job = await start_job(
         request=request,
@@ -121,7 +121,7 @@ async def chat_completions(
             room = MAX_STOP_STRINGS - len(template_stop)
             message = f"stop takes at most {room} strings here: the chat template adds {template_stop}"
             raise invalid(message, "stop", request)
-        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_CHAT_MAX_TOKENS, settings.max_tokens)
         params = [_params(body, max_tokens, stop, j) for j in range(body.n)]
     except BaseException:
         lease.release()

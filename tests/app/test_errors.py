@@ -101,6 +101,15 @@ async def test_limits_are_named_in_the_message(strict_client: httpx.AsyncClient)
     assert f"TEXTGEN_MAX_PROMPT_CHARS={PROMPT_CAP}" in too_long.json()["error"]["message"]
 
 
+async def test_default_max_tokens_yield_to_a_lower_cap(make_client: ClientFactory) -> None:
+    client = await make_client(max_tokens=7)
+    chat = {"messages": CHAT}
+    for path, body in (("/generate", {}), ("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", chat)):
+        answer = await client.post(path, json={**body, "stop": ["zzz"]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] <= 7
+
+
 async def test_body_over_the_limit_is_413(strict_client: httpx.AsyncClient) -> None:
     answer = await strict_client.post("/generate", json={"prompt": "x" * (BODY_CAP + 10)})
     assert answer.status_code == 413

@@ -1,0 +1,146 @@
+"""Follow the shared active pointer: every replica serves the model the pointer names.
+
+A promotion made anywhere (a worker publishing a job's model, `POST /models/{id}/activate` on
+another replica, the CLI) moves the one active pointer. Each replica then swaps the model in
+through the holder (load and validate off the event loop, swap one reference, drain the old
+version). It learns of the move two ways, as docs/DESIGN.md asks:
+
+- the "activated" notice on Redis pub/sub, for a swap within a moment of the publish;
+- a reconcile of the pointer at start and every `reconcile_s` seconds, because pub/sub drops
+  what is sent while a subscriber is away (and embedded mode has no pub/sub at all).
+
+Following must never move the pointer itself: if it moved on while this replica was loading,
+writing the id it loaded would undo a newer promotion. `FollowingPointer` makes that hold
+for the holder's own activate call: inside `following()`, its compare-and-set only confirms
+that the pointer still names the model being swapped in, and otherwise raises
+PromotionConflict (the next reconcile then follows the newer id).
+
+A checkpoint that fails validation is refused once and remembered: the old model keeps
+serving, and the replica does not reload the broken one every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from app.errors import ApiError
+from app.holder import ModelHolder
+from lm.errors import CheckpointError, ModelNotFound, PromotionConflict, TextgenError
+from lm.jobs import StoreUnavailable
+from lm.registry import ActivePointer
+
+log = logging.getLogger(__name__)
+
+_following: contextvars.ContextVar[bool] = contextvars.ContextVar("following_active_pointer", default=False)
+
+
+@contextlib.contextmanager
+def following() -> Iterator[None]:
+    """Activations in this context (and the threads it starts) follow the pointer, never move it."""
+    token = _following.set(True)
+    try:
+        yield
+    finally:
+        _following.reset(token)
+
+
+class FollowingPointer:
+    """The replica's ActivePointer: a plain pointer, except inside `following()` (see the module doc)."""
+
+    def __init__(self, inner: ActivePointer) -> None:
+        self.inner = inner
+
+    def get(self) -> str | None:
+        return self.inner.get()
+
+    def compare_and_set(self, expected: str | None, new: str) -> bool:
+        if not _following.get():
+            return self.inner.compare_and_set(expected, new)
+        current = self.inner.get()
+        if current != new:
+            raise PromotionConflict(f"the active model moved on to {current!r} while {new!r} was loading")
+        return True
+
+
+class Reconciler:
+    """One task per replica: wake on a notice or every `interval_s`, and follow the pointer."""
+
+    def __init__(
+        self,
+        holder: ModelHolder,
+        pointer: ActivePointer,
+        *,
+        interval_s: float,
+        redis_url: str | None = None,
+        channel: str | None = None,
+    ) -> None:
+        self.holder = holder
+        self.pointer = pointer
+        self.interval_s = interval_s
+        self.redis_url = redis_url
+        self.channel = channel
+        self.refused: str | None = None  # the id whose checkpoint failed validation
+        self.wake = asyncio.Event()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._poll())
+            if self.redis_url and self.channel:
+                tasks.create_task(self._listen())
+
+    async def _poll(self) -> None:
+        while True:
+            self.wake.clear()
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconciling the active model failed; trying again in %.1fs", self.interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.interval_s)
+
+    async def reconcile(self) -> None:
+        """Swap in the model the pointer names, unless it is already active or was refused."""
+        target = await asyncio.to_thread(self.pointer.get)
+        current = self.holder.active.model_id if self.holder.active is not None else None
+        if target is None or target == current or target == self.refused:
+            return
+        log.info("the active pointer names %s (serving %s): swapping it in", target, current)
+        try:
+            with following():
+                await self.holder.activate(target)
+        except PromotionConflict as e:
+            log.info("not swapping: %s", e)
+        except StoreUnavailable as e:
+            log.warning("not swapping to %s now: %s", target, e)
+        except ModelNotFound:
+            log.warning("the active pointer names %s, which is not in the models folder (yet?)", target)
+        except (CheckpointError, ApiError, TextgenError) as e:
+            self.refused = target
+            log.error("refused model %s, %s keeps serving: %s", target, current, getattr(e, "message", e))
+
+    async def _listen(self) -> None:
+        """Wake the poll on every "activated" notice; resubscribe after a Redis outage."""
+        assert self.redis_url and self.channel
+        while True:
+            client: Any = redis.asyncio.Redis.from_url(self.redis_url, decode_responses=True)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    self.wake.set()  # notices sent while we were away are lost: reconcile now
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            log.info("activated notice: %s", message.get("data"))
+                            self.wake.set()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                log.warning("activated notices: %s; resubscribing in 1s", e)
+                await asyncio.sleep(1.0)
+            finally:
+                await client.aclose()
