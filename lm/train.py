@@ -68,18 +68,18 @@ class TrainConfig:
     """Every field is a `textgen train` flag and a `POST /train` field. The default is the char recipe."""
 
     tokenizer: str = "char"
-    vocab_size: int | None = None  # None: char keeps every symbol; word/bpe default to 8000
-    embedding_dim: int = 512
+    vocab_size: int | None = None  # None: char and word keep every symbol; bpe defaults to 1024
+    embedding_dim: int = 128
     hidden_dim: int = 512
     layers: int = 2
     dropout: float = 0.1
     tie_weights: bool = False
     seq_len: int = 128
-    batch_size: int = 64
-    lr: float = 3e-3
+    batch_size: int = 32
+    lr: float = 2e-3
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     epochs: int = 10
     max_steps: int | None = None
     time_budget_s: float | None = None
