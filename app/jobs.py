@@ -28,7 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.errors import ApiError
-from app.reconcile import FollowingPointer, Reconciler
+from app.reconcile import Reconciler
 from app.settings import Settings
 from lm.job_files import FileStore
 from lm.job_redis import RedisStore, connect_redis
@@ -49,12 +49,14 @@ class JobService:
         self.store: JobStore
         if settings.redis_url:
             self.redis = connect_redis(settings.redis_url)
-            self.store = RedisStore(self.redis, settings.models_dir, prefix=settings.redis_prefix, lease_s=settings.job_lease_s)
+            self.store = RedisStore(
+                self.redis, settings.models_dir, prefix=settings.redis_prefix, lease_s=settings.job_lease_s
+            )
             inner = RedisPointer(self.redis, prefix=settings.redis_prefix)
         else:
             self.store = FileStore(settings.models_dir, lease_s=settings.job_lease_s)
             inner = FilePointer(settings.models_dir)
-        self.pointer = FollowingPointer(inner)
+        self.pointer = inner
         self.registry = Registry(settings.models_dir, self.pointer)  # the holder's registry too
         self.local_worker: subprocess.Popen[bytes] | None = None
         self.redis_up: bool | None = None  # None: not checked yet; always None in embedded mode

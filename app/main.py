@@ -22,9 +22,10 @@ from app.auth import warn_if_open
 from app.engine import Admission
 from app.errors import BodyLimitMiddleware, install_error_handlers
 from app.holder import ModelHolder
+from app.jobs import JobService, install_job_handlers
 from app.logging import RequestLogMiddleware
 from app.metrics import Metrics, RequestMetricsMiddleware
-from app.routes import generate, health, models, openai, tokenize
+from app.routes import generate, health, models, openai, tokenize, train
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.holder = ModelHolder(settings, metrics)
+    app.state.jobs = JobService(settings)  # job store, active pointer (Redis key or models/ACTIVE)
+    app.state.holder = ModelHolder(settings, metrics, registry=app.state.jobs.registry)
     app.state.admission = Admission(settings.max_running, settings.max_waiting)
 
     install_error_handlers(app)
+    install_job_handlers(app)
     app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
@@ -81,6 +84,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestLogMiddleware)  # added last = outermost: it sees every response
 
-    for router in (generate.router, openai.router, tokenize.router, models.router, health.router):
+    for router in (generate.router, openai.router, tokenize.router, models.router, health.router, train.router):
         app.include_router(router)
     return app

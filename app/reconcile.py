@@ -9,11 +9,9 @@ version). It learns of the move two ways, as docs/DESIGN.md asks:
 - a reconcile of the pointer at start and every `reconcile_s` seconds, because pub/sub drops
   what is sent while a subscriber is away (and embedded mode has no pub/sub at all).
 
-Following must never move the pointer itself: if it moved on while this replica was loading,
-writing the id it loaded would undo a newer promotion. `FollowingPointer` makes that hold
-for the holder's own activate call: inside `following()`, its compare-and-set only confirms
-that the pointer still names the model being swapped in, and otherwise raises
-PromotionConflict (the next reconcile then follows the newer id).
+Following never moves the pointer (`activate(..., persist=False)`): if it moved on while this
+replica was loading, writing the id it loaded would undo a newer promotion. If it did move on,
+the next reconcile follows the newer id.
 
 A checkpoint that fails validation is refused once and remembered: the old model keeps
 serving, and the replica does not reload the broken one every few seconds.
@@ -23,9 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -33,41 +29,11 @@ import redis.asyncio
 
 from app.errors import ApiError
 from app.holder import ModelHolder
-from lm.errors import CheckpointError, ModelNotFound, PromotionConflict, TextgenError
+from lm.errors import CheckpointError, ModelNotFound, TextgenError
 from lm.jobs import StoreUnavailable
 from lm.registry import ActivePointer
 
 log = logging.getLogger(__name__)
-
-_following: contextvars.ContextVar[bool] = contextvars.ContextVar("following_active_pointer", default=False)
-
-
-@contextlib.contextmanager
-def following() -> Iterator[None]:
-    """Activations in this context (and the threads it starts) follow the pointer, never move it."""
-    token = _following.set(True)
-    try:
-        yield
-    finally:
-        _following.reset(token)
-
-
-class FollowingPointer:
-    """The replica's ActivePointer: a plain pointer, except inside `following()` (see the module doc)."""
-
-    def __init__(self, inner: ActivePointer) -> None:
-        self.inner = inner
-
-    def get(self) -> str | None:
-        return self.inner.get()
-
-    def compare_and_set(self, expected: str | None, new: str) -> bool:
-        if not _following.get():
-            return self.inner.compare_and_set(expected, new)
-        current = self.inner.get()
-        if current != new:
-            raise PromotionConflict(f"the active model moved on to {current!r} while {new!r} was loading")
-        return True
 
 
 class Reconciler:
@@ -114,10 +80,7 @@ class Reconciler:
             return
         log.info("the active pointer names %s (serving %s): swapping it in", target, current)
         try:
-            with following():
-                await self.holder.activate(target)
-        except PromotionConflict as e:
-            log.info("not swapping: %s", e)
+            await self.holder.activate(target, persist=False)
         except StoreUnavailable as e:
             log.warning("not swapping to %s now: %s", target, e)
         except ModelNotFound:

@@ -90,8 +90,8 @@ class FileStore:
 
     # -- the API's side
 
-    def submit(self, params: dict[str, Any], text: str) -> JobRecord:
-        job_id = new_job_id()
+    def submit(self, params: dict[str, Any], text: str, job_id: str | None = None) -> JobRecord:
+        job_id = validate_job_id(job_id) if job_id else new_job_id()
         write_corpus(self.models_dir, job_id, text)
         record = JobRecord(id=job_id, state="queued", params=params, created=utc_now())
         with self._locked(self._dir(job_id) / ".lock"):

@@ -1,0 +1,342 @@
+"""Training jobs: submit, list, show, follow (SSE) and cancel. Admin key when keys are configured.
+
+The route validates everything it can before queueing (corpus, bounds, model size, name), so
+a job that fails later fails for a reason only training can find (out of memory, divergence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.sse import format_sse_event
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.types import Message
+
+from app import sse
+from app.auth import require_admin_key
+from app.deps import SettingsDep
+from app.errors import ApiError
+from app.jobs import JobsDep, JobService, jobs_lifespan
+from app.settings import Settings
+from app.train_schemas import JobState, TrainJobCreate, TrainJobList, TrainJobPublic
+from lm.checkpoint import validate_model_id
+from lm.data import check_text, decode_corpus, read_corpus
+from lm.errors import CorpusError, InvalidModelId, ModelNotFound
+from lm.jobs import (
+    FINAL_EVENTS,
+    JobConflict,
+    JobNotFound,
+    JobRecord,
+    StoreUnavailable,
+    new_job_id,
+    planned_parameters,
+    validate_job_id,
+)
+from lm.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(
+    prefix="/train", tags=["training"], dependencies=[Depends(require_admin_key)], lifespan=jobs_lifespan
+)
+
+# The route's own body cap is only a ceiling: the real limit is TEXTGEN_MAX_CORPUS_BYTES (a JSON
+# body may escape each character of the corpus into up to twice its UTF-8 size, hence the 2x).
+BODY_CEILING = 4 * 1024**3
+CORPUS_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+EVENT_POLL_S = 0.5
+SUBMIT_BODY = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": TrainJobCreate.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "description": "`file` (UTF-8 text) plus any field of the JSON body as a form field",
+                }
+            },
+        }
+    }
+}
+
+
+# ---------------------------------------------------------------------------- submit
+
+
+@router.post("", status_code=202, response_model=TrainJobPublic, max_body_size=BODY_CEILING, openapi_extra=SUBMIT_BODY)
+async def create_job(request: Request, response: Response, jobs: JobsDep, settings: SettingsDep) -> TrainJobPublic:
+    """Queue a training job on a corpus (inline `text`, a shipped `corpus`, or an uploaded `file`)."""
+    body, upload = await read_submission(request, settings)
+    text, corpus_name = await resolve_corpus(body, upload, settings)
+    job_id = new_job_id()
+    params = await asyncio.to_thread(plan_job, body, text, corpus_name, job_id, jobs, settings)
+    record = await asyncio.to_thread(jobs.store.submit, params, text, job_id)
+    jobs.ensure_local_worker()
+    log.info("queued training job %s for model %s (%d parameters)", job_id, params["name"], params["parameters"])
+    response.headers["Location"] = f"/train/{record.id}"
+    return await public(jobs, record)
+
+
+async def read_submission(request: Request, settings: Settings) -> tuple[TrainJobCreate, tuple[str, bytes] | None]:
+    """The JSON body or the multipart form, and the uploaded file as (file name, bytes) if any."""
+    raw = await read_body(request, 2 * settings.max_corpus_bytes + 1_000_000, settings)
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        return await _read_form(request, raw)
+    if content_type != "application/json":
+        raise ApiError(415, "send application/json or multipart/form-data", code="unsupported_media_type")
+    try:
+        return TrainJobCreate.model_validate_json(raw or b"{}"), None
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
+async def read_body(request: Request, limit: int, settings: Settings) -> bytes:
+    """The whole body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), settings)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, settings)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, settings: Settings) -> ApiError:
+    limit = settings.max_corpus_bytes
+    return ApiError(
+        413,
+        f"the corpus is too large ({size:,} bytes or more); TEXTGEN_MAX_CORPUS_BYTES allows {limit:,} bytes",
+        param="text",
+        code="corpus_too_large",
+    )
+
+
+async def _read_form(request: Request, raw: bytes) -> tuple[TrainJobCreate, tuple[str, bytes] | None]:
+    sent = False
+
+    async def replay() -> Message:  # the body was read already; hand it to the form parser once
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    form = await Request(request.scope, replay).form(max_files=1, max_fields=64, max_part_size=len(raw) + 1)
+    fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str) and v != ""}
+    upload = form.get("file")
+    try:
+        body = TrainJobCreate.model_validate(fields)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+    if isinstance(upload, UploadFile):
+        return body, (upload.filename or "upload", await upload.read())
+    return body, None
+
+
+async def resolve_corpus(body: TrainJobCreate, upload: tuple[str, bytes] | None, settings: Settings) -> tuple[str, str]:
+    """(the training text, a name for it); exactly one of `text`, `corpus`, `file`."""
+    given = [name for name, value in (("text", body.text), ("corpus", body.corpus), ("file", upload)) if value]
+    if len(given) != 1:
+        raise ApiError(
+            422, "give the corpus one way: `text`, `corpus` (a shipped corpus) or a `file` upload", param="text"
+        )
+    try:
+        if upload is not None:
+            filename, data = upload
+            if len(data) > settings.max_corpus_bytes:
+                raise _too_large(len(data), settings)
+            return decode_corpus(data, f"the uploaded file {filename!r}"), Path(filename).stem
+        if body.text is not None:
+            size = len(body.text.encode("utf-8"))
+            if size > settings.max_corpus_bytes:
+                raise _too_large(size, settings)
+            return check_text(body.text, "the text"), "text"
+    except CorpusError as e:
+        raise ApiError(422, str(e), param=given[0], code="invalid_corpus") from None
+    assert body.corpus is not None
+    return await asyncio.to_thread(read_shipped_corpus, body.corpus, settings.data_dir), body.corpus
+
+
+def read_shipped_corpus(name: str, data_dir: Path) -> str:
+    """data/<name>/<name>.txt; 422 naming the shipped corpora when there is no such one."""
+    path = data_dir / name / f"{name}.txt"
+    if not CORPUS_NAME_RE.fullmatch(name) or not path.is_file():
+        shipped = (
+            sorted(p.name for p in data_dir.iterdir() if (p / f"{p.name}.txt").is_file()) if data_dir.is_dir() else []
+        )
+        raise ApiError(
+            422, f"no shipped corpus {name!r}; the shipped corpora are: {', '.join(shipped) or 'none'}", param="corpus"
+        )
+    return read_corpus(path)
+
+
+def plan_job(
+    body: TrainJobCreate, text: str, corpus_name: str, job_id: str, jobs: JobService, settings: Settings
+) -> dict[str, Any]:
+    """The job's params, or a 4xx that says which field is wrong (runs in a thread: it reads the registry)."""
+    hyper = body.given()
+    cfg = TrainConfig.from_dict(hyper)
+    cfg.validate()  # ConfigError -> 422 naming the field
+    base = _base_architecture(body.base_model, jobs)
+    if base is None:
+        _check_long_enough(text, cfg)
+    parameters = planned_parameters(hyper, text, base)
+    if parameters > settings.max_train_parameters:
+        raise ApiError(
+            422,
+            f"the model would have {parameters:,} parameters; TEXTGEN_MAX_TRAIN_PARAMETERS allows "
+            f"{settings.max_train_parameters:,}; lower hidden_dim, embedding_dim, layers or vocab_size",
+            param="hidden_dim",
+            code="model_too_large",
+        )
+    name = _model_name(body.name, corpus_name, job_id, jobs)
+    return {
+        **hyper,
+        "name": name,
+        "base_model": body.base_model,
+        "activate": body.activate,
+        "corpus_name": corpus_name,
+        "corpus_bytes": len(text.encode("utf-8")),
+        "parameters": parameters,
+    }
+
+
+def _base_architecture(base_model: str | None, jobs: JobService) -> dict[str, Any] | None:
+    if base_model is None:
+        return None
+    try:
+        return dict(jobs.registry.get(base_model).config["architecture"])
+    except (ModelNotFound, InvalidModelId):
+        raise ApiError(422, f"no model named {base_model!r} to fine-tune", param="base_model") from None
+
+
+def _check_long_enough(text: str, cfg: TrainConfig) -> None:
+    """Every tokenizer makes at most one token per character, so this is a sure failure, found early."""
+    need = 2 * cfg.batch_size
+    have = int(len(text) * (1 - cfg.val_fraction))
+    if have < need:
+        raise ApiError(
+            422,
+            f"the corpus is shorter than one batch: about {have} training characters, but batch_size "
+            f"{cfg.batch_size} needs at least {need} tokens; give more text or lower batch_size",
+            param="batch_size",
+            code="invalid_corpus",
+        )
+
+
+def _model_name(name: str | None, corpus_name: str, job_id: str, jobs: JobService) -> str:
+    """The requested id (409 if a model or an unfinished job has it), else `<corpus>-<job suffix>`."""
+    if name is None:
+        return jobs.registry.unique_id(f"{corpus_name}-{job_id[-6:]}")
+    try:
+        validate_model_id(name)
+    except InvalidModelId as e:
+        raise ApiError(422, str(e), param="name") from None
+    if jobs.registry.path(name).exists():
+        raise ApiError(409, f"a model named {name!r} already exists; choose another name", param="name")
+    for record in jobs.store.list_jobs(limit=1000):
+        if not record.final and record.params.get("name") == name:
+            raise ApiError(409, f"job {record.id} is already training a model named {name!r}", param="name")
+    return name
+
+
+# ---------------------------------------------------------------------------- read and cancel
+
+
+async def public(jobs: JobService, record: JobRecord) -> TrainJobPublic:
+    position = await asyncio.to_thread(jobs.store.queue_position, record.id) if record.state == "queued" else None
+    fields = {name: getattr(record, name) for name in TrainJobPublic.model_fields if hasattr(record, name)}
+    return TrainJobPublic(**fields, queue_position=position)
+
+
+async def get_record(jobs: JobService, job_id: str) -> JobRecord:
+    try:
+        return await asyncio.to_thread(jobs.store.get, validate_job_id(job_id))
+    except JobNotFound as e:
+        raise ApiError(404, str(e), param="id", code="job_not_found") from None
+
+
+@router.get("", response_model=TrainJobList)
+async def list_jobs(
+    jobs: JobsDep,
+    status: JobState | None = Query(None, description="only jobs in this state"),
+    limit: int = Query(100, ge=1, le=1000),
+) -> TrainJobList:
+    """Training jobs, newest first."""
+    records = await asyncio.to_thread(jobs.store.list_jobs, status, limit)
+    return TrainJobList(jobs=[await public(jobs, r) for r in records])
+
+
+@router.get("/{job_id}", response_model=TrainJobPublic)
+async def get_job(job_id: str, jobs: JobsDep) -> TrainJobPublic:
+    """One job: state, progress, metrics, the published model, or why it failed."""
+    return await public(jobs, await get_record(jobs, job_id))
+
+
+@router.delete("/{job_id}", response_model=TrainJobPublic)
+async def cancel_job(job_id: str, jobs: JobsDep, response: Response) -> TrainJobPublic:
+    """Cancel a queued job at once, or ask a running one to stop (within seconds; it publishes nothing)."""
+    await get_record(jobs, job_id)  # 404 first
+    try:
+        record = await asyncio.to_thread(jobs.store.cancel, job_id)
+    except JobConflict as e:
+        raise ApiError(409, str(e), code="job_finished") from None
+    if not record.final:
+        response.status_code = 202  # the worker stops it within seconds
+    return await public(jobs, record)
+
+
+# ---------------------------------------------------------------------------- events
+
+
+@router.get("/{job_id}/events", response_class=Response, responses={200: {"content": {"text/event-stream": {}}}})
+async def job_events(job_id: str, request: Request, jobs: JobsDep, settings: SettingsDep) -> sse.EventStream:
+    """Server-Sent Events: queue position, progress, epochs, checkpoints, then one done/failed/cancelled."""
+    await get_record(jobs, job_id)
+    last_id = request.headers.get("last-event-id")
+    return sse.EventStream(follow_job(jobs, job_id, last_id), keepalive_s=settings.keepalive_s)
+
+
+async def follow_job(jobs: JobService, job_id: str, after: str | None) -> AsyncIterator[bytes]:
+    """The job's events from `after` on; while queued, its queue position whenever it changes."""
+    position: int | None = None
+    try:
+        while True:
+            for event in await asyncio.to_thread(jobs.store.events, job_id, after):
+                after = event.id
+                yield _frame(event.kind, event.data, event.id)
+                if event.kind in FINAL_EVENTS.values():
+                    return
+            record = await asyncio.to_thread(jobs.store.get, job_id)
+            if record.state == "queued":
+                now = await asyncio.to_thread(jobs.store.queue_position, job_id)
+                if now != position:
+                    position = now
+                    yield _frame("queued", {"state": "queued", "position": now})
+            elif record.final and not await asyncio.to_thread(jobs.store.events, job_id, after):
+                yield _frame(FINAL_EVENTS[record.state], {"state": record.state, "error": record.error})
+                return
+            await asyncio.sleep(EVENT_POLL_S)
+    except StoreUnavailable as e:  # Redis went away mid-stream: say so; the client reconnects with Last-Event-ID
+        log.warning("job %s event stream ended: %s", job_id, e)
+        error = {"type": "service_unavailable", "message": str(e), "retryable": True}
+        yield _frame("error", {"error": error})
+
+
+def _frame(kind: str, data: dict[str, Any], event_id: str | None = None) -> bytes:
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return format_sse_event(event=kind, id=event_id, data_str=payload)

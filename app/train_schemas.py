@@ -1,0 +1,88 @@
+"""Bodies of the training routes. The hyperparameters mirror `textgen train`'s flags (snake_case),
+flat beside `text` / `corpus`, `name`, `base_model` and `activate`; their bounds come from
+lm.train.BOUNDS, and an omitted one keeps TrainConfig's default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lm.train import BOUNDS
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def _bounded(name: str, description: str) -> Any:
+    lo, hi = BOUNDS[name]
+    return Field(None, ge=lo, le=hi, description=f"{description} ({lo:g}..{hi:g})")
+
+
+class TrainHyperparameters(BaseModel):
+    """Every `textgen train` hyperparameter; null or omitted = the default of `textgen train`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokenizer: Literal["char", "word", "bpe"] | None = Field(None, description="tokenizer kind (default char)")
+    vocab_size: int | None = _bounded("vocab_size", "vocabulary cap (word, bpe)")
+    embedding_dim: int | None = _bounded("embedding_dim", "embedding width")
+    hidden_dim: int | None = _bounded("hidden_dim", "LSTM hidden units per layer")
+    layers: int | None = _bounded("layers", "stacked LSTM layers")
+    dropout: float | None = _bounded("dropout", "dropout probability")
+    tie_weights: bool | None = Field(None, description="share input and output embeddings")
+    seq_len: int | None = _bounded("seq_len", "tokens per truncated-BPTT window")
+    batch_size: int | None = _bounded("batch_size", "parallel streams per step")
+    lr: float | None = _bounded("lr", "learning rate")
+    weight_decay: float | None = _bounded("weight_decay", "AdamW weight decay")
+    grad_clip: float | None = _bounded("grad_clip", "gradient norm clip")
+    warmup_steps: int | None = _bounded("warmup_steps", "linear warmup steps")
+    epochs: int | None = _bounded("epochs", "passes over the training split")
+    max_steps: int | None = _bounded("max_steps", "stop after this many optimizer steps")
+    time_budget_s: float | None = _bounded("time_budget_s", "stop after this many seconds")
+    patience: int | None = _bounded("patience", "stop after this many epochs without a better val loss")
+    val_fraction: float | None = _bounded("val_fraction", "share of the corpus (its end) held out")
+    seed: int | None = _bounded("seed", "random seed")
+    threads: int | None = _bounded("threads", "torch threads (at most the worker's cap)")
+    precision: Literal["auto", "bf16", "fp32"] | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The hyperparameters the request set (the others keep TrainConfig's defaults)."""
+        return {name: value for name, value in self.model_dump().items() if value is not None and name in HYPER}
+
+
+class TrainJobCreate(TrainHyperparameters):
+    """POST /train as JSON (a multipart upload sends the same fields as form fields, and `file`)."""
+
+    text: str | None = Field(None, description="the corpus itself (UTF-8 text)")
+    corpus: str | None = Field(None, description="the name of a shipped corpus instead, e.g. 'shakespeare'")
+    name: str | None = Field(None, description="id of the model to publish (default: from the corpus and job id)")
+    base_model: str | None = Field(None, description="fine-tune this model; keeps its tokenizer and architecture")
+    activate: bool = Field(True, description="make the new model active when it is published")
+
+
+HYPER = frozenset(TrainHyperparameters.model_fields)
+
+
+class TrainJobPublic(BaseModel):
+    id: str
+    state: JobState
+    created: str
+    started: str | None
+    finished: str | None
+    queue_position: int | None = Field(None, description="1 = next to start; null unless queued")
+    progress: dict[str, Any] | None = Field(None, description="step, epoch, loss, tokens/s, ETA")
+    metrics: dict[str, Any] | None = Field(None, description="per-epoch losses; the final metrics once done")
+    model_id: str | None = Field(None, description="the published model, once succeeded")
+    activated: bool | None = None
+    error: str | None = Field(None, description="why the job failed")
+    note: str | None = Field(None, description="e.g. why a published model was not activated")
+    cancel_requested: bool = False
+    attempts: int
+    worker: str | None
+    params: dict[str, Any]
+
+
+class TrainJobList(BaseModel):
+    jobs: list[TrainJobPublic]
