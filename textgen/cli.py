@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub, common)
     _add_models(sub, common)
     _add_serve(sub, common)
+    _add_worker(sub, common)
     return parser
 
 
@@ -161,6 +162,18 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to bind (default: TEXTGEN_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: TEXTGEN_PORT or 8000)")
     p.set_defaults(handler=cmd_serve)
+
+
+def _add_worker(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("worker", parents=[common], help="take training jobs from the Redis queue")
+    p.add_argument("--redis-url", default=os.environ.get("TEXTGEN_REDIS_URL"), help="(default: $TEXTGEN_REDIS_URL)")
+    threads = int(os.environ.get("TEXTGEN_TRAIN_THREADS", "0"))
+    p.add_argument("--threads", type=int, default=threads, help="torch threads per job (default: half the cores)")
+    lease = float(os.environ.get("TEXTGEN_JOB_LEASE_S", "30"))
+    p.add_argument("--lease", type=float, default=lease, help="seconds before a silent worker's job moves")
+    p.add_argument("--prefix", default=os.environ.get("TEXTGEN_REDIS_PREFIX", "textgen:"), help="Redis key prefix")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(handler=cmd_worker)
 
 
 # -- train ----------------------------------------------------------------------------------------
@@ -411,3 +424,18 @@ def cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
 
     serve(host=args.host, port=args.port, models_dir=args.models_dir)
     return 0
+
+
+# -- worker ---------------------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace, argv: list[str]) -> int:
+    from worker.main import run  # lazily: only workers need it
+
+    if not args.redis_url:
+        raise ConfigError("textgen worker needs --redis-url or TEXTGEN_REDIS_URL (without Redis, serve runs jobs)")
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.INFO)  # a worker reports what it does
+    return run(
+        args.redis_url, args.models_dir, threads=args.threads, lease_s=args.lease, prefix=args.prefix, burst=args.burst
+    )
