@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.train import TrainEvent
+from lm.train import TrainConfig, TrainEvent
 from textgen.cli import ProgressBar, format_progress, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,7 +97,7 @@ def test_train_publishes_the_model_and_prints_a_summary(trained, corpus):
     assert training["corpus_bytes"] == len(CORPUS.encode())
     assert training["parent_model"] is None
     assert training["recipe"]["hidden_dim"] == 16 and training["recipe"]["max_steps"] == 6
-    assert training["recipe"]["lr"] == 3e-3  # an untouched flag keeps TrainConfig's default
+    assert training["recipe"]["lr"] == TrainConfig().lr  # an untouched flag keeps TrainConfig's default
     assert config["metrics"]["steps"] == 6
 
 
