@@ -25,7 +25,7 @@ from app.holder import ModelHolder
 from app.jobs import JobService, install_job_handlers
 from app.logging import RequestLogMiddleware
 from app.metrics import Metrics, RequestMetricsMiddleware
-from app.routes import generate, health, models, openai, tokenize, train
+from app.routes import generate, health, models, openai, tokenize, train, ui
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,4 +86,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (generate.router, openai.router, tokenize.router, models.router, health.router, train.router):
         app.include_router(router)
+    app.include_router(ui.router)  # the playground page at /
     return app
