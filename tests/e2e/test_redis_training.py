@@ -1,0 +1,237 @@
+"""Redis mode end to end: a real redis-server, two API replicas and two workers, all real processes.
+
+The tests share one cluster and run in file order; each leaves it serving some model, with two
+idle workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lm.job_redis import connect_redis
+from lm.redis_pointer import RedisPointer
+from tests.e2e.conftest import (
+    BASE_MODEL,
+    TEXT,
+    Cluster,
+    Process,
+    SlowStream,
+    get_job,
+    job_events,
+    publish_tiny_model,
+    serving,
+    submit,
+    wait_for_event,
+    wait_for_job,
+    wait_serving,
+)
+from tests.worker.redis_server import RedisServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+
+
+@dataclass
+class RedisCluster:
+    cluster: Cluster
+    redis: RedisServer
+    apis: list[Process]
+    workers: list[Process]
+
+    @property
+    def models_dir(self) -> Path:
+        return self.cluster.models_dir
+
+    def pointer(self) -> RedisPointer:
+        return RedisPointer(connect_redis(self.redis.url))
+
+
+@pytest.fixture(scope="module")
+def rc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    root = tmp_path_factory.mktemp("redis-e2e")
+    redis = RedisServer(root / "redis")
+    redis.start()
+    models_dir = root / "models"
+    publish_tiny_model(models_dir, BASE_MODEL)
+    assert RedisPointer(connect_redis(redis.url)).compare_and_set(None, BASE_MODEL)
+    env = {
+        "TEXTGEN_REDIS_URL": redis.url,
+        "TEXTGEN_THREADS": "1",
+        "TEXTGEN_RECONCILE_S": "1",
+        "TEXTGEN_JOB_LEASE_S": "3",
+        "TEXTGEN_MAX_TOKENS": "100000",
+        "TEXTGEN_MAX_CORPUS_BYTES": "200000",
+    }
+    cluster = Cluster(root, models_dir, env)
+    try:
+        apis = [cluster.start_api("api-1"), cluster.start_api("api-2")]
+        workers = [cluster.start_worker("worker-1"), cluster.start_worker("worker-2")]
+        yield RedisCluster(cluster, redis, apis, workers)
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()
+        redis.stop()
+
+
+@pytest.fixture(autouse=True)
+def _logs_on_failure(rc: RedisCluster) -> Iterator[None]:
+    yield
+    print(rc.cluster.logs())  # pytest shows a test's captured output only when it fails
+
+
+def published_for(models_dir: Path, job_id: str) -> list[str]:
+    """Every model folder whose checkpoint says it came from `job_id`."""
+    found = []
+    for config in models_dir.glob("*/config.json"):
+        if json.loads(config.read_text())["training"].get("job_id") == job_id:
+            found.append(config.parent.name)
+    return found
+
+
+def test_a_job_swaps_both_replicas_while_a_stream_finishes_on_the_old_version(rc: RedisCluster) -> None:
+    api1, api2 = rc.apis
+    assert serving(api1) == serving(api2) == BASE_MODEL
+    stream = SlowStream(api1, max_tokens=6000)
+    stream.start()
+    assert stream.started_tokens.wait(30)
+
+    job = submit(api2, name="swap-v2")
+    done = wait_for_job(api2, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert (done["model_id"], done["activated"]) == ("swap-v2", True)
+    wait_serving(rc.apis, "swap-v2", timeout=5.0)  # both replicas, within 5 s of the publish
+
+    assert stream.ended_at is None  # the stream is still in flight on the old version
+    stream.hurry.set()
+    stream.join(60)
+    kinds = [kind for kind, _ in stream.events]
+    assert "error" not in kinds and kinds[-1] == "done"
+    assert stream.events[-1][1]["model"] == BASE_MODEL
+    assert published_for(rc.models_dir, job["id"]) == ["swap-v2"]
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_job_publishes_once(rc: RedisCluster) -> None:
+    api = rc.apis[0]
+    job = submit(api, name="survivor", epochs=24)
+    wait_for_event(api, job["id"], "checkpoint")  # an epoch's state is saved
+    pid = int(get_job(api, job["id"])["worker"].rsplit("-", 2)[1])
+    victim = next(w for w in rc.workers if w.proc.pid == pid)
+
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    done = wait_for_job(api, job["id"], timeout=180)
+
+    assert done["state"] == "succeeded", done["error"]
+    assert time.monotonic() - killed < 180
+    assert done["attempts"] == 2 and done["worker"] is None
+    assert published_for(rc.models_dir, job["id"]) == ["survivor"]
+    events = list(job_events(api, job["id"]))
+    restarted = [i for i, (kind, _) in enumerate(events) if kind == "started"][-1]
+    first_epoch_after = next(data for kind, data in events[restarted:] if kind == "epoch")
+    assert first_epoch_after["epoch"] >= 2  # resumed from the saved epoch, not from scratch
+    wait_serving(rc.apis, "survivor", timeout=5.0)
+
+    rc.workers.remove(victim)
+    rc.workers.append(rc.cluster.start_worker("worker-3"))
+
+
+def test_cancelling_a_running_job(rc: RedisCluster) -> None:
+    api = rc.apis[1]
+    before = serving(api)
+    job = submit(api, name="cancelled", epochs=1000)
+    wait_for_event(api, job["id"], "epoch")
+
+    response = httpx.delete(f"{api.url}/train/{job['id']}", timeout=10)
+    assert response.status_code == 202 and response.json()["cancel_requested"]
+    asked = time.monotonic()
+    done = wait_for_job(api, job["id"], timeout=30)
+
+    assert done["state"] == "cancelled" and time.monotonic() - asked < 10
+    assert httpx.get(f"{api.url}/models/cancelled", timeout=10).status_code == 404
+    assert [kind for kind, _ in job_events(api, job["id"])][-1] == "cancelled"
+    assert serving(api) == before
+
+
+def test_a_checkpoint_that_fails_validation_is_refused_and_the_old_model_keeps_serving(rc: RedisCluster) -> None:
+    api1, api2 = rc.apis
+    current = serving(api1)
+    publish_tiny_model(rc.models_dir, "broken", nan=True)
+
+    response = httpx.post(f"{api1.url}/models/broken/activate", timeout=30)
+    assert response.status_code == 422 and "refused" in response.json()["error"]["message"]
+    assert serving(api1) == serving(api2) == current
+
+    pointer = rc.pointer()  # a promotion from elsewhere (say, a worker): the replicas refuse it too
+    assert pointer.compare_and_set(current, "broken")
+    time.sleep(2.5)  # more than one reconcile
+    assert serving(api1) == serving(api2) == current
+    assert pointer.compare_and_set("broken", current)
+
+
+def test_a_job_finishing_late_does_not_overwrite_a_newer_activation(rc: RedisCluster) -> None:
+    api1, api2 = rc.apis
+    job = submit(api1, name="late-v3", epochs=12)
+    wait_for_event(api1, job["id"], "epoch")
+
+    response = httpx.post(f"{api2.url}/models/{BASE_MODEL}/activate", timeout=30)  # the rollback
+    assert response.status_code == 200, response.text
+    wait_serving(rc.apis, BASE_MODEL, timeout=5.0)
+    done = wait_for_job(api1, job["id"])
+
+    assert done["state"] == "succeeded", done["error"]
+    assert (done["model_id"], done["activated"]) == ("late-v3", False)
+    assert BASE_MODEL in done["note"]
+    time.sleep(1.5)
+    assert serving(api1) == serving(api2) == BASE_MODEL
+    assert rc.pointer().get() == BASE_MODEL
+
+
+def test_a_redis_restart_mid_job_loses_nothing(rc: RedisCluster) -> None:
+    api1, api2 = rc.apis
+    job = submit(api1, name="after-outage", epochs=16)
+    wait_for_event(api1, job["id"], "epoch")
+
+    rc.redis.stop()
+    try:
+        assert serving(api1) == serving(api2) == BASE_MODEL  # generation keeps working
+        refused = httpx.post(f"{api1.url}/train", json={"text": TEXT}, timeout=30)
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert refused.json()["error"]["type"] == "service_unavailable"
+        activate = httpx.post(f"{api2.url}/models/swap-v2/activate", timeout=30)
+        assert activate.status_code == 503
+        assert serving(api2) == BASE_MODEL
+        time.sleep(1.0)
+    finally:
+        rc.redis.start()
+
+    done = wait_for_job(api1, job["id"], timeout=120)
+    assert done["state"] == "succeeded", done["error"]
+    assert done["activated"] is True
+    wait_serving(rc.apis, "after-outage", timeout=10.0)
+    assert published_for(rc.models_dir, job["id"]) == ["after-outage"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"text": " \n\n "}, 422, "empty"),
+        ({"text": "\x00\x01binary\x02" * 100}, 422, "binary"),
+        ({"text": TEXT * 40}, 413, "TEXTGEN_MAX_CORPUS_BYTES"),
+    ],
+)
+def test_bad_corpora_are_refused_before_they_reach_the_queue(
+    rc: RedisCluster, body: dict, status: int, words: str
+) -> None:
+    api = rc.apis[0]
+    response = httpx.post(f"{api.url}/train", json=body, timeout=30)
+    assert response.status_code == status and words in response.json()["error"]["message"]
