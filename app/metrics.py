@@ -56,6 +56,19 @@ class Metrics:
             "textgen_requests_dropped", "Generations stopped because the client disconnected", registry=r
         )
         self.rejected = Counter("textgen_requests_rejected", "Requests refused with 429 for overload", registry=r)
+        # the prompt-state cache (app/prompt_cache.py): a hit reuses the state after a cached prefix
+        self.prompt_cache_hits = Counter(
+            "textgen_prompt_cache_hits", "Prompts that started from a cached prefix state", registry=r
+        )
+        self.prompt_cache_misses = Counter(
+            "textgen_prompt_cache_misses", "Prompts prefilled from the start", registry=r
+        )
+        self.prompt_cache_tokens = Counter(
+            "textgen_prompt_cache_tokens", "Prompt tokens not run because their state was cached", registry=r
+        )
+        self.prompt_cache_bytes = Gauge(
+            "textgen_prompt_cache_bytes", "Bytes held by the prompt-state caches of all loaded versions", registry=r
+        )
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
