@@ -3,20 +3,23 @@
 A request becomes a `Sequence` and is submitted to the engine of the model version it pinned.
 The engine's thread loops:
 
-    admit   move waiting sequences into free state slots; prefill each new prompt in one
-            forward call (its state goes into the slot, its last logits give the first token)
-    step    ONE batched forward for every running sequence: last tokens (B, 1) + their
-            states (layers, B, H) -> logits (B, V); then each row is sampled on its own
-            `SequenceSampler`, and the text goes to the request's asyncio.Queue
-    drop    finished and cancelled rows leave; their slots are free for the next admit
+    admit    take new sequences from the inbox into the waiting line (blocking only when idle)
+    prefill  run waiting prompts through the model, at most `prefill_chunk` tokens per turn, each
+             prompt as one sequence call (nn.LSTM over (1, T)), starting from the longest cached
+             prefix state (app/prompt_cache.py); a finished prompt takes a state row and its last
+             logits give its first token
+    step     ONE batched decode step for every running sequence (lm/fast.py: int8, fused fp32 or
+             the reference nn.LSTM): last tokens (B,) + state rows (layers, B, H) -> logits (B, V),
+             states updated in place; then the whole batch is sampled at once (lm/batch_sampler.py)
+    deliver  each stream's text is coalesced and handed to the event loop at most every
+             `stream_interval_s` (the first text at once), with ONE call_soon_threadsafe per turn
+             for all the sequences of a loop
+    drop     finished and cancelled rows leave; the last row moves into the hole, so the running
+             sequences always occupy rows 0..B-1 and the step works on views, not gathered copies
 
-A sequence joins at the next step and leaves as soon as it finishes, is cancelled or its client
-goes away: an LSTM's state is a fixed (layers, H) pair per sequence, so there is no KV cache to
-grow or page. When nothing runs the thread blocks on its inbox (no busy loop).
-
-Extension points for the speed work: `_step(batch)` is the only place that runs the decode
-forward (a fused or quantized step replaces it), `_prefill(seq)` the only place that runs a
-prompt (a prompt-state cache wraps it), and `StateSlots` owns the state storage.
+Prefill is chunked so that a long prompt cannot stall the running streams for more than one chunk.
+An LSTM's state is a fixed (layers, H) pair per sequence, so there is no KV cache to grow or page.
+When nothing runs the thread blocks on its inbox (no busy loop).
 """
 
 from __future__ import annotations
@@ -28,14 +31,21 @@ import threading
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from app.metrics import Metrics, now
+from app.prompt_cache import PromptCache
+from lm.batch_sampler import choose_batch
+from lm.fast import build_step
 from lm.model import LSTMLanguageModel
 from lm.sampler import SequenceSampler
 from lm.tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +57,14 @@ State = tuple[Tensor, Tensor]  # (h, c), each (layers, B, H)
 
 @dataclass
 class Token:
-    """One generated token and the text it releases ("" while a stop string or UTF-8 char is pending)."""
+    """Generated text: one token, or with stream coalescing the text of several consecutive tokens.
+
+    `text` is "" while a stop string or UTF-8 character is pending. Sequences that ask for logprobs
+    always get one event per token.
+    """
 
     text: str
-    token_id: int | None  # None: the held-back text released at a "length" finish
+    token_id: int | None  # the (last) token; None: the held-back text released at a "length" finish
     logprob: float | None = None
     top_logprobs: dict[str, float] | None = None
 
@@ -77,8 +91,8 @@ Event = Token | Finished | Failed
 class Sequence:
     """One prompt being continued. Created on the event loop, advanced by the engine thread.
 
-    The engine talks back only through `deliver()` (thread-safe), which puts (index, event) on
-    the request's asyncio.Queue (shared by the sequences of one request); the request cancels
+    The engine talks back only through its loop's `call_soon_threadsafe`, which puts (index, event)
+    on the request's asyncio.Queue (shared by the sequences of one request); the request cancels
     it by setting `cancelled`, which the engine reads before every step.
     """
 
@@ -90,12 +104,19 @@ class Sequence:
     logprobs: int | None = None  # how many top alternatives to report per token; None = no logprobs
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     cancelled: bool = False
-    done: bool = False  # the engine delivered Finished or Failed, or dropped it
+    done: bool = False  # the engine queued Finished or Failed for it, or dropped it
     # engine-side bookkeeping
-    slot: int | None = None
+    slot: int | None = None  # its row in StateSlots while running
     last_token: int = 0
+    generated: list[int] = field(default_factory=list)  # completion ids fed back so far
     submitted_at: float = 0.0
     last_token_at: float | None = None
+    prefilled: int = 0  # prompt tokens whose state is known (cached or run)
+    prefill_state: State | None = None  # (layers, 1, H) x2 after `prefilled` tokens
+    prefill_logits: Tensor | None = None  # (V,) at position prefilled - 1
+    pending: str = ""  # coalesced text not yet delivered
+    pending_id: int | None = None
+    flushed_at: float | None = None  # when text was last delivered; None = nothing delivered yet
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -108,6 +129,12 @@ class Sequence:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, event))
         except RuntimeError:  # the loop is closed: the server is shutting down
             self.cancelled = True
+
+
+def _put_all(items: list[tuple[Sequence, Event]]) -> None:
+    """On the event loop: one turn's events, in order."""
+    for seq, event in items:
+        seq.queue.put_nowait((seq.index, event))
 
 
 # ---------------------------------------------------------------------------- admission
@@ -136,44 +163,74 @@ class Admission:
         self.admitted = max(0, self.admitted - n)
 
 
+# ---------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine decodes. The defaults are the plain engine (reference step, an event per token, no
+    cache); the service builds its options from the TEXTGEN_* settings (docs/PERFORMANCE.md)."""
+
+    decode: str = "reference"  # lm.fast.DECODE_KINDS
+    stream_interval_s: float = 0.0  # coalesce a stream's text for at most this long; 0 = an event per token
+    prompt_cache_bytes: int = 0  # 0 = no prompt-state cache
+    prefill_chunk: int = 512  # prompt tokens run between two decode steps
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EngineOptions:
+        return cls(
+            decode=settings.decode,
+            stream_interval_s=settings.stream_interval_ms / 1000,
+            prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
+            prefill_chunk=settings.prefill_chunk,
+        )
+
+
 # ---------------------------------------------------------------------------- state storage
 
 
 class StateSlots:
-    """The LSTM state of every running sequence, in preallocated slot tensors.
+    """The LSTM state of every running sequence, in preallocated tensors h and c, each (layers, slots, H).
 
-    h and c are each (layers, slots, H); a sequence owns one slot from its prefill to its end.
-    A decode step gathers the slots of its batch, and scatters the new state back.
+    The running sequences occupy rows 0..used-1, so a decode step works on the views
+    h[:, :used], c[:, :used] in place. Removing a row moves the last row into its place.
     """
 
     def __init__(self, layers: int, hidden: int, slots: int, device: torch.device, dtype: torch.dtype) -> None:
         self.h = torch.zeros(layers, slots, hidden, device=device, dtype=dtype)
         self.c = torch.zeros(layers, slots, hidden, device=device, dtype=dtype)
         self.device = device
-        self._free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self.used = 0
 
     @property
     def available(self) -> int:
-        return len(self._free)
+        return self.h.shape[1] - self.used
 
-    def alloc(self) -> int:
-        return self._free.pop()
+    def rows(self) -> State:
+        """Views (layers, used, H) of the running rows."""
+        return self.h[:, : self.used], self.c[:, : self.used]
 
-    def release(self, slot: int) -> None:
-        self._free.append(slot)
+    def add(self, state: State) -> int:
+        """state: (h, c) of one sequence, each (layers, 1, H) or (layers, H). Returns its row."""
+        row = self.used
+        self.h[:, row] = state[0].reshape(self.h.shape[0], -1)
+        self.c[:, row] = state[1].reshape(self.c.shape[0], -1)
+        self.used += 1
+        return row
 
-    def write(self, slot: int, state: State) -> None:
-        """state: (h, c) of one sequence, each (layers, 1, H)."""
-        self.h[:, slot] = state[0][:, 0]
-        self.c[:, slot] = state[1][:, 0]
+    def read(self, row: int) -> State:
+        """Views (layers, H) of one row."""
+        return self.h[:, row], self.c[:, row]
 
-    def gather(self, slots: Tensor) -> State:
-        """slots (B,) -> (h, c) each (layers, B, H), contiguous copies."""
-        return self.h.index_select(1, slots), self.c.index_select(1, slots)
-
-    def scatter(self, slots: Tensor, state: State) -> None:
-        self.h.index_copy_(1, slots, state[0])
-        self.c.index_copy_(1, slots, state[1])
+    def remove(self, row: int) -> int | None:
+        """Free `row`; the last row moves into it. Returns the row that moved (None if it was the last)."""
+        last = self.used - 1
+        self.used = last
+        if row == last:
+            return None
+        self.h[:, row] = self.h[:, last]
+        self.c[:, row] = self.c[:, last]
+        return last
 
 
 # ---------------------------------------------------------------------------- engine
@@ -191,18 +248,24 @@ class Engine:
         max_running: int,
         device: torch.device,
         metrics: Metrics,
+        options: EngineOptions | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.device = device
         self.metrics = metrics
+        self.options = options or EngineOptions()
+        self.step = build_step(model, self.options.decode)
         cfg = model.cfg
         dtype = next(model.parameters()).dtype
         self.states = StateSlots(cfg.layers, cfg.hidden_dim, max_running, device, dtype)
+        budget = self.options.prompt_cache_bytes
+        self.cache = PromptCache(budget) if budget > 0 else None
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []
+        self._running: list[Sequence] = []  # _running[i].slot == i
+        self._outbox: list[tuple[Sequence, Event]] = []  # events of this turn, delivered together
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{model_id}", daemon=True)
 
@@ -230,17 +293,25 @@ class Engine:
     # -- the engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        log.info("engine %s: started on %s", self.model_id, self.device)
+        log.info("engine %s: started on %s, %s decode step", self.model_id, self.device, self.step.kind)
         with torch.inference_mode():
             while not self._stopping:
                 self._admit()
+                if self._stopping:
+                    break
+                self._prefill_waiting()
+                self._flush()  # a first token goes out before the next decode step
                 if self._running:
                     self._decode()
-        self._fail_all("the model version was unloaded; retry the request")
+                    self._flush()
+            self._fail_all("the model version was unloaded; retry the request")
+            self._flush()
+        if self.cache is not None:
+            self.metrics.prompt_cache_bytes.dec(self.cache.clear())
         log.info("engine %s: stopped", self.model_id)
 
     def _admit(self) -> None:
-        """Take new sequences from the inbox (blocking only when idle), then prefill into free slots."""
+        """Take new sequences from the inbox, blocking only when there is nothing else to do."""
         idle = not self._running and not self._waiting
         try:
             item = self._inbox.get(block=idle)
@@ -253,10 +324,6 @@ class Engine:
         except queue.Empty:
             pass
         self._drop_cancelled_waiting()
-        while self._waiting and self.states.available:
-            seq = self._waiting.popleft()
-            self.metrics.waiting.dec()
-            self._prefill(seq)
 
     def _drop_cancelled_waiting(self) -> None:
         """A client that leaves while its sequence waits frees its place at once, not when a slot opens."""
@@ -271,22 +338,74 @@ class Engine:
                 kept.append(seq)
         self._waiting = kept
 
-    def _prefill(self, seq: Sequence) -> None:
-        """Run the whole prompt in one forward call, keep its state, sample the first token."""
-        seq.slot = self.states.alloc()
-        self.metrics.running.inc()
+    # -- prefill ----------------------------------------------------------------------------------
+
+    def _prefill_waiting(self) -> None:
+        """Run up to `prefill_chunk` prompt tokens of the waiting sequences, oldest first, while rows are free."""
+        budget = self.options.prefill_chunk
+        while self._waiting and self.states.available and budget > 0:
+            seq = self._waiting[0]
+            try:
+                if seq.prefill_logits is None:
+                    self._start_prefill(seq)
+                budget -= self._prefill_chunk(seq, budget)
+            except Exception:
+                log.exception("engine %s: prefill failed for sequence %s", self.model_id, seq.id)
+                self._leave_waiting()
+                self._outbox.append((seq, Failed("generation failed on the server; it has been logged")))
+                continue
+            if seq.prefilled == len(seq.prompt_ids):
+                self._leave_waiting()
+                self._join(seq)
+
+    def _leave_waiting(self) -> Sequence:
+        self.metrics.waiting.dec()
+        return self._waiting.popleft()
+
+    def _start_prefill(self, seq: Sequence) -> None:
+        """Start from the longest cached prefix of the prompt, if any."""
         self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        try:
-            ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
-            logits, state = self.model(ids)  # (1, T, V)
-            self.states.write(seq.slot, state)
-            self._emit([seq], logits[:, -1])  # (1, V)
-        except Exception:
-            log.exception("engine %s: prefill failed for sequence %s", self.model_id, seq.id)
-            self._end(seq, Failed("generation failed on the server; it has been logged", retryable=True))
+        if self.cache is None:
             return
-        if not seq.done:
-            self._running.append(seq)
+        entry = self.cache.lookup(seq.prompt_ids)
+        if entry is None:
+            self.metrics.prompt_cache_misses.inc()
+            return
+        self.metrics.prompt_cache_hits.inc()
+        self.metrics.prompt_cache_tokens.inc(entry.length)
+        seq.prefilled = entry.length
+        seq.prefill_state = entry.h[:, None], entry.c[:, None]  # (layers, 1, H): read, never written
+        seq.prefill_logits = entry.logits
+
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
+        """Run the next (at most `budget`) prompt tokens as one sequence call; returns how many ran."""
+        start = seq.prefilled
+        ids = seq.prompt_ids[start : start + max(budget, 1)]
+        if not ids:
+            return 0  # the whole prompt was cached
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+        logits, state = self.model(x, seq.prefill_state)  # (1, T, V), (layers, 1, H) x2
+        seq.prefill_state = state
+        seq.prefill_logits = logits[0, -1]
+        seq.prefilled = start + len(ids)
+        self._remember(seq.prompt_ids[: seq.prefilled], state[0][:, 0], state[1][:, 0], seq.prefill_logits)
+        return len(ids)
+
+    def _remember(self, ids: list[int], h: Tensor, c: Tensor, logits: Tensor) -> None:
+        if self.cache is not None:
+            self.metrics.prompt_cache_bytes.inc(self.cache.put(ids, h, c, logits))
+
+    def _join(self, seq: Sequence) -> None:
+        """A fully prefilled sequence takes a state row and samples its first token."""
+        assert seq.prefill_state is not None and seq.prefill_logits is not None
+        seq.slot = self.states.add(seq.prefill_state)
+        self._running.append(seq)
+        self.metrics.running.inc()
+        logits = seq.prefill_logits[None]  # (1, V)
+        seq.prefill_state = seq.prefill_logits = None
+        self._sample([seq], logits)
+
+    # -- decode -----------------------------------------------------------------------------------
 
     def _decode(self) -> None:
         """One batched step for every running sequence; cancelled ones leave first."""
@@ -297,63 +416,106 @@ class Engine:
         batch = list(self._running)
         self.metrics.batch_size.observe(len(batch))
         try:
-            logits = self._step(batch)  # (B, V)
-            self._emit(batch, logits)
+            tokens = torch.tensor([s.last_token for s in batch], dtype=torch.long, device=self.device)  # (B,)
+            h, c = self.states.rows()  # (layers, B, H) views, updated in place
+            logits = self.step(tokens, h, c)  # (B, V)
+            self._sample(batch, logits)
         except Exception:
             log.exception("engine %s: decode step failed for %d sequences", self.model_id, len(batch))
             for seq in batch:
                 if not seq.done:
                     self._end(seq, Failed("generation failed on the server; it has been logged", retryable=True))
 
-    def _step(self, batch: list[Sequence]) -> Tensor:
-        """One token for every sequence of the batch: (B, 1) ids + gathered state -> logits (B, V)."""
-        tokens = torch.tensor([[s.last_token] for s in batch], dtype=torch.long, device=self.device)  # (B, 1)
-        slots = torch.tensor([s.slot for s in batch], dtype=torch.long, device=self.device)  # (B,)
-        state = self.states.gather(slots)  # (layers, B, H) x2
-        logits, state = self.model(tokens, state)  # (B, 1, V)
-        self.states.scatter(slots, state)
-        return logits[:, -1]
-
-    def _emit(self, batch: list[Sequence], logits: Tensor) -> None:
-        """Sample each row of logits (B, V) on its sequence's sampler and deliver the text."""
+    def _sample(self, batch: list[Sequence], logits: Tensor) -> None:
+        """Choose each row's next token (one batched draw), record it, queue its text."""
         rows = logits.detach().to("cpu", torch.float32)  # (B, V): sampling runs on CPU, as in lm.sampler
+        ids = choose_batch([s.sampler for s in batch], rows)
         t = now()
-        for seq, row in zip(batch, rows, strict=True):
+        self.metrics.generated_tokens.inc(len(batch))
+        for seq, row, token_id in zip(batch, rows, ids, strict=True):
             sampler = seq.sampler
-            token_id = sampler.choose(row)
-            event = Token(sampler.push(token_id), token_id)
-            if seq.logprobs is not None:
-                event.logprob, event.top_logprobs = sampler.logprobs(row, token_id, seq.logprobs)
-            seq.last_token = token_id
+            text = sampler.push(token_id)
             self._observe_token(seq, t)
-            seq.deliver(event)
+            self._queue_token(seq, token_id, text, row, t)
             if sampler.finished:
-                rest = sampler.flush()
-                if rest:
-                    seq.deliver(Token(rest, None))
-                self.metrics.e2e.observe(t - seq.submitted_at)
-                self._end(seq, Finished(sampler.finish_reason or "length", sampler.usage))
+                self._finish(seq, row, t)
+            else:
+                seq.generated.append(token_id)
+                seq.last_token = token_id
+
+    def _queue_token(self, seq: Sequence, token_id: int, text: str, row: Tensor, t: float) -> None:
+        """An event per token (logprobs, or interval 0); otherwise coalesce, the first text going out at once."""
+        interval = self.options.stream_interval_s
+        if seq.logprobs is not None or interval <= 0:
+            event = Token(text, token_id)
+            if seq.logprobs is not None:
+                event.logprob, event.top_logprobs = seq.sampler.logprobs(row, token_id, seq.logprobs)
+            self._outbox.append((seq, event))
+            return
+        seq.pending += text
+        seq.pending_id = token_id
+        if seq.pending and (seq.flushed_at is None or t - seq.flushed_at >= interval):
+            self._flush_pending(seq, t)
+
+    def _flush_pending(self, seq: Sequence, t: float) -> None:
+        self._outbox.append((seq, Token(seq.pending, seq.pending_id)))
+        seq.pending = ""
+        seq.flushed_at = t
+
+    def _finish(self, seq: Sequence, row: Tensor, t: float) -> None:
+        """The sampler finished: keep the completion's state for a next turn, send the rest, end."""
+        sampler = seq.sampler
+        if seq.generated and seq.slot is not None:
+            h, c = self.states.read(seq.slot)  # the state after prompt + generated (the last token is not fed)
+            self._remember(seq.prompt_ids + seq.generated, h, c, row)
+        rest = sampler.flush()
+        if seq.logprobs is not None or self.options.stream_interval_s <= 0:
+            if rest:
+                self._outbox.append((seq, Token(rest, None)))
+        else:
+            seq.pending += rest
+            if seq.pending:
+                self._flush_pending(seq, t)
+        self.metrics.e2e.observe(t - seq.submitted_at)
+        self._end(seq, Finished(sampler.finish_reason or "length", sampler.usage))
 
     def _observe_token(self, seq: Sequence, t: float) -> None:
-        self.metrics.generated_tokens.inc()
         if seq.last_token_at is None:
             self.metrics.ttft.observe(t - seq.submitted_at)
         else:
             self.metrics.inter_token.observe(t - seq.last_token_at)
         seq.last_token_at = t
 
+    # -- leaving and delivering -------------------------------------------------------------------
+
     def _end(self, seq: Sequence, event: Event | None) -> None:
-        """Free the sequence's slot; deliver its last event (None for a cancelled one, nobody listens)."""
+        """Free the sequence's row; queue its last event (None for a cancelled one, nobody listens)."""
         if seq.slot is not None:
-            self.states.release(seq.slot)
+            moved = self.states.remove(seq.slot)
+            last = self._running.pop()
+            if moved is not None:  # the last row took the freed one
+                last.slot = seq.slot
+                self._running[seq.slot] = last
             seq.slot = None
             self.metrics.running.dec()
-        if seq in self._running:
-            self._running.remove(seq)
         if event is not None:
-            seq.deliver(event)
-        else:
-            seq.done = True
+            self._outbox.append((seq, event))
+        seq.done = True
+
+    def _flush(self) -> None:
+        """Hand this turn's events to their event loops: one call_soon_threadsafe per loop."""
+        if not self._outbox:
+            return
+        out, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Event]]] = {}
+        for seq, event in out:
+            by_loop.setdefault(seq.loop, []).append((seq, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                for seq, _ in items:
+                    seq.cancelled = True
 
     def _fail_all(self, message: str) -> None:
         for seq in list(self._running):
@@ -367,5 +529,6 @@ class Engine:
                 self._waiting.append(item)
         for seq in self._waiting:
             self.metrics.waiting.dec()
-            seq.deliver(Failed(message))
+            self._outbox.append((seq, Failed(message)))
+            seq.done = True
         self._waiting.clear()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from app.engine import Engine
+from app.engine import Engine, EngineOptions
 from app.errors import ApiError
 from app.metrics import Metrics
 from app.settings import Settings
@@ -252,6 +252,7 @@ class ModelHolder:
             max_running=self.settings.max_running,
             device=self.device,
             metrics=self.metrics,
+            options=EngineOptions.from_settings(self.settings),
         )
         engine.start()
         loaded = LoadedModel(checkpoint, engine)

@@ -1,0 +1,103 @@
+"""Sampling a whole decode batch at once, with the same draws as `SequenceSampler.choose` row by row.
+
+At 64 streams, `SequenceSampler.choose` per row costs more than the decode step itself (about ten
+small tensor ops per row). `choose_batch` runs the common processors over the (B, V) logits with
+per-row parameters: temperature, top-k, top-p and min-p, then one categorical draw per row from
+that row's own seeded generator. A row with repetition/presence/frequency penalties is handed to
+its sampler's own `choose()` (those depend on the sequence's token counts).
+
+Why the ids are the same as `SequenceSampler.choose`:
+- each processor is the same elementwise arithmetic on the same float32 values, with the
+  parameter cast to float32 exactly as a Python scalar is;
+- a mask is applied only to the rows that turn the processor on (top_p = 1 applied anyway could
+  drop tail tokens whose cumulative mass rounds to 1);
+- `torch.multinomial(probs, 1, generator=g)` on CPU draws q ~ Exp(1) of shape (V,) from g and
+  returns argmax(probs / q) (the exponential-race form of the Gumbel-max trick); here each row
+  draws its own q from its own generator in the same way, then one batched argmax.
+One documented difference: top-p sorts all rows at once, and two tokens with exactly equal logits
+may be ranked in the other order than a one-row sort ranks them; the kept set can then differ when
+the top-p threshold falls between the two. tests/lm/test_batch_sampler.py checks equality on many
+random batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lm.sampler import SequenceSampler
+
+
+def choose_batch(samplers: Sequence[SequenceSampler], logits: Tensor) -> list[int]:
+    """logits (B, V) -> the next token id of each row, as `samplers[i].choose(logits[i])` would give."""
+    x = logits.detach().to("cpu", torch.float32)  # (B, V)
+    ids: list[int] = [0] * len(samplers)
+    greedy: list[int] = []
+    sampled: list[int] = []
+    for i, sampler in enumerate(samplers):
+        p = sampler.params
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            ids[i] = sampler.choose(x[i])  # penalties need the sequence's counts: the per-row path
+        elif p.temperature == 0:
+            greedy.append(i)
+        else:
+            sampled.append(i)
+    if greedy:
+        rows = x if len(greedy) == len(samplers) else x[greedy]
+        for i, token in zip(greedy, rows.argmax(dim=1).tolist(), strict=True):
+            ids[i] = token
+    if sampled:
+        picks = _sample_rows([samplers[i] for i in sampled], x if len(sampled) == len(samplers) else x[sampled])
+        for i, token in zip(sampled, picks, strict=True):
+            ids[i] = token
+    return ids
+
+
+def _column(values: list[float]) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32)[:, None]  # (B, 1)
+
+
+def _sample_rows(samplers: list[SequenceSampler], x: Tensor) -> list[int]:
+    """x (B, V) float32 -> one draw per row through temperature, top-k, top-p, min-p."""
+    params = [s.params for s in samplers]
+    x = x / _column([p.temperature for p in params])
+    if any(p.top_k for p in params):
+        x = _top_k(x, [p.top_k for p in params])
+    if any(p.top_p < 1.0 for p in params):
+        x = _top_p(x, [p.top_p for p in params])
+    if any(p.min_p > 0.0 for p in params):
+        x = _min_p(x, [p.min_p for p in params])
+    probs = torch.softmax(x, dim=-1)  # (B, V)
+    race = torch.empty_like(probs)
+    for row, sampler in zip(race, samplers, strict=True):
+        row.exponential_(1.0, generator=sampler.generator)  # the draw torch.multinomial makes from g
+    return (probs / race).argmax(dim=1).tolist()
+
+
+def _top_k(x: Tensor, ks: list[int]) -> Tensor:
+    """Per row: keep the k largest logits (k = 0 or k >= V: keep all)."""
+    V = x.shape[1]
+    on = torch.tensor([0 < k < V for k in ks])[:, None]  # (B, 1)
+    index = torch.tensor([min(max(k, 1), V) - 1 for k in ks])[:, None]  # (B, 1)
+    kth = x.sort(dim=1, descending=True).values.gather(1, index)  # (B, 1): the k-th largest value
+    return x.masked_fill(on & (x < kth), float("-inf"))
+
+
+def _top_p(x: Tensor, top_ps: list[float]) -> Tensor:
+    """Per row: the smallest set of most likely tokens with mass >= top_p (top_p = 1: keep all)."""
+    sorted_x, order = torch.sort(x, dim=1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_x, dim=1)
+    mass_before = torch.cumsum(probs, dim=1) - probs
+    on = torch.tensor([p < 1.0 for p in top_ps])[:, None]
+    drop_sorted = (mass_before >= _column(top_ps)) & on
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return x.masked_fill(drop, float("-inf"))
+
+
+def _min_p(x: Tensor, min_ps: list[float]) -> Tensor:
+    """Per row: drop tokens below min_p times the top token's probability (min_p = 0: keep all)."""
+    probs = torch.softmax(x, dim=1)
+    threshold = _column(min_ps) * probs.amax(dim=1, keepdim=True)  # (B, 1)
+    return x.masked_fill(probs < threshold, float("-inf"))

@@ -1,0 +1,162 @@
+"""Fast single-token decode steps for `LSTMLanguageModel`, chosen by name.
+
+A decode step takes the last token of every running sequence and their LSTM states, and returns the
+next-token logits while updating the states in place:
+
+    step(tokens (B,), h (layers, B, H), c (layers, B, H)) -> logits (B, V)
+
+Three kinds, measured against each other in docs/PERFORMANCE.md:
+
+- `reference`: the model's own forward (Embedding -> nn.LSTM -> Linear) on a (B, 1) batch. On CPU
+  each nn.LSTM call re-formats its weights for oneDNN, so one step costs about a millisecond at B=1.
+- `fused`: the same fp32 arithmetic in a handful of tensor ops per layer. Layer 0's input projection
+  is folded into a (V, 4H) table (the embedding is a lookup, so `W_ih @ emb[t] + b` can be looked up
+  too); each layer is one matmul for the recurrence, one sigmoid over the i/f/o gates and one tanh
+  (gates are reordered i, f, o, g so each nonlinearity covers one contiguous slice).
+- `int8`: `fused` with the recurrent matmuls in int8 x int8 -> int32 (`torch._int_mm`, VNNI on
+  x86): weights quantized per output row (symmetric), the hidden state quantized with the fixed
+  scale 1/127 (|h| <= 1 always: h = o * tanh(c)). Integer accumulation is exact, so a row's
+  result does not depend on the other rows of the batch: a seed gives the same text alone or under
+  load. The embedding table and the output head stay fp32.
+
+Prompts are not run here: prefill runs the whole prompt through the model's nn.LSTM in one call
+(fast for sequences), and the step continues from that state.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from lm.errors import ConfigError
+from lm.model import LSTMLanguageModel
+
+log = logging.getLogger(__name__)
+
+DECODE_KINDS = ("int8", "fused", "reference")
+H_SCALE = 127.0  # int8 code of h = round(h * 127); |h| <= 1
+
+
+class Step(Protocol):
+    kind: str
+
+    def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor: ...
+
+
+def build_step(model: LSTMLanguageModel, kind: str) -> Step:
+    """The decode step of `kind` for `model` (weights are copied: later changes to the model are not seen)."""
+    if kind not in DECODE_KINDS:
+        raise ConfigError(f"decode kind must be one of {', '.join(DECODE_KINDS)}, got {kind!r}", "decode")
+    if kind == "reference":
+        return ReferenceStep(model)
+    if kind == "int8" and not int8_available():
+        log.warning("int8 matmul is not available in this torch build; decoding with the fp32 fused step")
+        kind = "fused"
+    if next(model.parameters()).device.type != "cpu":
+        log.info("the fused steps are CPU kernels; decoding on %s with the reference step", model.head.weight.device)
+        return ReferenceStep(model)
+    return FusedStep(model, int8=kind == "int8")
+
+
+def int8_available() -> bool:
+    try:
+        a, w = torch.ones(1, 32, dtype=torch.int8), torch.ones(8, 32, dtype=torch.int8)
+        return int(torch._int_mm(a, w.t())[0, 0]) == 32  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class ReferenceStep:
+    """The model's own forward, one token per sequence."""
+
+    kind = "reference"
+
+    def __init__(self, model: LSTMLanguageModel) -> None:
+        self.model = model
+
+    @torch.inference_mode()
+    def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        logits, (h_new, c_new) = self.model(tokens[:, None], (h.contiguous(), c.contiguous()))  # (B, 1, V)
+        h.copy_(h_new)
+        c.copy_(c_new)
+        return logits[:, 0]
+
+
+def _reorder_gates(w: Tensor, hidden: int) -> Tensor:
+    """nn.LSTM's gate blocks (i, f, g, o) along dim 0 -> (i, f, o, g)."""
+    i, f, g, o = w.split(hidden, dim=0)
+    return torch.cat([i, f, o, g], dim=0)
+
+
+def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (out, in) fp32 -> int8 codes (out, in) and one scale per output row (out,), symmetric."""
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class FusedStep:
+    """Hand-fused LSTM cells (fp32 or int8 recurrent matmuls) + fp32 output head."""
+
+    def __init__(self, model: LSTMLanguageModel, *, int8: bool) -> None:
+        cfg = model.cfg
+        self.kind = "int8" if int8 else "fused"
+        self.int8 = int8
+        self.hidden = H = cfg.hidden_dim
+        self.layers = cfg.layers
+        lstm: nn.LSTM = model.lstm
+        with torch.no_grad():
+            w_ih0 = _reorder_gates(lstm.weight_ih_l0.detach().float(), H)  # (4H, E)
+            b0 = _reorder_gates((lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().float(), H)  # (4H,)
+            # layer 0's input gates for every vocabulary entry: (V, 4H)
+            self.table = (model.embedding.weight.detach().float() @ w_ih0.t() + b0).contiguous()
+            self.w: list[Tensor] = []  # fp32: (in, 4H) for addmm;  int8: codes (4H, in), used transposed
+            self.scale: list[Tensor] = []  # int8 only: (1, 4H) = row scale / 127 (the h code scale)
+            self.bias: list[Tensor | None] = [None]  # layer 0's bias is in the table
+            for layer in range(cfg.layers):
+                w_hh = _reorder_gates(getattr(lstm, f"weight_hh_l{layer}").detach().float(), H)  # (4H, H)
+                if layer == 0:
+                    w = w_hh
+                else:
+                    w_ih = _reorder_gates(getattr(lstm, f"weight_ih_l{layer}").detach().float(), H)  # (4H, H)
+                    w = torch.cat([w_ih, w_hh], dim=1)  # (4H, 2H): input is [h_below_new, h_prev]
+                    b = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+                    self.bias.append(_reorder_gates(b.detach().float(), H).contiguous())
+                if int8:
+                    q, s = _quantize_rows(w)
+                    self.w.append(q.contiguous())
+                    self.scale.append((s / H_SCALE)[None, :].contiguous())
+                else:
+                    self.w.append(w.t().contiguous())
+            self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V)
+            self.head_b = model.head.bias.detach().float().contiguous()  # (V,)
+
+    def _gates(self, layer: int, x: Tensor, base: Tensor) -> Tensor:
+        """base (B, 4H) + x (B, in) @ W_layer^T."""
+        if not self.int8:
+            return torch.addmm(base, x, self.w[layer])
+        xq = torch.round(x * H_SCALE).to(torch.int8)  # (B, in): |x| <= 1, fixed scale, batch-invariant
+        acc = torch._int_mm(xq, self.w[layer].t())  # type: ignore[attr-defined]  # (B, 4H) int32, exact
+        return torch.addcmul(base, acc.float(), self.scale[layer])
+
+    def _cell(self, gates: Tensor, h: Tensor, c: Tensor) -> None:
+        """gates (B, 4H) ordered i, f, o, g; h, c (B, H) views of the state, updated in place."""
+        H = self.hidden
+        ifo = torch.sigmoid(gates[:, : 3 * H])  # (B, 3H)
+        g = torch.tanh(gates[:, 3 * H :])  # (B, H)
+        c.mul_(ifo[:, H : 2 * H]).addcmul_(ifo[:, :H], g)  # c = f * c + i * g
+        torch.mul(ifo[:, 2 * H :], torch.tanh(c), out=h)  # h = o * tanh(c)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        """tokens (B,) int64; h, c (layers, B, H) updated in place -> logits (B, V)."""
+        gates = self._gates(0, h[0], self.table[tokens])  # (B, 4H)
+        self._cell(gates, h[0], c[0])
+        for layer in range(1, self.layers):
+            x = torch.cat([h[layer - 1], h[layer]], dim=1)  # (B, 2H): the new h below, this layer's old h
+            gates = self._gates(layer, x, self.bias[layer].expand(x.shape[0], -1))  # type: ignore[union-attr]
+            self._cell(gates, h[layer], c[layer])
+        return torch.addmm(self.head_b, h[-1], self.head_w)  # (B, V)
