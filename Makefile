@@ -27,11 +27,15 @@ dev: $(VENV)/.dev-installed
 run: install
 	$(VENV)/bin/textgen serve --host $(HOST) --port $(PORT)
 
-# System packages the suite drives as real processes (redis-server for the Redis paths).
+# System packages the suite drives as real processes (redis-server for the Redis paths, chromium for the page).
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "installing redis-server"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@# Debian's chromium for the playground's browser tests (tests/e2e/test_ui.py); no browser download.
+	@test -x /usr/bin/chromium || { \
+		echo "installing chromium"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 test: dev system-deps
 	$(PY) -m pytest
