@@ -16,8 +16,8 @@ Three kinds, measured against each other in docs/PERFORMANCE.md:
 - `int8`: `fused` with the recurrent matmuls in int8 x int8 -> int32 (`torch._int_mm`, VNNI on
   x86): weights quantized per output row (symmetric), the hidden state quantized with the fixed
   scale 1/127 (|h| <= 1 always: h = o * tanh(c)). Integer accumulation is exact, so a row's
-  result does not depend on the other rows of the batch: a seed gives the same text alone or under
-  load. The embedding table and the output head stay fp32.
+  state does not depend on the other rows of the batch (the fp32 head, like the reference's matmuls,
+  agrees across batch sizes to rounding only). The embedding table and the output head stay fp32.
 
 Prompts are not run here: prefill runs the whole prompt through the model's nn.LSTM in one call
 (fast for sequences), and the step continues from that state.

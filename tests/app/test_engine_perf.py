@@ -1,0 +1,170 @@
+"""The engine's speed features, as a client sees them: stream coalescing, the prompt-state cache, the fast steps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.engine import Engine, EngineOptions, Failed, Finished, Sequence, Token
+from app.metrics import Metrics
+from lm.registry import Registry
+from lm.sampler import SamplingParams, SequenceSampler, prompt_ids
+from tests.app.conftest import MODEL_A, ClientFactory
+
+pytestmark = pytest.mark.anyio
+
+# a 60-character prompt: longer than the cache's 32-token minimum
+PROMPT = "Shall I compare thee to a summer's day? Thou art more lovely"
+
+
+@pytest.fixture
+def make_engine(models_dir: Path) -> Iterator:
+    engines: list[Engine] = []
+
+    def make(**options: object) -> Engine:
+        checkpoint = Registry(models_dir).load(MODEL_A)
+        engine = Engine(
+            checkpoint.model,
+            checkpoint.tokenizer,
+            model_id=MODEL_A,
+            max_running=4,
+            device=torch.device("cpu"),
+            metrics=Metrics(),
+            options=EngineOptions(**options),  # type: ignore[arg-type]
+        )
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+        engine.join(5)
+
+
+async def _events(engine: Engine, prompt: str, params: SamplingParams) -> list[tuple[float, Token | Finished]]:
+    """Submit one sequence; every event with the loop time it arrived at."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    ids = prompt_ids(engine.tokenizer, prompt)
+    engine.submit(Sequence(ids, SequenceSampler(engine.tokenizer, params, ids), loop, queue))
+    events: list[tuple[float, Token | Finished]] = []
+    while not events or not isinstance(events[-1][1], Finished):
+        _, event = await asyncio.wait_for(queue.get(), 10)
+        assert not isinstance(event, Failed), event
+        events.append((loop.time(), event))
+    return events
+
+
+def _text(events: list) -> str:
+    return "".join(e.text for _, e in events if isinstance(e, Token))
+
+
+def _sample(engine: Engine, name: str) -> float:
+    return next(s.value for m in engine.metrics.registry.collect() for s in m.samples if s.name == name)
+
+
+# ---------------------------------------------------------------------------- coalescing
+
+
+async def test_interval_zero_sends_one_event_per_token(make_engine) -> None:
+    engine = make_engine(stream_interval_s=0.0)
+    events = await _events(engine, "To be", SamplingParams(max_tokens=40, seed=1))
+    tokens = [e for _, e in events if isinstance(e, Token)]
+    assert len(tokens) == 40 == events[-1][1].usage["completion_tokens"]
+
+
+async def test_coalesced_stream_sends_the_first_token_at_once_and_the_same_text(make_engine) -> None:
+    params = SamplingParams(max_tokens=300, seed=2)
+    plain = await _events(make_engine(stream_interval_s=0.0), "To be", params)
+    engine = make_engine(stream_interval_s=30.0)  # longer than the whole generation
+    events = await _events(engine, "To be", params)
+    tokens = [(t, e) for t, e in events if isinstance(e, Token)]
+    # the first token alone, at once; everything else held until the end, in one event
+    assert len(tokens) == 2
+    assert len(tokens[0][1].text) == 1 and tokens[0][1].text == _text(plain)[0]
+    assert _text(events) == _text(plain)
+    assert _sample(engine, "textgen_time_to_first_token_seconds_sum") < 5  # not held back by the 30 s interval
+
+
+async def test_a_short_interval_coalesces_a_fast_stream_into_fewer_events(make_engine) -> None:
+    engine = make_engine(stream_interval_s=0.005)
+    events = await _events(engine, "To be", SamplingParams(max_tokens=400, seed=3))
+    tokens = [e for _, e in events if isinstance(e, Token)]
+    assert 2 <= len(tokens) < 400
+    assert len(_text(events)) == 400  # char model: one character per token, nothing lost
+
+
+# ---------------------------------------------------------------------------- prompt-state cache
+
+
+async def test_an_extended_prompt_runs_from_the_cached_prefix_with_the_same_text(make_engine) -> None:
+    params = SamplingParams(max_tokens=60, temperature=0.9, seed=7)
+    longer = PROMPT + " and more temperate"
+    uncached = _text(await _events(make_engine(), longer, params))
+
+    engine = make_engine(prompt_cache_bytes=1 << 20)
+    await _events(engine, PROMPT, params)
+    assert _sample(engine, "textgen_prompt_cache_hits_total") == 0
+    assert _sample(engine, "textgen_prompt_cache_misses_total") == 1
+    cached = _text(await _events(engine, longer, params))
+    assert _sample(engine, "textgen_prompt_cache_hits_total") == 1
+    assert _sample(engine, "textgen_prompt_cache_tokens_total") == len(PROMPT)  # char model: a token per char
+    assert cached == uncached
+
+
+async def test_a_repeated_prompt_needs_no_prefill_and_gives_the_same_text(make_engine) -> None:
+    params = SamplingParams(max_tokens=50, temperature=1.0, seed=11)
+    engine = make_engine(prompt_cache_bytes=1 << 20)
+    first = _text(await _events(engine, PROMPT, params))
+    again = _text(await _events(engine, PROMPT, params))
+    assert again == first
+    assert _sample(engine, "textgen_prompt_cache_tokens_total") == len(PROMPT)
+
+
+async def test_a_next_turn_reuses_the_state_after_the_reply(make_engine) -> None:
+    """prompt + reply + new text: only the new text (and the reply's last token) is run."""
+    engine = make_engine(prompt_cache_bytes=1 << 20, decode="int8")
+    reply = _text(await _events(engine, PROMPT, SamplingParams(max_tokens=30, seed=5)))
+    assert len(reply) == 30
+    await _events(engine, PROMPT + reply + "\nUser: and then?", SamplingParams(max_tokens=10, seed=5))
+    assert _sample(engine, "textgen_prompt_cache_tokens_total") == len(PROMPT) + 29  # the last token was never fed
+
+
+async def test_a_small_budget_evicts_the_oldest_states(make_engine) -> None:
+    engine = make_engine(prompt_cache_bytes=1500)  # room for one entry of the 16-unit model (about 1.1 KB)
+    for prompt in (PROMPT, PROMPT.upper()):
+        await _events(engine, prompt, SamplingParams(max_tokens=1, seed=1))
+    await _events(engine, PROMPT, SamplingParams(max_tokens=1, seed=1))
+    assert _sample(engine, "textgen_prompt_cache_hits_total") == 0
+    assert 0 < _sample(engine, "textgen_prompt_cache_bytes") <= 1500
+
+
+# ---------------------------------------------------------------------------- through the service
+
+
+async def test_the_service_reports_cache_hits_in_metrics(make_client: ClientFactory) -> None:
+    client: httpx.AsyncClient = await make_client(prompt_cache_mb=1, stream_interval_ms=5)
+    body = {"prompt": PROMPT, "max_tokens": 20, "seed": 3}
+    first = (await client.post("/generate", json=body)).json()
+    second = (await client.post("/generate", json={**body, "prompt": PROMPT + first["text"] + " more"})).json()
+    assert second["usage"]["prompt_tokens"] == len(PROMPT) + 20 + 5
+    metrics = (await client.get("/metrics")).text
+    assert "textgen_prompt_cache_hits_total 1.0" in metrics
+    assert "textgen_prompt_cache_misses_total 1.0" in metrics
+    assert f"textgen_prompt_cache_tokens_total {float(len(PROMPT) + 19)}" in metrics
+
+
+@pytest.mark.parametrize("decode", ["reference", "fused", "int8"])
+async def test_every_decode_kind_streams_over_sse(make_client: ClientFactory, decode: str) -> None:
+    client: httpx.AsyncClient = await make_client(decode=decode, stream_interval_ms=0)
+    body = {"prompt": "To be", "max_tokens": 25, "seed": 4, "stream": True}
+    async with client.stream("POST", "/generate", json=body) as response:
+        lines = [line async for line in response.aiter_lines()]
+    assert lines.count("event: token") == 25
+    assert lines.count("event: done") == 1
