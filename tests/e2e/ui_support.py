@@ -126,11 +126,18 @@ def start_server(models_dir: Path, log_dir: Path, ready: str = "/readyz", **env:
     raise RuntimeError(f"server not ready after 60 s:\n{server.log()}")
 
 
-def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
+def stop_servers(servers: list[Server]) -> None:
+    """SIGINT to every server at once (each drains and stops its training worker), then wait for each."""
+    running = [s for s in servers if s.process.poll() is None]
+    for server in running:
         server.process.send_signal(signal.SIGINT)
+    for server in running:
         try:
             server.process.wait(15)
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait()
+
+
+def stop_server(server: Server) -> None:
+    stop_servers([server])
