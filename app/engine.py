@@ -39,7 +39,7 @@ from torch import Tensor
 from app.metrics import Metrics, now
 from app.prompt_cache import PromptCache
 from lm.batch_sampler import choose_batch
-from lm.fast import build_step
+from lm.fast import Step, build_step
 from lm.model import LSTMLanguageModel
 from lm.sampler import SequenceSampler
 from lm.tokenizers import Tokenizer
@@ -256,7 +256,7 @@ class Engine:
         self.device = device
         self.metrics = metrics
         self.options = options or EngineOptions()
-        self.step = build_step(model, self.options.decode)
+        self.step: Step | None = None  # built in the engine thread: quantizing weights must not block the loop
         cfg = model.cfg
         dtype = next(model.parameters()).dtype
         self.states = StateSlots(cfg.layers, cfg.hidden_dim, max_running, device, dtype)
@@ -293,6 +293,7 @@ class Engine:
     # -- the engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self.step = build_step(self.model, self.options.decode)
         log.info("engine %s: started on %s, %s decode step", self.model_id, self.device, self.step.kind)
         with torch.inference_mode():
             while not self._stopping:
@@ -418,7 +419,7 @@ class Engine:
         try:
             tokens = torch.tensor([s.last_token for s in batch], dtype=torch.long, device=self.device)  # (B,)
             h, c = self.states.rows()  # (layers, B, H) views, updated in place
-            logits = self.step(tokens, h, c)  # (B, V)
+            logits = self.step(tokens, h, c)  # type: ignore[misc]  # (B, V); built in _run
             self._sample(batch, logits)
         except Exception:
             log.exception("engine %s: decode step failed for %d sequences", self.model_id, len(batch))

@@ -64,7 +64,7 @@ def build_step(model: LSTMLanguageModel, kind: str) -> Step:
 def int8_available() -> bool:
     try:
         a, w = torch.ones(1, 32, dtype=torch.int8), torch.ones(8, 32, dtype=torch.int8)
-        return int(torch._int_mm(a, w.t())[0, 0]) == 32  # type: ignore[attr-defined]
+        return int(torch._int_mm(a, w.t())[0, 0]) == 32
     except (AttributeError, RuntimeError):
         return False
 
@@ -109,21 +109,22 @@ class FusedStep:
         self.layers = cfg.layers
         lstm: nn.LSTM = model.lstm
         with torch.no_grad():
-            w_ih0 = _reorder_gates(lstm.weight_ih_l0.detach().float(), H)  # (4H, E)
-            b0 = _reorder_gates((lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().float(), H)  # (4H,)
+            p = lstm.get_parameter
+            w_ih0 = _reorder_gates(p("weight_ih_l0").detach().float(), H)  # (4H, E)
+            b0 = _reorder_gates((p("bias_ih_l0") + p("bias_hh_l0")).detach().float(), H)  # (4H,)
             # layer 0's input gates for every vocabulary entry: (V, 4H)
             self.table = (model.embedding.weight.detach().float() @ w_ih0.t() + b0).contiguous()
             self.w: list[Tensor] = []  # fp32: (in, 4H) for addmm;  int8: codes (4H, in), used transposed
             self.scale: list[Tensor] = []  # int8 only: (1, 4H) = row scale / 127 (the h code scale)
             self.bias: list[Tensor | None] = [None]  # layer 0's bias is in the table
             for layer in range(cfg.layers):
-                w_hh = _reorder_gates(getattr(lstm, f"weight_hh_l{layer}").detach().float(), H)  # (4H, H)
+                w_hh = _reorder_gates(p(f"weight_hh_l{layer}").detach().float(), H)  # (4H, H)
                 if layer == 0:
                     w = w_hh
                 else:
-                    w_ih = _reorder_gates(getattr(lstm, f"weight_ih_l{layer}").detach().float(), H)  # (4H, H)
+                    w_ih = _reorder_gates(p(f"weight_ih_l{layer}").detach().float(), H)  # (4H, H)
                     w = torch.cat([w_ih, w_hh], dim=1)  # (4H, 2H): input is [h_below_new, h_prev]
-                    b = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+                    b = p(f"bias_ih_l{layer}") + p(f"bias_hh_l{layer}")
                     self.bias.append(_reorder_gates(b.detach().float(), H).contiguous())
                 if int8:
                     q, s = _quantize_rows(w)
@@ -139,7 +140,7 @@ class FusedStep:
         if not self.int8:
             return torch.addmm(base, x, self.w[layer])
         xq = torch.round(x * H_SCALE).to(torch.int8)  # (B, in): |x| <= 1, fixed scale, batch-invariant
-        acc = torch._int_mm(xq, self.w[layer].t())  # type: ignore[attr-defined]  # (B, 4H) int32, exact
+        acc = torch._int_mm(xq, self.w[layer].t())  # (B, 4H) int32, exact
         return torch.addcmul(base, acc.float(), self.scale[layer])
 
     def _cell(self, gates: Tensor, h: Tensor, c: Tensor) -> None:

@@ -1,0 +1,194 @@
+"""Decode speed in-process: textgen's engine against a plain per-step nn.LSTM loop, same weights and sampling.
+
+    python bench/decode_step.py                  # the shipped default model, 1 torch thread
+    python bench/decode_step.py --tokens 500 --rounds 2
+
+Single stream: the plain loop is the textbook one (the model's forward on a (1, 1) batch, state
+carried, `SequenceSampler.choose` + `push` per token); textgen's number is a real `Engine` with one
+sequence, from its first token event to its `Finished` on the asyncio side, for each decode kind.
+Both use the same seed and sampling parameters; the rounds alternate (plain, then each kind) so a
+noisy neighbour slows both, and the ratio is the median of per-round ratios. Then the batch sweep:
+the decode step + batched sampling alone at B = 1..64, tokens/s per kind, plotted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from loadgen import DEFAULT_MODEL  # noqa: E402
+from results import machine_summary, write_section  # noqa: E402
+
+from app.engine import Engine, EngineOptions, Finished, Sequence  # noqa: E402
+from app.metrics import Metrics  # noqa: E402
+from lm.batch_sampler import choose_batch  # noqa: E402
+from lm.fast import DECODE_KINDS, build_step  # noqa: E402
+from lm.registry import Registry  # noqa: E402
+from lm.sampler import SamplingParams, SequenceSampler, prompt_ids  # noqa: E402
+
+PROMPT = "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def plain_loop(model, tokenizer, params: SamplingParams) -> float:
+    """Tokens/s of the textbook loop: one nn.LSTM call per token, the sampler per token."""
+    ids = prompt_ids(tokenizer, PROMPT)
+    sampler = SequenceSampler(tokenizer, params, ids)
+    with torch.inference_mode():
+        logits, state = model(torch.tensor([ids]))
+        logits = logits[0, -1]
+        started = time.perf_counter()
+        while not sampler.finished:
+            token = sampler.choose(logits)
+            sampler.push(token)
+            out, state = model(torch.tensor([[token]]), state)  # (1, 1, V)
+            logits = out[0, -1]
+    return sampler.completion_tokens / (time.perf_counter() - started)
+
+
+async def engine_stream(engine: Engine, params: SamplingParams) -> float:
+    """Tokens/s of one sequence through a running Engine, first token event to Finished."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    ids = prompt_ids(engine.tokenizer, PROMPT)
+    engine.submit(Sequence(ids, SequenceSampler(engine.tokenizer, params, ids), loop, queue))
+    _, first = await queue.get()
+    started = time.perf_counter()
+    while True:
+        _, event = await queue.get()
+        if isinstance(event, Finished):
+            return (event.usage["completion_tokens"] - 1) / (time.perf_counter() - started)
+
+
+def make_engine(checkpoint, kind: str) -> Engine:
+    options = EngineOptions(decode=kind, stream_interval_s=0.010, prompt_cache_bytes=0)
+    engine = Engine(
+        checkpoint.model,
+        checkpoint.tokenizer,
+        model_id=checkpoint.model_id,
+        max_running=64,
+        device=torch.device("cpu"),
+        metrics=Metrics(),
+        options=options,
+    )
+    engine.start()
+    return engine
+
+
+def single_stream(checkpoint, tokens: int, rounds: int) -> dict[str, list[float]]:
+    params = SamplingParams(max_tokens=tokens, temperature=0.8, top_k=40, seed=1)
+    engines = {kind: make_engine(checkpoint, kind) for kind in DECODE_KINDS}
+    runs: dict[str, list[float]] = {"plain": [], **{k: [] for k in DECODE_KINDS}}
+    try:
+        for _ in range(rounds):
+            runs["plain"].append(plain_loop(checkpoint.model, checkpoint.tokenizer, params))
+            for kind, engine in engines.items():
+                runs[kind].append(asyncio.run(engine_stream(engine, params)))
+    finally:
+        for engine in engines.values():
+            engine.stop()
+            engine.join(5)
+    return runs
+
+
+def batch_sweep(checkpoint, steps: int) -> dict[str, list[float]]:
+    """Tokens/s of step + batched sampling alone, per kind and batch size."""
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    H, L, V = model.cfg.hidden_dim, model.cfg.layers, model.cfg.vocab_size
+    out: dict[str, list[float]] = {}
+    for kind in DECODE_KINDS:
+        step = build_step(model, kind)
+        out[kind] = []
+        for B in BATCHES:
+            samplers = [
+                SequenceSampler(tokenizer, SamplingParams(temperature=0.8, top_k=40, seed=i), [0]) for i in range(B)
+            ]
+            tokens = torch.randint(0, V, (B,), generator=torch.Generator().manual_seed(0))
+            h, c = torch.zeros(L, B, H), torch.zeros(L, B, H)
+            n = max(10, steps // (4 if kind == "reference" else 1))
+            with torch.inference_mode():
+                for i in range(n + 5):
+                    if i == 5:
+                        started = time.perf_counter()
+                    logits = step(tokens, h, c)
+                    tokens = torch.tensor(choose_batch(samplers, logits))
+            out[kind].append(n * B / (time.perf_counter() - started))
+    return out
+
+
+def plot(sweep: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, values in sweep.items():
+        ax.plot(BATCHES, values, marker="o", label=kind)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("running sequences (batch)")
+    ax.set_ylabel("tokens/s (step + sampling)")
+    ax.set_title("Decode step throughput, one engine thread")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--tokens", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sweep-steps", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    checkpoint = Registry(ROOT / "models").load(args.model)
+    runs = single_stream(checkpoint, args.tokens, args.rounds)
+    sweep = batch_sweep(checkpoint, args.sweep_steps)
+    plot(sweep, ROOT / "bench" / "decode_step.png")
+
+    rows = [
+        "| path | tokens/s (median) | all rounds | x plain (median of per-round ratios) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, values in runs.items():
+        ratio = statistics.median(v / p for v, p in zip(values, runs["plain"], strict=True))
+        all_rounds = ", ".join(f"{v:,.0f}" for v in values)
+        rows.append(f"| {name} | {statistics.median(values):,.0f} | {all_rounds} | {ratio:.1f}x |")
+    sweep_rows = ["| kind | " + " | ".join(f"B={b}" for b in BATCHES) + " |", "|---" * (len(BATCHES) + 1) + "|"]
+    for kind, values in sweep.items():
+        sweep_rows.append(f"| {kind} | " + " | ".join(f"{v:,.0f}" for v in values) + " |")
+    body = f"""
+Machine: {machine_summary()}; torch {torch.__version__}, {args.threads} torch thread(s); load average at start
+{Path("/proc/loadavg").read_text().split()[0]}.
+Command: `python bench/decode_step.py --tokens {args.tokens} --rounds {args.rounds}` (model `{args.model}`).
+
+Single stream, {args.tokens} tokens, temperature 0.8, top-k 40, same seed. `plain` is the textbook
+per-step `nn.LSTM` loop with `SequenceSampler`; the others are textgen's `Engine` (one sequence,
+10 ms stream coalescing) with each decode step. Target: >= 4x plain.
+
+{chr(10).join(rows)}
+
+Decode step + batched sampling alone, tokens/s by batch size:
+
+{chr(10).join(sweep_rows)}
+
+![decode step throughput](decode_step.png)
+"""
+    write_section("Decode step (bench/decode_step.py)", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

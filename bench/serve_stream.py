@@ -1,0 +1,192 @@
+"""Streaming over HTTP, measured by a client in its own process: one stream, then 1-64 concurrent streams.
+
+    python bench/serve_stream.py                       # the shipped default model, default settings
+    python bench/serve_stream.py --concurrency 1 8 --requests 2
+
+The server is `textgen serve` in a subprocess (TEXTGEN_MAX_RUNNING=64, the other settings default);
+this script is the load generator. Single stream: `POST /generate` with `stream: true`, 2,000
+tokens, tokens/s = completion tokens / (last event - request sent). Concurrency c: c clients in a
+closed loop, each sending `--requests` requests one after the other (200-character prompts cut from
+the corpus, a different one per request, 500 tokens each); the clients start spread over the first
+second, as users do. Aggregate tokens/s = all completion tokens / wall time of the whole run; time to
+first token is per request, from sending to the first token event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from loadgen import (  # noqa: E402
+    DEFAULT_MODEL,
+    Server,
+    StreamResult,
+    corpus_text,
+    models_copy,
+    percentile,
+    post_stream,
+    start_server,
+    stop_server,
+)
+from results import machine_summary, write_section  # noqa: E402
+
+PROMPT_CHARS = 200
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    text = corpus_text()
+    rng = random.Random(seed)
+    return [text[i : i + PROMPT_CHARS] for i in (rng.randrange(len(text) - PROMPT_CHARS) for _ in range(n))]
+
+
+async def single_stream(server: Server, tokens: int, runs: int) -> list[StreamResult]:
+    out = []
+    for i, prompt in enumerate(prompts(runs, seed=99)):
+        body = {"prompt": prompt, "max_tokens": tokens, "stream": True, "seed": i}
+        out.append(await post_stream(server.host, server.port, "/generate", body))
+    return out
+
+
+async def concurrent(server: Server, clients: int, requests: int, tokens: int) -> tuple[list[StreamResult], float]:
+    texts = prompts(clients * requests, seed=clients)
+
+    async def client(i: int) -> list[StreamResult]:
+        await asyncio.sleep(i / clients)  # spread the starts over the first second
+        results = []
+        for r in range(requests):
+            body = {"prompt": texts[i * requests + r], "max_tokens": tokens, "stream": True, "temperature": 0.8}
+            results.append(await post_stream(server.host, server.port, "/generate", body, record_gaps=True))
+        return results
+
+    started = time.perf_counter()
+    per_client = await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - started
+    return [r for rs in per_client for r in rs], wall
+
+
+def plot(rows: list[dict], path_tput: Path, path_lat: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = [r["clients"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(cs, [r["aggregate"] for r in rows], marker="o", label="aggregate")
+    ax.plot(cs, [r["per_stream"] for r in rows], marker="s", label="per stream (median)")
+    ax.axhline(15000, color="grey", linestyle="--", linewidth=1, label="target at 64: 15,000")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent SSE clients")
+    ax.set_ylabel("tokens/s (client-measured)")
+    ax.set_title("Streaming throughput vs concurrency")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path_tput, dpi=100)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(cs, [r["ttft_p50"] * 1000 for r in rows], marker="o", label="TTFT p50")
+    ax.plot(cs, [r["ttft_p99"] * 1000 for r in rows], marker="s", label="TTFT p99")
+    ax.plot(cs, [r["gap_p99"] * 1000 for r in rows], marker="^", label="gap between events p99")
+    ax.axhline(100, color="grey", linestyle="--", linewidth=1, label="target TTFT p99 at 64: 100 ms")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent SSE clients")
+    ax.set_ylabel("ms")
+    ax.set_title("Latency vs concurrency")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path_lat, dpi=100)
+
+
+def summarize(clients: int, results: list[StreamResult], wall: float) -> dict:
+    ok = [r for r in results if r.ok]
+    gaps = [g for r in ok for _, g in r.gaps]
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "tokens": sum(r.completion_tokens for r in ok),
+        "aggregate": sum(r.completion_tokens for r in ok) / wall,
+        "per_stream": statistics.median(r.completion_tokens / (r.ended - r.first_token) for r in ok),
+        "ttft_p50": percentile([r.ttft for r in ok], 50),
+        "ttft_p99": percentile([r.ttft for r in ok], 99),
+        "gap_p99": percentile(gaps, 99) if gaps else 0.0,
+        "events_per_request": statistics.median(r.events for r in ok),
+    }
+
+
+async def run_all(server: Server, args: argparse.Namespace) -> tuple[list[StreamResult], list[dict]]:
+    await single_stream(server, 200, 1)  # warm-up
+    single = await single_stream(server, args.single_tokens, args.single_runs)
+    rows = []
+    for clients in args.concurrency:
+        results, wall = await concurrent(server, clients, args.requests, args.tokens)
+        rows.append(summarize(clients, results, wall))
+        print(rows[-1], flush=True)
+    return single, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--requests", type=int, default=3, help="requests per client, one after the other")
+    parser.add_argument("--tokens", type=int, default=500)
+    parser.add_argument("--single-tokens", type=int, default=2000)
+    parser.add_argument("--single-runs", type=int, default=3)
+    parser.add_argument("--threads", default="1", help="TEXTGEN_THREADS for the server")
+    parser.add_argument("--setting", action="append", default=[], help="extra NAME=VALUE server settings")
+    args = parser.parse_args()
+    extra = dict(s.split("=", 1) for s in args.setting)
+    settings = {"threads": args.threads, "max_running": "64", "max_waiting": "64", **extra}
+    server = start_server(models_copy((args.model,)), **settings)
+    try:
+        single, rows = asyncio.run(run_all(server, args))
+    finally:
+        stop_server(server)
+    plot(rows, ROOT / "bench" / "serve_throughput.png", ROOT / "bench" / "serve_latency.png")
+
+    single_rates = [r.completion_tokens / (r.ended - r.started) for r in single if r.ok]
+    table = [
+        "| clients | requests | failed | aggregate tokens/s | per-stream tokens/s (median) | TTFT p50 | TTFT p99 "
+        "| event gap p99 | events per request |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['aggregate']:,.0f} | {r['per_stream']:,.0f} "
+            f"| {r['ttft_p50'] * 1000:.1f} ms | {r['ttft_p99'] * 1000:.1f} ms | {r['gap_p99'] * 1000:.1f} ms "
+            f"| {r['events_per_request']:.0f} |"
+        )
+    command = " ".join(["python bench/serve_stream.py", *sys.argv[1:]])
+    settings_text = ", ".join(f"TEXTGEN_{k.upper()}={v}" for k, v in settings.items())
+    body = f"""
+Machine: {machine_summary()}; load average at the end {Path("/proc/loadavg").read_text().split()[0]}.
+Command: `{command}` (model `{args.model}`; server settings {settings_text}, the rest default).
+
+One SSE stream, {args.single_tokens} tokens, client-measured from sending the request to the last
+event: **{statistics.median(single_rates):,.0f} tokens/s** (median of {len(single_rates)}:
+{", ".join(f"{v:,.0f}" for v in single_rates)}). Target: >= 2,000.
+
+Concurrent SSE streams, {PROMPT_CHARS}-character prompts, {args.tokens} tokens each, {args.requests}
+requests per client in a closed loop (targets at 64 clients: aggregate >= 15,000 tokens/s, TTFT p99
+<= 100 ms):
+
+{chr(10).join(table)}
+
+![throughput](serve_throughput.png) ![latency](serve_latency.png)
+"""
+    write_section("Streaming over HTTP (bench/serve_stream.py)", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
