@@ -224,7 +224,8 @@ def test_generation_streams_and_stop_ends_it(shared_server: Server, tab: Tab) ->
     page = tab.page
     tab.open(shared_server)
     page.fill("#gen-max-tokens", LONG_STREAM)
-    page.click("#gen-start")
+    page.focus("#gen-prompt")
+    page.keyboard.press("Control+Enter")
     expect(page.locator("#gen-stop")).to_be_enabled()
     lengths = [output_length(page)]
     for _ in range(4):  # the output grows read after read while the stream runs
@@ -360,7 +361,10 @@ def test_a_training_job_draws_its_loss_curve_and_its_model_can_be_tried(registry
 def test_cancel_stops_a_running_job(registry_server: Server, tab: Tab) -> None:
     page = tab.page
     tab.open(registry_server, "train")
-    page.fill("#train-text", TRAIN_TEXT)
+    page.check('input[name="source"][value="file"]')  # the multipart upload this time
+    upload = {"name": "sonnets.txt", "mimeType": "text/plain", "buffer": TRAIN_TEXT.encode()}
+    page.set_input_files("#train-file", files=[upload])
+    expect(page.locator("#train-file-size")).to_contain_text("sonnets.txt: 7.7 KB")
     page.click('[data-preset="tiny"]')
     page.fill("#train-epochs", "10000")
     page.fill("#train-name", "never-published")
@@ -371,6 +375,9 @@ def test_cancel_stops_a_running_job(registry_server: Server, tab: Tab) -> None:
     expect(page.locator("#job-state")).to_have_text("cancelled")
     expect(page.locator("#job-result")).to_have_text("Cancelled: nothing was published.")
     expect(page.locator("#job-cancel")).to_be_disabled()
+    job = httpx.get(f"{registry_server.url}/train?limit=1").json()["jobs"][0]
+    assert job["state"] == "cancelled" and job["params"]["corpus_name"] == "sonnets"
+    assert job["params"]["epochs"] == 10000 and job["params"]["hidden_dim"] == 64
     assert "never-published" not in [m["id"] for m in httpx.get(f"{registry_server.url}/models").json()["models"]]
     assert tab.console_errors == []
 
@@ -413,10 +420,12 @@ def test_api_key_field_and_error_messages(serve: ServerFactory, tabs: Callable[[
     second.page.click("#key-form button[type=submit]")
     second.page.click("#gen-start")
     expect(second.page.locator("#gen-error")).to_contain_text("The server is busy (429)")
-    expect(second.page.locator("#gen-error")).to_contain_text("Try again in 1 s")
-    page.click("#gen-stop")
-    expect(page.locator("#gen-stat-finish")).to_have_text("stopped (by you)")
+    expect(second.page.locator("#gen-error")).to_contain_text("retry after 1 s")  # the Retry-After
+    expect(second.page.locator("#gen-stat-finish")).to_have_text("—")
     screenshot(second.page, "error-429")
+    page.bring_to_front()
+    page.keyboard.press("Escape")  # the keyboard's Stop
+    expect(page.locator("#gen-stat-finish")).to_have_text("stopped (by you)")
 
     page.click("#key-clear")
     assert page.evaluate("sessionStorage.getItem('textgen.apiKey')") is None
@@ -429,6 +438,6 @@ def test_a_server_without_a_model_says_it_is_not_ready(serve: ServerFactory, tab
     expect(page.locator("#serving")).to_contain_text("not ready")
     expect(page.locator("#gen-model option")).to_have_text(["Active model (none)"])
     page.click("#gen-start")
-    expect(page.locator("#gen-error")).to_contain_text("The service is not ready (503)")
+    expect(page.locator("#gen-error")).to_contain_text("The service is unavailable (503): no model is loaded")
     page.click("#tab-models")
     expect(page.locator("#models-body")).to_contain_text("No models in the registry yet.")

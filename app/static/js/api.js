@@ -22,7 +22,8 @@ export class ApiError extends Error {
 }
 
 // One sentence per status a user can do something about; the server's own message follows.
-export function explain(status, message, retryAfter) {
+export function explain(status, detail, retryAfter) {
+  const message = String(detail).replace(/\.$/, ""); // the sentence goes on after it
   switch (status) {
     case 0:
       return `Cannot reach the server (${message}). Is textgen still running?`;
@@ -30,12 +31,14 @@ export function explain(status, message, retryAfter) {
       return `API key needed (401): ${message}. Enter a valid key in the API key field at the top.`;
     case 403:
       return `This key is not allowed to do that (403): ${message}.`;
-    case 429:
-      return `The server is busy (429): ${message}. Try again in ${retryAfter || "a few"} s.`;
+    case 429: {
+      const when = /retry/i.test(message) ? "" : ` Try again in ${retryAfter || "a few"} s.`;
+      return `The server is busy (429): ${message}.${when}`;
+    }
     case 503:
-      return `The service is not ready (503): ${message}.`;
+      return `The service is unavailable (503): ${message}.${retryAfter ? ` Try again in ${retryAfter} s.` : ""}`;
     default:
-      return message;
+      return String(detail);
   }
 }
 

@@ -85,8 +85,9 @@ export class GeneratePanel {
         form.requestSubmit();
       }
     });
-    this.root.addEventListener("keydown", (event) => {
-      if (event.key === "Escape" && this.controller) this.stop();
+    document.addEventListener("keydown", (event) => {
+      // on the document: the focused Generate button is disabled while it runs, which drops the focus
+      if (event.key === "Escape" && this.controller && !this.root.hidden) this.stop();
     });
     document.addEventListener("textgen:try-model", (event) => {
       this.renderModels();
@@ -191,7 +192,7 @@ export class GeneratePanel {
     } finally {
       this.controller = null;
       this.setRunning(false);
-      stats.render();
+      stats.end();
     }
   }
 }
@@ -258,6 +259,11 @@ class Stats {
     this.finish = "stopped";
   }
 
+  end() {
+    this.ended = true; // what never came shows as "—", no longer as "…"
+    this.render();
+  }
+
   // Decode speed after the first token; over the whole request when every token came in one read.
   rate() {
     if (this.first === null || this.tokens < 1) return null;
@@ -269,12 +275,13 @@ class Stats {
 
   render() {
     const set = (id, text) => ($(`#gen-stat-${id}`, this.root).textContent = text);
+    const pending = this.ended ? "—" : "…";
     const ttft = this.first === null ? null : (this.first - this.started) / 1000;
-    set("model", this.version ?? "…");
-    set("ttft", ttft === null ? "…" : fmtSeconds(ttft));
+    set("model", this.version ?? pending);
+    set("ttft", ttft === null ? pending : fmtSeconds(ttft));
     set("tokens", fmtNumber(this.tokens));
     set("rate", fmtNumber(this.rate(), 1));
-    set("finish", this.finish === "stopped" ? "stopped (by you)" : (this.finish ?? "…"));
+    set("finish", this.finish === "stopped" ? "stopped (by you)" : (this.finish ?? pending));
     this.root.dataset.finish = this.finish ?? "";
   }
 }

@@ -371,6 +371,7 @@ export class TrainPanel {
   onFinal(state, data) {
     this.setState(state);
     this.job.model_id = data.model_id;
+    $("#job-eta", this.root).textContent = state === "succeeded" ? "done" : "—";
     if (state === "succeeded") {
       const metrics = data.metrics ?? {};
       const activated = data.activated ? "and activated" : `(not activated${data.note ? `: ${data.note}` : ""})`;
