@@ -366,8 +366,8 @@ class Engine:
     def _start_prefill(self, seq: Sequence) -> None:
         """Start from the longest cached prefix of the prompt, if any."""
         self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        if self.cache is None:
-            return
+        if self.cache is None or len(seq.prompt_ids) < self.cache.min_tokens:
+            return  # too short to be cached: neither a hit nor a miss
         entry = self.cache.lookup(seq.prompt_ids)
         if entry is None:
             self.metrics.prompt_cache_misses.inc()
