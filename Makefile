@@ -36,6 +36,11 @@ system-deps:
 	@test -x /usr/bin/chromium || { \
 		echo "installing chromium"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@# Debian's docker-compose (v1, on the system Python) validates docker-compose.yml; no Docker engine needed.
+	@command -v docker-compose >/dev/null 2>&1 || { \
+		echo "installing docker-compose"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			docker-compose >/dev/null; }
 
 test: dev system-deps
 	$(PY) -m pytest
