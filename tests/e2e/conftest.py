@@ -114,8 +114,12 @@ class Cluster:
         return self._spawn(name, [*args, "--lease", self.env.get("TEXTGEN_JOB_LEASE_S", "3")])
 
     def stop_all(self) -> None:
-        for process in reversed(self.processes):
-            process.stop(signal.SIGINT if process.url else signal.SIGTERM)
+        """Signal every process first, then wait: they shut down in parallel."""
+        running = [p for p in self.processes if p.proc.poll() is None]
+        for process in running:
+            process.proc.send_signal(signal.SIGINT if process.url else signal.SIGTERM)
+        for process in running:
+            process.stop()
 
     def logs(self) -> str:
         return "\n".join(f"==== {p.name} ====\n{p.log()[-4000:]}" for p in self.processes)
@@ -205,7 +209,11 @@ def wait_serving(apis: list[Process], model_id: str, timeout: float = 5.0) -> fl
 
 
 class SlowStream(threading.Thread):
-    """A streamed generation read slowly (so it stays in flight) until `hurry` is set, then to its end."""
+    """A streamed generation whose client reads the first token, then nothing until `hurry` is set.
+
+    The response stays open (unread) across whatever happens meanwhile, e.g. a model swap; then
+    it is read to its end.
+    """
 
     def __init__(self, api: Process, max_tokens: int) -> None:
         super().__init__(daemon=True)
@@ -220,7 +228,7 @@ class SlowStream(threading.Thread):
         with httpx.stream("POST", f"{self.api.url}/generate", json=body, timeout=120) as response:
             for event in sse(response.iter_lines()):
                 self.events.append(event)
-                self.started_tokens.set()
-                if not self.hurry.is_set():
-                    time.sleep(0.01)
+                if not self.started_tokens.is_set():
+                    self.started_tokens.set()
+                    self.hurry.wait(120)
         self.ended_at = time.monotonic()

@@ -101,7 +101,7 @@ def published_for(models_dir: Path, job_id: str) -> list[str]:
 def test_a_job_swaps_both_replicas_while_a_stream_finishes_on_the_old_version(rc: RedisCluster) -> None:
     api1, api2 = rc.apis
     assert serving(api1) == serving(api2) == BASE_MODEL
-    stream = SlowStream(api1, max_tokens=6000)
+    stream = SlowStream(api1, max_tokens=5000)
     stream.start()
     assert stream.started_tokens.wait(30)
 
