@@ -183,6 +183,7 @@ def _write_files(folder: Path, model: LSTMLanguageModel, tokenizer: Tokenizer, c
     text = json.dumps(config, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     (folder / CONFIG_FILE).write_text(text, encoding="utf-8")
     for name in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE):
+        (folder / name).chmod(0o644)  # safetensors creates 0600 files; readers may run as another user
         _fsync_file(folder / name)
     _fsync_dir(folder)
 
