@@ -1,0 +1,507 @@
+"""The training loop on a 2-KB corpus with a 16-unit LSTM: what a user of `lm.train` sees."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.data import batchify, decode_corpus, read_corpus, split_corpus, windows
+from lm.errors import ConfigError, CorpusError, TrainingCancelled
+from lm.registry import Registry
+from lm.train import STATE_JSON, TrainConfig, TrainEvent, evaluate, lr_at, train
+
+from .conftest import CHINESE_CORPUS, TINY_CORPUS
+
+
+def tiny(**overrides) -> TrainConfig:
+    base = dict(
+        embedding_dim=16,
+        hidden_dim=16,
+        layers=2,
+        seq_len=16,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        epochs=2,
+        threads=1,
+        precision="fp32",
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_falls_within_seconds() -> None:
+    events: list[TrainEvent] = []
+    cfg = tiny(epochs=12, embedding_dim=32, hidden_dim=32, lr=3e-2, dropout=0.0)
+    result = train(TINY_CORPUS, cfg, on_event=events.append, progress_interval_s=0)
+    epochs = [e for e in events if e.kind == "epoch"]
+    assert len(epochs) == 12
+    first, last = epochs[0], epochs[-1]
+    assert last.train_loss is not None and first.train_loss is not None
+    assert last.train_loss < first.train_loss - 0.5
+    assert math.log(result.tokenizer.vocab_size) > result.metrics["val_loss"]  # better than uniform
+    assert result.metrics["epochs"] == 12 and result.metrics["stopped_by"] == "epochs"
+
+
+def test_metrics_are_consistent() -> None:
+    m = train(TINY_CORPUS, tiny(epochs=1)).metrics
+    assert m["val_perplexity"] == pytest.approx(math.exp(m["val_loss"]))
+    assert m["val_bits_per_token"] == pytest.approx(m["val_loss"] / math.log(2))
+    assert m["val_bits_per_char"] == pytest.approx(m["val_bits_per_token"])  # char tokenizer: 1 token = 1 char
+    assert m["tokens"] > 0 and m["steps"] > 0 and m["tokens_per_s"] > 0
+
+
+def test_same_seed_same_model_other_seed_differs() -> None:
+    a = train(TINY_CORPUS, tiny(seed=7))
+    b = train(TINY_CORPUS, tiny(seed=7))
+    c = train(TINY_CORPUS, tiny(seed=8))
+    assert a.metrics["val_loss"] == b.metrics["val_loss"]
+    assert all(torch.equal(x, y) for x, y in zip(weights(a.model).values(), weights(b.model).values(), strict=True))
+    assert a.metrics["val_loss"] != c.metrics["val_loss"]
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
+    cfg = tiny(epochs=3, dropout=0.2)
+    full = train(TINY_CORPUS, cfg)
+    # The process dies during epoch 2: the state folder holds epoch 1; a new run picks it up.
+    saved_epochs: list[int] = []
+
+    def record(e: TrainEvent) -> None:
+        if e.kind == "state_saved":
+            saved_epochs.append(e.epoch)
+
+    with pytest.raises(TrainingCancelled):
+        train(TINY_CORPUS, cfg, state_dir=tmp_path, on_event=record, should_stop=lambda: bool(saved_epochs))
+    saved = json.loads((tmp_path / STATE_JSON).read_text())
+    assert saved["progress"]["epoch"] == 1
+    events: list[TrainEvent] = []
+    resumed = train(TINY_CORPUS, cfg, state_dir=tmp_path, on_event=events.append)
+    assert [e.epoch for e in events if e.kind == "epoch"] == [2, 3]  # epoch 1 was not trained again
+    assert resumed.metrics["steps"] == full.metrics["steps"]
+    assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
+    for (name, x), y in zip(weights(full.model).items(), weights(resumed.model).values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_resume_refuses_another_corpus(tmp_path: Path) -> None:
+    train(TINY_CORPUS, tiny(epochs=1), state_dir=tmp_path)
+    with pytest.raises(CorpusError, match="different corpus"):
+        train(TINY_CORPUS + "More words.\n", tiny(epochs=2), state_dir=tmp_path)
+
+
+def test_max_steps_and_time_budget_stop_training() -> None:
+    r = train(TINY_CORPUS, tiny(epochs=50, max_steps=5))
+    assert r.metrics["steps"] == 5 and r.metrics["stopped_by"] == "max_steps"
+    r = train(TINY_CORPUS, tiny(epochs=10_000, time_budget_s=1.0))
+    assert r.metrics["stopped_by"] == "time_budget"
+    assert r.metrics["elapsed_s"] < 5.0
+
+
+def test_early_stopping_keeps_the_best_epoch() -> None:
+    # A high learning rate on a tiny corpus overfits fast, so validation stops improving.
+    events: list[TrainEvent] = []
+    r = train(TINY_CORPUS, tiny(epochs=60, lr=0.05, patience=2, dropout=0.0), on_event=events.append)
+    vals = [e.val_loss for e in events if e.kind == "epoch"]
+    assert r.metrics["stopped_by"] == "early_stopping"
+    assert len(vals) < 60
+    assert r.metrics["val_loss"] == pytest.approx(min(vals), rel=1e-5)
+
+
+def test_progress_events_report_rate_and_eta() -> None:
+    events: list[TrainEvent] = []
+    train(TINY_CORPUS, tiny(epochs=2), on_event=events.append, progress_interval_s=0)
+    progress = [e for e in events if e.kind == "progress"]
+    assert progress and all(e.tokens_per_s > 0 for e in progress)
+    assert all(e.total_steps == progress[0].total_steps for e in progress)
+    assert progress[-1].eta_s is not None and progress[-1].eta_s >= 0
+    assert [e.step for e in progress] == sorted(e.step for e in progress)
+    epoch_events = [e for e in events if e.kind == "epoch"]
+    assert all(e.sample for e in epoch_events)  # each epoch reports a short generated sample
+
+
+def test_cancellation_stops_promptly() -> None:
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(TrainingCancelled):
+        train(TINY_CORPUS, tiny(epochs=100), should_stop=should_stop)
+    assert calls["n"] == 4
+
+
+def test_state_saved_each_epoch(tmp_path: Path) -> None:
+    events: list[TrainEvent] = []
+    train(TINY_CORPUS, tiny(epochs=2), state_dir=tmp_path, on_event=events.append)
+    assert [e.epoch for e in events if e.kind == "state_saved"] == [1, 2]
+    assert {p.name for p in tmp_path.iterdir()} == {"train_state.safetensors", "train_state.json", "tokenizer.json"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("hidden_dim", 0),
+        ("layers", 9),
+        ("dropout", 0.95),
+        ("lr", 2.0),
+        ("seq_len", 1),
+        ("batch_size", 0),
+        ("val_fraction", 0.9),
+        ("epochs", 0),
+        ("tokenizer", "morse"),
+        ("precision", "fp8"),
+        ("threads", 0),
+    ],
+)
+def test_out_of_bounds_hyperparameters_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        tiny(**{field: value}).validate()
+    assert err.value.param == field
+    assert field in str(err.value)
+
+
+def test_tie_weights_needs_equal_dims() -> None:
+    with pytest.raises(ConfigError, match="tie_weights"):
+        tiny(embedding_dim=8, hidden_dim=16, tie_weights=True).validate()
+
+
+def test_corpus_shorter_than_one_batch_is_refused() -> None:
+    with pytest.raises(CorpusError, match="shorter than one batch"):
+        train("short text, few tokens", tiny(batch_size=64))
+
+
+@pytest.mark.parametrize("text", ["", "   \n\n  "])
+def test_empty_corpus_is_refused(text: str) -> None:
+    with pytest.raises(CorpusError, match="empty"):
+        train(text, tiny())
+
+
+def test_binary_and_non_utf8_bytes_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match="binary"):
+        decode_corpus(b"\x00\x01\x02ELF" * 100)
+    with pytest.raises(CorpusError, match="UTF-8"):
+        decode_corpus("café".encode("latin-1"))
+    with pytest.raises(CorpusError, match="not found"):
+        read_corpus(tmp_path / "missing.txt")
+    (tmp_path / "ok.txt").write_bytes("\ufeffhello world\n".encode())
+    assert read_corpus(tmp_path / "ok.txt") == "hello world\n"  # a byte-order mark is dropped
+
+
+def test_chinese_corpus_trains_with_char_tokenizer() -> None:
+    r = train(CHINESE_CORPUS * 4, tiny(epochs=2, batch_size=2))
+    assert "道" in r.tokenizer.decode(r.tokenizer.encode("道"))
+    assert math.isfinite(r.metrics["val_loss"])
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_word_and_bpe_tokenizers_train(kind: str) -> None:
+    vocab = 300 if kind == "bpe" else None
+    r = train(TINY_CORPUS * 3, tiny(tokenizer=kind, vocab_size=vocab, batch_size=2, epochs=1))
+    assert r.tokenizer.kind == kind
+    assert math.isfinite(r.metrics["val_loss"])
+    # bits per char is per character, so word/bpe models are comparable with char ones
+    assert r.metrics["val_bits_per_char"] < r.metrics["val_bits_per_token"]
+
+
+def test_fine_tune_keeps_the_base_tokenizer_and_architecture(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    base = train(TINY_CORPUS, tiny(epochs=1))
+    registry.publish(base.model, base.tokenizer, model_id="base", training={}, metrics=base.metrics)
+    checkpoint = registry.load("base")
+    tuned = train("Summer's lease hath all too short a date.\n" * 40, tiny(epochs=1, hidden_dim=64), base=checkpoint)
+    assert tuned.tokenizer.to_dict() == checkpoint.tokenizer.to_dict()
+    assert tuned.config.hidden_dim == 16  # the base model's, not the flag's
+    assert not all(
+        torch.equal(x, y)
+        for x, y in zip(weights(tuned.model).values(), weights(checkpoint.model).values(), strict=True)
+    )
+
+
+def test_evaluate_reports_loss_perplexity_bits_per_char() -> None:
+    r = train(TINY_CORPUS, tiny(epochs=1))
+    report = evaluate(r.model, r.tokenizer, TINY_CORPUS[:500])
+    assert set(report) == {"tokens", "chars", "loss", "perplexity", "bits_per_char"}
+    assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
+    assert report["bits_per_char"] == pytest.approx(report["loss"] / math.log(2), rel=0.01)
+    assert 400 < report["tokens"] <= 500
+
+
+def test_split_is_by_position_and_batches_are_contiguous() -> None:
+    ids = torch.arange(100)
+    train_ids, val_ids = split_corpus(ids, 0.1)
+    assert train_ids.tolist() == list(range(90)) and val_ids.tolist() == list(range(90, 100))
+    data = batchify(train_ids, 3)  # (3, 30): row b is one contiguous stream
+    assert data.shape == (3, 30) and data[1].tolist() == list(range(30, 60))
+    pairs = list(windows(data, 8))
+    assert torch.equal(pairs[0][1][:, :-1], pairs[0][0][:, 1:])  # y is x shifted by one
+    assert torch.equal(pairs[1][0][:, 0], pairs[0][0][:, -1] + 1)  # the next window continues the stream
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth() -> None:
+    cfg = tiny(lr=1.0, warmup_steps=10)
+    assert lr_at(cfg, 0, 100) == pytest.approx(0.1)
+    assert lr_at(cfg, 9, 100) == pytest.approx(1.0)
+    assert lr_at(cfg, 100, 100) == pytest.approx(0.1)
+    assert lr_at(cfg, 20, 100, time_fraction=1.0) == pytest.approx(0.1)  # a spent time budget decays fully    pairs = zip(weights(tuned.model).values(), weights(checkpoint.model).values(), strict=True)
+    assert not all(torch.equal(x, y) for x, y in pairs)
+e training loop on a 2-KB corpus with a 16-unit LSTM: what a user of `lm.train` sees."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.data import batchify, decode_corpus, read_corpus, split_corpus, windows
+from lm.errors import ConfigError, CorpusError, TrainingCancelled
+from lm.registry import Registry
+from lm.train import STATE_JSON, TrainConfig, TrainEvent, evaluate, lr_at, train
+
+from .conftest import CHINESE_CORPUS, TINY_CORPUS
+
+
+def tiny(**overrides) -> TrainConfig:
+    base = dict(
+        embedding_dim=16,
+        hidden_dim=16,
+        layers=2,
+        seq_len=16,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        epochs=2,
+        threads=1,
+        precision="fp32",
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_falls_within_seconds() -> None:
+    events: list[TrainEvent] = []
+    cfg = tiny(epochs=12, embedding_dim=32, hidden_dim=32, lr=3e-2, dropout=0.0)
+    result = train(TINY_CORPUS, cfg, on_event=events.append, progress_interval_s=0)
+    epochs = [e for e in events if e.kind == "epoch"]
+    assert len(epochs) == 12
+    first, last = epochs[0], epochs[-1]
+    assert last.train_loss is not None and first.train_loss is not None
+    assert last.train_loss < first.train_loss - 0.5
+    assert math.log(result.tokenizer.vocab_size) > result.metrics["val_loss"]  # better than uniform
+    assert result.metrics["epochs"] == 12 and result.metrics["stopped_by"] == "epochs"
+
+
+def test_metrics_are_consistent() -> None:
+    m = train(TINY_CORPUS, tiny(epochs=1)).metrics
+    assert m["val_perplexity"] == pytest.approx(math.exp(m["val_loss"]))
+    assert m["val_bits_per_token"] == pytest.approx(m["val_loss"] / math.log(2))
+    assert m["val_bits_per_char"] == pytest.approx(m["val_bits_per_token"])  # char tokenizer: 1 token = 1 char
+    assert m["tokens"] > 0 and m["steps"] > 0 and m["tokens_per_s"] > 0
+
+
+def test_same_seed_same_model_other_seed_differs() -> None:
+    a = train(TINY_CORPUS, tiny(seed=7))
+    b = train(TINY_CORPUS, tiny(seed=7))
+    c = train(TINY_CORPUS, tiny(seed=8))
+    assert a.metrics["val_loss"] == b.metrics["val_loss"]
+    assert all(torch.equal(x, y) for x, y in zip(weights(a.model).values(), weights(b.model).values(), strict=True))
+    assert a.metrics["val_loss"] != c.metrics["val_loss"]
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
+    cfg = tiny(epochs=3, dropout=0.2)
+    full = train(TINY_CORPUS, cfg)
+    # The process dies during epoch 2: the state folder holds epoch 1; a new run picks it up.
+    saved_epochs: list[int] = []
+
+    def record(e: TrainEvent) -> None:
+        if e.kind == "state_saved":
+            saved_epochs.append(e.epoch)
+
+    with pytest.raises(TrainingCancelled):
+        train(TINY_CORPUS, cfg, state_dir=tmp_path, on_event=record, should_stop=lambda: bool(saved_epochs))
+    saved = json.loads((tmp_path / STATE_JSON).read_text())
+    assert saved["progress"]["epoch"] == 1
+    events: list[TrainEvent] = []
+    resumed = train(TINY_CORPUS, cfg, state_dir=tmp_path, on_event=events.append)
+    assert [e.epoch for e in events if e.kind == "epoch"] == [2, 3]  # epoch 1 was not trained again
+    assert resumed.metrics["steps"] == full.metrics["steps"]
+    assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
+    for (name, x), y in zip(weights(full.model).items(), weights(resumed.model).values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_resume_refuses_another_corpus(tmp_path: Path) -> None:
+    train(TINY_CORPUS, tiny(epochs=1), state_dir=tmp_path)
+    with pytest.raises(CorpusError, match="different corpus"):
+        train(TINY_CORPUS + "More words.\n", tiny(epochs=2), state_dir=tmp_path)
+
+
+def test_max_steps_and_time_budget_stop_training() -> None:
+    r = train(TINY_CORPUS, tiny(epochs=50, max_steps=5))
+    assert r.metrics["steps"] == 5 and r.metrics["stopped_by"] == "max_steps"
+    r = train(TINY_CORPUS, tiny(epochs=10_000, time_budget_s=1.0))
+    assert r.metrics["stopped_by"] == "time_budget"
+    assert r.metrics["elapsed_s"] < 5.0
+
+
+def test_early_stopping_keeps_the_best_epoch() -> None:
+    # A high learning rate on a tiny corpus overfits fast, so validation stops improving.
+    events: list[TrainEvent] = []
+    r = train(TINY_CORPUS, tiny(epochs=60, lr=0.05, patience=2, dropout=0.0), on_event=events.append)
+    vals = [e.val_loss for e in events if e.kind == "epoch"]
+    assert r.metrics["stopped_by"] == "early_stopping"
+    assert len(vals) < 60
+    assert r.metrics["val_loss"] == pytest.approx(min(vals), rel=1e-5)
+
+
+def test_progress_events_report_rate_and_eta() -> None:
+    events: list[TrainEvent] = []
+    train(TINY_CORPUS, tiny(epochs=2), on_event=events.append, progress_interval_s=0)
+    progress = [e for e in events if e.kind == "progress"]
+    assert progress and all(e.tokens_per_s > 0 for e in progress)
+    assert all(e.total_steps == progress[0].total_steps for e in progress)
+    assert progress[-1].eta_s is not None and progress[-1].eta_s >= 0
+    assert [e.step for e in progress] == sorted(e.step for e in progress)
+    epoch_events = [e for e in events if e.kind == "epoch"]
+    assert all(e.sample for e in epoch_events)  # each epoch reports a short generated sample
+
+
+def test_cancellation_stops_promptly() -> None:
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(TrainingCancelled):
+        train(TINY_CORPUS, tiny(epochs=100), should_stop=should_stop)
+    assert calls["n"] == 4
+
+
+def test_state_saved_each_epoch(tmp_path: Path) -> None:
+    events: list[TrainEvent] = []
+    train(TINY_CORPUS, tiny(epochs=2), state_dir=tmp_path, on_event=events.append)
+    assert [e.epoch for e in events if e.kind == "state_saved"] == [1, 2]
+    assert {p.name for p in tmp_path.iterdir()} == {"train_state.safetensors", "train_state.json", "tokenizer.json"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("hidden_dim", 0),
+        ("layers", 9),
+        ("dropout", 0.95),
+        ("lr", 2.0),
+        ("seq_len", 1),
+        ("batch_size", 0),
+        ("val_fraction", 0.9),
+        ("epochs", 0),
+        ("tokenizer", "morse"),
+        ("precision", "fp8"),
+        ("threads", 0),
+    ],
+)
+def test_out_of_bounds_hyperparameters_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        tiny(**{field: value}).validate()
+    assert err.value.param == field
+    assert field in str(err.value)
+
+
+def test_tie_weights_needs_equal_dims() -> None:
+    with pytest.raises(ConfigError, match="tie_weights"):
+        tiny(embedding_dim=8, hidden_dim=16, tie_weights=True).validate()
+
+
+def test_corpus_shorter_than_one_batch_is_refused() -> None:
+    with pytest.raises(CorpusError, match="shorter than one batch"):
+        train("short text, few tokens", tiny(batch_size=64))
+
+
+@pytest.mark.parametrize("text", ["", "   \n\n  "])
+def test_empty_corpus_is_refused(text: str) -> None:
+    with pytest.raises(CorpusError, match="empty"):
+        train(text, tiny())
+
+
+def test_binary_and_non_utf8_bytes_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match="binary"):
+        decode_corpus(b"\x00\x01\x02ELF" * 100)
+    with pytest.raises(CorpusError, match="UTF-8"):
+        decode_corpus("café".encode("latin-1"))
+    with pytest.raises(CorpusError, match="not found"):
+        read_corpus(tmp_path / "missing.txt")
+    (tmp_path / "ok.txt").write_bytes("\ufeffhello world\n".encode())
+    assert read_corpus(tmp_path / "ok.txt") == "hello world\n"  # a byte-order mark is dropped
+
+
+def test_chinese_corpus_trains_with_char_tokenizer() -> None:
+    r = train(CHINESE_CORPUS * 4, tiny(epochs=2, batch_size=2))
+    assert "道" in r.tokenizer.decode(r.tokenizer.encode("道"))
+    assert math.isfinite(r.metrics["val_loss"])
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_word_and_bpe_tokenizers_train(kind: str) -> None:
+    vocab = 300 if kind == "bpe" else None
+    r = train(TINY_CORPUS * 3, tiny(tokenizer=kind, vocab_size=vocab, batch_size=2, epochs=1))
+    assert r.tokenizer.kind == kind
+    assert math.isfinite(r.metrics["val_loss"])
+    # bits per char is per character, so word/bpe models are comparable with char ones
+    assert r.metrics["val_bits_per_char"] < r.metrics["val_bits_per_token"]
+
+
+def test_fine_tune_keeps_the_base_tokenizer_and_architecture(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    base = train(TINY_CORPUS, tiny(epochs=1))
+    registry.publish(base.model, base.tokenizer, model_id="base", training={}, metrics=base.metrics)
+    checkpoint = registry.load("base")
+    tuned = train("Summer's lease hath all too short a date.\n" * 40, tiny(epochs=1, hidden_dim=64), base=checkpoint)
+    assert tuned.tokenizer.to_dict() == checkpoint.tokenizer.to_dict()
+    assert tuned.config.hidden_dim == 16  # the base model's, not the flag's
+    assert not all(
+        torch.equal(x, y)
+        for x, y in zip(weights(tuned.model).values(), weights(checkpoint.model).values(), strict=True)
+    )
+
+
+def test_evaluate_reports_loss_perplexity_bits_per_char() -> None:
+    r = train(TINY_CORPUS, tiny(epochs=1))
+    report = evaluate(r.model, r.tokenizer, TINY_CORPUS[:500])
+    assert set(report) == {"tokens", "chars", "loss", "perplexity", "bits_per_char"}
+    assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
+    assert report["bits_per_char"] == pytest.approx(report["loss"] / math.log(2), rel=0.01)
+    assert 400 < report["tokens"] <= 500
+
+
+def test_split_is_by_position_and_batches_are_contiguous() -> None:
+    ids = torch.arange(100)
+    train_ids, val_ids = split_corpus(ids, 0.1)
+    assert train_ids.tolist() == list(range(90)) and val_ids.tolist() == list(range(90, 100))
+    data = batchify(train_ids, 3)  # (3, 30): row b is one contiguous stream
+    assert data.shape == (3, 30) and data[1].tolist() == list(range(30, 60))
+    pairs = list(windows(data, 8))
+    assert torch.equal(pairs[0][1][:, :-1], pairs[0][0][:, 1:])  # y is x shifted by one
+    assert torch.equal(pairs[1][0][:, 0], pairs[0][0][:, -1] + 1)  # the next window continues the stream
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth() -> None:
+    cfg = tiny(lr=1.0, warmup_steps=10)
+    assert lr_at(cfg, 0, 100) == pytest.approx(0.1)
+    assert lr_at(cfg, 9, 100) == pytest.approx(1.0)
+    assert lr_at(cfg, 100, 100) == pytest.approx(0.1)
+    assert lr_at(cfg, 20, 100, time_fraction=1.0) == pytest.approx(0.1)  # a spent time budget decays fully
