@@ -5,9 +5,10 @@ The engine's thread loops:
 
     admit    take new sequences from the inbox into the waiting line (blocking only when idle)
     prefill  run waiting prompts through the model, at most `prefill_chunk` tokens per turn, each
-             prompt as one sequence call (nn.LSTM over (1, T)), starting from the longest cached
-             prefix state (app/prompt_cache.py); a finished prompt takes a state row and its last
-             logits give its first token
+             prompt as one sequence (`step.prefill`: the input products of all positions at once,
+             then the recurrence), starting from the longest cached prefix state
+             (app/prompt_cache.py); a finished prompt takes a state row and its last logits give
+             its first token
     step     ONE batched decode step for every running sequence (lm/fast.py: int8, fused fp32 or
              the reference nn.LSTM): last tokens (B,) + state rows (layers, B, H) -> logits (B, V),
              states updated in place; then the whole batch is sampled at once (lm/batch_sampler.py)
@@ -174,7 +175,7 @@ class EngineOptions:
     decode: str = "reference"  # lm.fast.DECODE_KINDS
     stream_interval_s: float = 0.0  # coalesce a stream's text for at most this long; 0 = an event per token
     prompt_cache_bytes: int = 0  # 0 = no prompt-state cache
-    prefill_chunk: int = 512  # prompt tokens run between two decode steps
+    prefill_chunk: int = 256  # prompt tokens run between two decode steps
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineOptions:
@@ -375,22 +376,28 @@ class Engine:
         self.metrics.prompt_cache_hits.inc()
         self.metrics.prompt_cache_tokens.inc(entry.length)
         seq.prefilled = entry.length
-        seq.prefill_state = entry.h[:, None], entry.c[:, None]  # (layers, 1, H): read, never written
+        seq.prefill_state = entry.h[:, None].clone(), entry.c[:, None].clone()  # (layers, 1, H)
         seq.prefill_logits = entry.logits
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
-        """Run the next (at most `budget`) prompt tokens as one sequence call; returns how many ran."""
+        """Run the next (at most `budget`) prompt tokens as one sequence; returns how many ran."""
         start = seq.prefilled
         ids = seq.prompt_ids[start : start + max(budget, 1)]
         if not ids:
             return 0  # the whole prompt was cached
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
-        logits, state = self.model(x, seq.prefill_state)  # (1, T, V), (layers, 1, H) x2
-        seq.prefill_state = state
-        seq.prefill_logits = logits[0, -1]
+        if seq.prefill_state is None:
+            seq.prefill_state = self._zero_state()
+        h, c = seq.prefill_state  # (layers, 1, H), updated in place
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)  # (T,)
+        seq.prefill_logits = self.step.prefill(x, h, c)  # type: ignore[union-attr]  # (V,); built in _run
         seq.prefilled = start + len(ids)
-        self._remember(seq.prompt_ids[: seq.prefilled], state[0][:, 0], state[1][:, 0], seq.prefill_logits)
+        self._remember(seq.prompt_ids[: seq.prefilled], h[:, 0], c[:, 0], seq.prefill_logits)
         return len(ids)
+
+    def _zero_state(self) -> State:
+        shape = (self.states.h.shape[0], 1, self.states.h.shape[2])  # (layers, 1, H)
+        h = torch.zeros(shape, device=self.device, dtype=self.states.h.dtype)
+        return h, torch.zeros_like(h)
 
     def _remember(self, ids: list[int], h: Tensor, c: Tensor, logits: Tensor) -> None:
         if self.cache is not None:

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     decode: Literal["int8", "fused", "reference"] = "int8"  # the decode step; reference = the model's nn.LSTM
     stream_interval_ms: float = Field(default=10.0, ge=0)  # a stream's text is sent at most this often; 0 = every token
     prompt_cache_mb: float = Field(default=64.0, ge=0)  # prompt-state cache per loaded model version; 0 = off
-    prefill_chunk: int = Field(default=512, ge=1)  # prompt tokens run between two decode steps
+    prefill_chunk: int = Field(default=256, ge=1)  # prompt tokens run between two decode steps
     cors_origins: CommaList = []
     log_json: bool = False
     log_level: str = "INFO"

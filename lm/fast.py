@@ -45,6 +45,8 @@ class Step(Protocol):
 
     def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor: ...
 
+    def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor: ...
+
 
 def build_step(model: LSTMLanguageModel, kind: str) -> Step:
     """The decode step of `kind` for `model` (weights are copied: later changes to the model are not seen)."""
@@ -70,7 +72,7 @@ def int8_available() -> bool:
 
 
 class ReferenceStep:
-    """The model's own forward, one token per sequence."""
+    """The model's own forward, one token per sequence; prompts through nn.LSTM in one call per chunk."""
 
     kind = "reference"
 
@@ -83,6 +85,26 @@ class ReferenceStep:
         h.copy_(h_new)
         c.copy_(c_new)
         return logits[:, 0]
+
+    @torch.inference_mode()
+    def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        """tokens (T,); h, c (layers, 1, H) updated in place -> logits (V,) of the last position.
+
+        One nn.LSTM call per power-of-two piece of the prompt (200 = 128 + 64 + 8): oneDNN caches a
+        compiled primitive per sequence length, about 0.75 MB each for the default model, so
+        arbitrary lengths would grow the process by hundreds of MB; a handful of lengths do not.
+        """
+        state = (h, c)
+        start, logits = 0, None
+        while start < len(tokens):
+            n = 1 << ((len(tokens) - start).bit_length() - 1)  # the largest power of two that fits
+            out, state = self.model(tokens[None, start : start + n], state)  # (1, n, V)
+            logits = out[0, -1]
+            start += n
+        h.copy_(state[0])
+        c.copy_(state[1])
+        assert logits is not None, "an empty prompt"
+        return logits
 
 
 def _reorder_gates(w: Tensor, hidden: int) -> Tensor:
@@ -98,8 +120,20 @@ def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def _quantize_h(x: Tensor) -> Tensor:
+    """x (B, H) with |x| <= 1 -> int8 codes at the fixed scale 1/127 (so a row's codes depend on that row only)."""
+    return torch.round(x * H_SCALE).to(torch.int8)
+
+
 class FusedStep:
-    """Hand-fused LSTM cells (fp32 or int8 recurrent matmuls) + fp32 output head."""
+    """Hand-fused LSTM cells (fp32 or int8 matmuls) + fp32 output head.
+
+    Per layer: gates = base + x_below @ W_ih^T + h @ W_hh^T, where base is layer 0's table row
+    (input projection and biases) or the layer's bias. In int8 both products accumulate exactly in
+    int32 (one scale per gate row, shared by W_ih and W_hh) and are scaled once, so running a prompt
+    (all positions' input products at once, then the recurrence) gives bit for bit the state that
+    decoding the same tokens one step at a time gives.
+    """
 
     def __init__(self, model: LSTMLanguageModel, *, int8: bool) -> None:
         cfg = model.cfg
@@ -114,34 +148,45 @@ class FusedStep:
             b0 = _reorder_gates((p("bias_ih_l0") + p("bias_hh_l0")).detach().float(), H)  # (4H,)
             # layer 0's input gates for every vocabulary entry: (V, 4H)
             self.table = (model.embedding.weight.detach().float() @ w_ih0.t() + b0).contiguous()
-            self.w: list[Tensor] = []  # fp32: (in, 4H) for addmm;  int8: codes (4H, in), used transposed
-            self.scale: list[Tensor] = []  # int8 only: (1, 4H) = row scale / 127 (the h code scale)
-            self.bias: list[Tensor | None] = [None]  # layer 0's bias is in the table
+            # per layer; fp32: (in, 4H) for addmm; int8: codes (4H, in), used transposed (the fast layout)
+            self.w_hh: list[Tensor] = []
+            self.w_ih: list[Tensor | None] = [None]  # layer 0's input product is in the table
+            self.scale: list[Tensor] = []  # int8 only: (1, 4H) = gate-row scale / 127 (the h code scale)
+            self.bias: list[Tensor] = [b0]  # layer 0: unused (in the table)
             for layer in range(cfg.layers):
                 w_hh = _reorder_gates(p(f"weight_hh_l{layer}").detach().float(), H)  # (4H, H)
-                if layer == 0:
-                    w = w_hh
-                else:
+                w_ih = None
+                if layer > 0:
                     w_ih = _reorder_gates(p(f"weight_ih_l{layer}").detach().float(), H)  # (4H, H)
-                    w = torch.cat([w_ih, w_hh], dim=1)  # (4H, 2H): input is [h_below_new, h_prev]
                     b = p(f"bias_ih_l{layer}") + p(f"bias_hh_l{layer}")
-                    self.bias.append(_reorder_gates(b.detach().float(), H).contiguous())
+                    self.bias.append(_reorder_gates(b.detach().float(), H)[None, :].contiguous())
                 if int8:
-                    q, s = _quantize_rows(w)
-                    self.w.append(q.contiguous())
-                    self.scale.append((s / H_SCALE)[None, :].contiguous())
+                    both = w_hh if w_ih is None else torch.cat([w_ih, w_hh], dim=1)
+                    _, scale = _quantize_rows(both)  # one scale per gate row for both products
+                    self.scale.append((scale / H_SCALE)[None, :].contiguous())
+                    self.w_hh.append(_codes(w_hh, scale))
+                    if w_ih is not None:
+                        self.w_ih.append(_codes(w_ih, scale))
                 else:
-                    self.w.append(w.t().contiguous())
+                    self.w_hh.append(w_hh.t().contiguous())
+                    if w_ih is not None:
+                        self.w_ih.append(w_ih.t().contiguous())
             self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V)
             self.head_b = model.head.bias.detach().float().contiguous()  # (V,)
 
-    def _gates(self, layer: int, x: Tensor, base: Tensor) -> Tensor:
-        """base (B, 4H) + x (B, in) @ W_layer^T."""
-        if not self.int8:
-            return torch.addmm(base, x, self.w[layer])
-        xq = torch.round(x * H_SCALE).to(torch.int8)  # (B, in): |x| <= 1, fixed scale, batch-invariant
-        acc = torch._int_mm(xq, self.w[layer].t())  # (B, 4H) int32, exact
-        return torch.addcmul(base, acc.float(), self.scale[layer])
+    # -- the arithmetic, shared by decode and prefill ----------------------------------------------
+
+    def _product(self, x: Tensor, w: Tensor) -> Tensor:
+        """x (N, in) @ w^T: int32 (N, 4H) for int8 (exact), fp32 otherwise."""
+        if self.int8:
+            return torch._int_mm(_quantize_h(x), w.t())
+        return x @ w
+
+    def _gates(self, layer: int, base: Tensor, acc: Tensor) -> Tensor:
+        """base (N, 4H) fp32 + the accumulated products acc (N, 4H)."""
+        if self.int8:
+            return torch.addcmul(base, acc.float(), self.scale[layer])
+        return base + acc
 
     def _cell(self, gates: Tensor, h: Tensor, c: Tensor) -> None:
         """gates (B, 4H) ordered i, f, o, g; h, c (B, H) views of the state, updated in place."""
@@ -151,13 +196,49 @@ class FusedStep:
         c.mul_(ifo[:, H : 2 * H]).addcmul_(ifo[:, :H], g)  # c = f * c + i * g
         torch.mul(ifo[:, 2 * H :], torch.tanh(c), out=h)  # h = o * tanh(c)
 
+    # -- decode and prefill ------------------------------------------------------------------------
+
     @torch.inference_mode()
     def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """tokens (B,) int64; h, c (layers, B, H) updated in place -> logits (B, V)."""
-        gates = self._gates(0, h[0], self.table[tokens])  # (B, 4H)
-        self._cell(gates, h[0], c[0])
-        for layer in range(1, self.layers):
-            x = torch.cat([h[layer - 1], h[layer]], dim=1)  # (B, 2H): the new h below, this layer's old h
-            gates = self._gates(layer, x, self.bias[layer].expand(x.shape[0], -1))  # type: ignore[union-attr]
-            self._cell(gates, h[layer], c[layer])
+        for layer in range(self.layers):
+            acc = self._product(h[layer], self.w_hh[layer])  # (B, 4H): the recurrent product, old h
+            if layer == 0:
+                base = self.table[tokens]  # (B, 4H)
+            else:
+                acc = acc + self._product(h[layer - 1], self.w_ih[layer])  # type: ignore[arg-type]  # new h below
+                base = self.bias[layer]
+            self._cell(self._gates(layer, base, acc), h[layer], c[layer])
         return torch.addmm(self.head_b, h[-1], self.head_w)  # (B, V)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        """tokens (T,); h, c (layers, 1, H) updated in place -> logits (V,) of the last position.
+
+        Layer by layer: the input product of all T positions in one matmul (layer 0: one table
+        lookup), then the recurrence, which is sequential in any LSTM.
+        """
+        below = None  # (T, H): the layer below's outputs
+        for layer in range(self.layers):
+            if layer == 0:
+                inputs, base = None, self.table[tokens]  # (T, 4H)
+            else:
+                inputs, base = self._product(below, self.w_ih[layer]), self.bias[layer]  # type: ignore[arg-type]
+            outputs = torch.empty(len(tokens), self.hidden) if layer < self.layers - 1 else None
+            hl, cl = h[layer], c[layer]  # (1, H) views, updated in place
+            for t in range(len(tokens)):
+                acc = self._product(hl, self.w_hh[layer])  # (1, 4H)
+                if inputs is None:
+                    gates = self._gates(layer, base[t : t + 1], acc)
+                else:
+                    gates = self._gates(layer, base, acc + inputs[t : t + 1])
+                self._cell(gates, hl, cl)
+                if outputs is not None:
+                    outputs[t] = hl[0]
+            below = outputs
+        return torch.addmm(self.head_b, h[-1], self.head_w)[0]  # (V,)
+
+
+def _codes(w: Tensor, scale: Tensor) -> Tensor:
+    """w (4H, in) fp32 -> int8 codes at the given per-row scale (4H,)."""
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()

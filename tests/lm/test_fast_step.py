@@ -95,3 +95,23 @@ def test_a_row_does_not_depend_on_the_rest_of_the_batch(model: LSTMLanguageModel
 def test_an_unknown_kind_is_a_config_error(model: LSTMLanguageModel) -> None:
     with pytest.raises(ConfigError, match="decode kind"):
         build_step(model, "onnx")
+
+
+@pytest.mark.parametrize("kind", ["reference", "fused", "int8"])
+def test_prefill_of_a_prompt_equals_decoding_it_token_by_token(
+    model: LSTMLanguageModel, char_tokenizer: CharTokenizer, kind: str
+) -> None:
+    """int8: bit for bit (so a state cached after a completion equals the prompt's prefill); fp32: to rounding."""
+    step = build_step(model, kind)
+    tokens = torch.tensor(char_tokenizer.encode(PROMPTS[4] * 3))  # 132 tokens: several power-of-two pieces
+    h1, c1 = model.init_state(1)
+    logits = step.prefill(tokens, h1, c1)  # (V,)
+    h2, c2 = model.init_state(1)
+    for token in tokens:
+        step_logits = step(token[None], h2, c2)[0]
+    if kind == "int8":
+        assert torch.equal(h1, h2) and torch.equal(c1, c2) and torch.equal(logits, step_logits)
+    else:
+        torch.testing.assert_close((h1, c1, logits), (h2, c2, step_logits), rtol=1e-4, atol=1e-5)
+    ref_logits, (h_ref, _) = model(tokens[None])
+    torch.testing.assert_close(h1, h_ref, rtol=0, atol=0.05)  # every kind runs the same model
