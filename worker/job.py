@@ -30,7 +30,7 @@ from lm.data import decode_corpus
 from lm.errors import TrainingCancelled
 from lm.jobs import Claim, JobRecord, JobStore, StoreUnavailable, corpus_path, open_store, remove_job_files, state_path
 from lm.registry import ActivePointer, FilePointer, Registry
-from lm.train import TrainConfig, train
+from lm.train import TrainConfig, TrainEvent, train
 from worker.errors import EXIT_FINISHED, EXIT_HANDED_BACK, EXIT_PARENT_GONE, JobFailed, describe_failure
 from worker.progress import Reporter, Stopper
 from worker.publish import Publication, promote, published_by, save_model
@@ -83,10 +83,14 @@ def train_and_publish(record: JobRecord, store: JobStore, pointer: ActivePointer
         cfg = _train_config(params, torch.get_num_threads())
         base = registry.load(params["base_model"]) if params.get("base_model") else None
         reporter = Reporter(store, job_id)
-        result = train(
-            text, cfg, on_event=reporter, should_stop=stopper, state_dir=state_path(models_dir, job_id), base=base
-        )
-        if stopper():  # cancelled or stopped during the last validation: publish nothing
+
+        def on_event(event: TrainEvent) -> None:
+            stopper.observe(event)
+            reporter(event)
+
+        state_dir = state_path(models_dir, job_id)
+        result = train(text, cfg, on_event=on_event, should_stop=stopper, state_dir=state_dir, base=base)
+        if stopper.cancelled:  # cancelled during the last validation: publish nothing
             raise TrainingCancelled("training was cancelled")
         training = {
             "recipe": result.config.to_dict(),

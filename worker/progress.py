@@ -8,6 +8,7 @@ reach the store answers "keep going".
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -56,28 +57,65 @@ class Reporter:
 class Stopper:
     """lm.train's should_stop: True on SIGTERM, when the worker that started us is gone, or on cancel.
 
-    The store is asked about a cancel at most every `poll_s` seconds (should_stop runs every step).
+    On SIGTERM, when the current epoch will end (and its state be saved) within `drain_s`, training
+    goes on until that state is saved, so the job resumes where it stopped; otherwise it stops at
+    the next step and resumes from the previous epoch's state. The store is asked about a cancel
+    at most every `poll_s` seconds (should_stop runs every step).
     """
 
-    def __init__(self, store: JobStore, job_id: str, parent_pid: int, poll_s: float = 1.0) -> None:
+    def __init__(
+        self, store: JobStore, job_id: str, parent_pid: int, *, poll_s: float = 1.0, drain_s: float = 10.0
+    ) -> None:
         self.store = store
         self.job_id = job_id
         self.parent_pid = parent_pid
         self.poll_s = poll_s
+        self.drain_s = drain_s
         self.shutting_down = False
         self.parent_gone = False
         self.cancelled = False
+        self.saved_since_signal = False
+        self._drain_until = 0.0
         self._next_poll = 0.0
+        self._last: tuple[float, int] | None = None  # (monotonic time, step) of the last progress event
+        self._steps_per_s: float | None = None
+        self._epoch_end_step: int | None = None
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which sends us SIGTERM
 
+    def observe(self, event: TrainEvent) -> None:
+        """Follow the training's pace, to know how far the next saved epoch state is."""
+        now = time.monotonic()
+        if self._last is not None and event.step > self._last[1]:
+            self._steps_per_s = (event.step - self._last[1]) / max(now - self._last[0], 1e-6)
+        self._last = (now, event.step)
+        per_epoch = event.total_steps / max(1, event.epochs)
+        # a progress event names the epoch being trained; epoch and state_saved, the one just done
+        next_end = event.epoch if event.kind == "progress" else event.epoch + 1
+        self._epoch_end_step = math.ceil(next_end * per_epoch)
+        if event.kind == "state_saved" and self.shutting_down:
+            self.saved_since_signal = True
+
+    def seconds_to_saved_state(self) -> float | None:
+        if self._last is None or not self._steps_per_s or self._epoch_end_step is None:
+            return None
+        at, step = self._last
+        now_step = step + self._steps_per_s * (time.monotonic() - at)
+        return max(0.0, self._epoch_end_step - now_step) / self._steps_per_s
+
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self.shutting_down:
+            self._drain_until = 0.0  # a second signal: stop now
+            return
         self.shutting_down = True
+        eta = self.seconds_to_saved_state()
+        if eta is not None and eta <= self.drain_s:
+            self._drain_until = time.monotonic() + self.drain_s
 
     def __call__(self) -> bool:
-        if self.shutting_down:
+        if self.shutting_down and (self.saved_since_signal or time.monotonic() >= self._drain_until):
             return True
         if os.getppid() != self.parent_pid:
             self.parent_gone = True

@@ -18,9 +18,10 @@ from lm.jobs import JobEvent, JobStore, corpus_path, state_path
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import Registry
 from lm.tokenizers import fit_tokenizer
-from lm.train import STATE_JSON, TrainConfig, train
+from lm.train import STATE_JSON, TrainConfig, TrainEvent, train
 from tests.worker.conftest import ROOT, corpus, tiny_params
 from worker.errors import JobFailed, describe_exit, describe_failure
+from worker.progress import Stopper
 from worker.publish import save_model
 from worker.runner import Runner, RunnerConfig
 
@@ -149,8 +150,9 @@ def test_sigterm_saves_the_state_hands_the_job_back_and_another_worker_resumes(
     assert record.state == "succeeded", record.error
     events = file_store.events(job.id)
     requeued = next(i for i, e in enumerate(events) if e.kind == "requeued")
+    saved = [e.data["epoch"] for e in events[:requeued] if e.kind == "checkpoint"]
     first_after = next(e for e in events[requeued:] if e.kind == "epoch")
-    assert first_after.data["epoch"] >= 2  # resumed, not restarted
+    assert first_after.data["epoch"] == saved[-1] + 1 >= 2  # resumed after the last saved epoch, none retrained
     assert record.metrics is not None and record.metrics["epochs"] == 6
 
 
@@ -199,3 +201,28 @@ def test_failure_descriptions_tell_the_user_what_to_do() -> None:
     assert "SIGKILL" in describe_exit(-signal.SIGKILL)
     assert "SIGSEGV" in describe_exit(-signal.SIGSEGV)
     assert "worker's log" in describe_failure(ZeroDivisionError("boom"))
+
+
+def _event(kind: str, step: int, epoch: int) -> TrainEvent:
+    return TrainEvent(kind, epoch, 10, step, 1000, 2.0, None, 1000.0, None, 1.0)
+
+
+@pytest.mark.parametrize(("pace_s", "drains"), [(0.001, True), (0.2, False)])
+def test_sigterm_near_an_epoch_end_trains_on_until_its_state_is_saved(
+    file_store: FileStore, pace_s: float, drains: bool
+) -> None:
+    job = file_store.submit(tiny_params(), corpus())
+    stopper = Stopper(file_store, job.id, os.getppid(), drain_s=5.0)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stopper.install()
+    try:
+        stopper.observe(_event("progress", 40, 1))
+        time.sleep(pace_s * 10)
+        stopper.observe(_event("progress", 50, 1))  # 100 steps per epoch: 50 to go, at `pace_s` a step
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stopper() is not drains
+        stopper.observe(_event("state_saved", 100, 1))
+        assert stopper()  # the state is saved: stop now
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
