@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from lm.job_files import FileStore
+from lm.job_redis import RedisStore
 from lm.jobs import JobEvent, JobStore, corpus_path, state_path
 from lm.model import LSTMLanguageModel, ModelConfig
+from lm.redis_pointer import RedisPointer
 from lm.registry import Registry
 from lm.tokenizers import fit_tokenizer
 from lm.train import STATE_JSON, TrainConfig, TrainEvent, train
 from tests.worker.conftest import ROOT, corpus, tiny_params
+from tests.worker.redis_server import RedisServer
 from worker.errors import JobFailed, describe_exit, describe_failure
 from worker.progress import Stopper
 from worker.publish import save_model
@@ -226,3 +229,27 @@ def test_sigterm_near_an_epoch_end_trains_on_until_its_state_is_saved(
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_textgen_worker_takes_jobs_from_redis(redis_store: RedisStore, redis_server: RedisServer) -> None:
+    job = redis_store.submit(tiny_params(name="from-redis"), corpus())
+    command = [sys.executable, "-m", "textgen", "worker", "--redis-url", redis_server.url, "--burst"]
+    command += ["--models-dir", str(redis_store.models_dir), "--threads", "1", "--prefix", redis_store.prefix]
+
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    assert finished.returncode == 0, finished.stderr
+    record = redis_store.get(job.id)
+    assert (record.state, record.model_id, record.activated) == ("succeeded", "from-redis", True)
+    assert RedisPointer(redis_store.redis, prefix=redis_store.prefix).get() == "from-redis"
+
+
+def test_textgen_worker_needs_a_redis_url(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TEXTGEN_REDIS_URL"}
+    command = [sys.executable, "-m", "textgen", "worker", "--models-dir", str(tmp_path)]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+
+    assert finished.returncode == 2
+    assert "TEXTGEN_REDIS_URL" in finished.stderr
