@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from app.train_schemas import HYPER
+from lm.train import TrainConfig
 from tests.app.conftest import MODEL_A, ClientFactory
 
 pytestmark = pytest.mark.anyio
@@ -170,3 +173,7 @@ async def test_cancelling_jobs(make_client: ClientFactory) -> None:
     assert (await client.delete(f"/train/{running['id']}")).status_code == 409
     events = sse_events((await client.get(f"/train/{running['id']}/events")).text)
     assert events[-1][0] == "cancelled"
+
+
+def test_every_train_hyperparameter_is_a_post_train_field() -> None:
+    assert set(HYPER) == {f.name for f in fields(TrainConfig)}
