@@ -124,7 +124,8 @@ def test_dockerignore_sends_the_code_models_and_corpora_and_keeps_venv_caches_an
     sources = {source for stage in stages for source in stage.copies()}
     tracked = subprocess.run(["git", "ls-files", *sources], cwd=ROOT, capture_output=True, text=True, check=True)
     files = tracked.stdout.split()
-    assert files
+    untracked = sorted(s for s in sources if not any(f == s or f.startswith(f"{s}/") for f in files))
+    assert untracked == [], f"the Dockerfile copies these, but a clone has none of them: {untracked}"
     refused = [path for path in files if not sent_to_docker(path, rules)]
     assert refused == [], f"the Dockerfile copies these but .dockerignore keeps them out: {refused}"
     assert sent_to_docker("models/shakespeare-char/model.safetensors", rules)
