@@ -26,6 +26,7 @@ When nothing runs the thread blocks on its inbox (no busy loop).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -112,6 +113,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)  # completion ids fed back so far
     submitted_at: float = 0.0
     last_token_at: float | None = None
+    started: bool = False  # its prefill has begun (the cache was looked up)
     prefilled: int = 0  # prompt tokens whose state is known (cached or run)
     prefill_state: State | None = None  # (layers, 1, H) x2 after `prefilled` tokens
     prefill_logits: Tensor | None = None  # (V,) at position prefilled - 1
@@ -294,6 +296,9 @@ class Engine:
     # -- the engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # OpenMP's thread count is per thread: without this, this thread's kernels would fork the
+        # default team (one per core) whatever TEXTGEN_THREADS set on the main thread
+        torch.set_num_threads(torch.get_num_threads())
         self.step = build_step(self.model, self.options.decode)
         log.info("engine %s: started on %s, %s decode step", self.model_id, self.device, self.step.kind)
         with torch.inference_mode():
@@ -343,29 +348,45 @@ class Engine:
     # -- prefill ----------------------------------------------------------------------------------
 
     def _prefill_waiting(self) -> None:
-        """Run up to `prefill_chunk` prompt tokens of the waiting sequences, oldest first, while rows are free."""
+        """Advance the prompts of the oldest waiting sequences that fit in free rows, all together.
+
+        One prompt runs alone through `step.prefill` (up to `prefill_chunk` tokens); several run as
+        a batch, one decode step per position for all of them (`prefill_chunk` tokens in total per
+        turn), which costs little more than one of them alone. In int8 a row's state does not depend
+        on its batch, so both give the same state.
+        """
+        rows = list(itertools.islice(self._waiting, self.states.available))
+        for seq in rows:
+            if not seq.started:
+                self._start_prefill(seq)
+        for seq in [s for s in rows if s.prefilled == len(s.prompt_ids)]:  # the whole prompt was cached
+            self._join(seq)
+            rows.remove(seq)
+        if not rows:
+            return
         budget = self.options.prefill_chunk
-        while self._waiting and self.states.available and budget > 0:
-            seq = self._waiting[0]
-            try:
-                if seq.prefill_logits is None:
-                    self._start_prefill(seq)
-                budget -= self._prefill_chunk(seq, budget)
-            except Exception:
-                log.exception("engine %s: prefill failed for sequence %s", self.model_id, seq.id)
-                self._leave_waiting()
+        try:
+            if len(rows) == 1:
+                self._prefill_one(rows[0], budget)
+            else:
+                self._prefill_batch(rows, budget)
+        except Exception:
+            log.exception("engine %s: prefill failed for %d sequences", self.model_id, len(rows))
+            for seq in rows:
+                self._leave_waiting(seq)
                 self._outbox.append((seq, Failed("generation failed on the server; it has been logged")))
-                continue
+            return
+        for seq in rows:
             if seq.prefilled == len(seq.prompt_ids):
-                self._leave_waiting()
                 self._join(seq)
 
-    def _leave_waiting(self) -> Sequence:
+    def _leave_waiting(self, seq: Sequence) -> None:
         self.metrics.waiting.dec()
-        return self._waiting.popleft()
+        self._waiting.remove(seq)
 
     def _start_prefill(self, seq: Sequence) -> None:
         """Start from the longest cached prefix of the prompt, if any."""
+        seq.started = True
         self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
         if self.cache is None or len(seq.prompt_ids) < self.cache.min_tokens:
             return  # too short to be cached: neither a hit nor a miss
@@ -379,12 +400,10 @@ class Engine:
         seq.prefill_state = entry.h[:, None].clone(), entry.c[:, None].clone()  # (layers, 1, H)
         seq.prefill_logits = entry.logits
 
-    def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
-        """Run the next (at most `budget`) prompt tokens as one sequence; returns how many ran."""
+    def _prefill_one(self, seq: Sequence, budget: int) -> None:
+        """Run the next (at most `budget`) prompt tokens of one sequence as one sequence call."""
         start = seq.prefilled
-        ids = seq.prompt_ids[start : start + max(budget, 1)]
-        if not ids:
-            return 0  # the whole prompt was cached
+        ids = seq.prompt_ids[start : start + budget]
         if seq.prefill_state is None:
             seq.prefill_state = self._zero_state()
         h, c = seq.prefill_state  # (layers, 1, H), updated in place
@@ -392,7 +411,22 @@ class Engine:
         seq.prefill_logits = self.step.prefill(x, h, c)  # type: ignore[union-attr]  # (V,); built in _run
         seq.prefilled = start + len(ids)
         self._remember(seq.prompt_ids[: seq.prefilled], h[:, 0], c[:, 0], seq.prefill_logits)
-        return len(ids)
+
+    def _prefill_batch(self, rows: list[Sequence], budget: int) -> None:
+        """Advance k prompts by the same n positions: n batched steps over (layers, k, H) states."""
+        k = len(rows)
+        n = max(1, min(min(len(s.prompt_ids) - s.prefilled for s in rows), budget // k))
+        states = [s.prefill_state or self._zero_state() for s in rows]
+        h = torch.cat([state[0] for state in states], dim=1)  # (layers, k, H)
+        c = torch.cat([state[1] for state in states], dim=1)
+        ids = torch.tensor([s.prompt_ids[s.prefilled : s.prefilled + n] for s in rows], device=self.device)  # (k, n)
+        for t in range(n):
+            logits = self.step(ids[:, t], h, c)  # type: ignore[misc]  # (k, V); states updated in place
+        for i, seq in enumerate(rows):
+            seq.prefill_state = h[:, i : i + 1], c[:, i : i + 1]
+            seq.prefill_logits = logits[i]
+            seq.prefilled += n
+            self._remember(seq.prompt_ids[: seq.prefilled], h[:, i], c[:, i], logits[i])
 
     def _zero_state(self) -> State:
         shape = (self.states.h.shape[0], 1, self.states.h.shape[2])  # (layers, 1, H)
@@ -404,8 +438,9 @@ class Engine:
             self.metrics.prompt_cache_bytes.inc(self.cache.put(ids, h, c, logits))
 
     def _join(self, seq: Sequence) -> None:
-        """A fully prefilled sequence takes a state row and samples its first token."""
+        """A fully prefilled sequence leaves the waiting line, takes a state row and samples its first token."""
         assert seq.prefill_state is not None and seq.prefill_logits is not None
+        self._leave_waiting(seq)
         seq.slot = self.states.add(seq.prefill_state)
         self._running.append(seq)
         self.metrics.running.inc()

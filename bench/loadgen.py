@@ -68,6 +68,8 @@ def start_server(models_dir: Path, **settings: str) -> Server:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, **{f"TEXTGEN_{k.upper()}": str(v) for k, v in settings.items()}}
+    if "threads" in settings:  # OpenMP reads this once, when torch loads (docs/PERFORMANCE.md, "Threads")
+        env.setdefault("OMP_NUM_THREADS", str(settings["threads"]))
     env.setdefault("TEXTGEN_LOG_LEVEL", "WARNING")
     log_path = models_dir.parent / f"server-{port}.log"
     cmd = [sys.executable, "-m", "textgen", "serve", "--host", "127.0.0.1", "--port", str(port)]
