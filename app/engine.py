@@ -12,9 +12,9 @@ The engine's thread loops:
     step     ONE batched decode step for every running sequence (lm/fast.py: int8, fused fp32 or
              the reference nn.LSTM): last tokens (B,) + state rows (layers, B, H) -> logits (B, V),
              states updated in place; then the whole batch is sampled at once (lm/batch_sampler.py)
-    deliver  each stream's text is coalesced and handed to the event loop at most every
-             `stream_interval_s` (the first text at once), with ONE call_soon_threadsafe per turn
-             for all the sequences of a loop
+    deliver  the streams' text is coalesced and handed to the event loop every `stream_interval_s`
+             for all streams together (a stream's first text at once, its last with its end),
+             with ONE call_soon_threadsafe per hand-off for all the sequences of a loop
     drop     finished and cancelled rows leave; the last row moves into the hole, so the running
              sequences always occupy rows 0..B-1 and the step works on views, not gathered copies
 
@@ -269,6 +269,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # _running[i].slot == i
         self._outbox: list[tuple[Sequence, Event]] = []  # events of this turn, delivered together
+        self._tick_at = now()  # when the running streams' coalesced text last went out
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{model_id}", daemon=True)
 
@@ -463,6 +464,7 @@ class Engine:
             h, c = self.states.rows()  # (layers, B, H) views, updated in place
             logits = self.step(tokens, h, c)  # type: ignore[misc]  # (B, V); built in _run
             self._sample(batch, logits)
+            self._tick(now())
         except Exception:
             log.exception("engine %s: decode step failed for %d sequences", self.model_id, len(batch))
             for seq in batch:
@@ -487,7 +489,8 @@ class Engine:
                 seq.last_token = token_id
 
     def _queue_token(self, seq: Sequence, token_id: int, text: str, row: Tensor, t: float) -> None:
-        """An event per token (logprobs, or interval 0); otherwise coalesce, the first text going out at once."""
+        """An event per token (logprobs, or interval 0); otherwise coalesce until the next tick, except
+        the first text, which goes out at once."""
         interval = self.options.stream_interval_s
         if seq.logprobs is not None or interval <= 0:
             event = Token(text, token_id)
@@ -497,8 +500,18 @@ class Engine:
             return
         seq.pending += text
         seq.pending_id = token_id
-        if seq.pending and (seq.flushed_at is None or t - seq.flushed_at >= interval):
+        if seq.pending and seq.flushed_at is None:
             self._flush_pending(seq, t)
+
+    def _tick(self, t: float) -> None:
+        """Every `stream_interval_s`, all running streams' pending text goes out together: one handoff
+        to the event loop for all of them, instead of one per stream at its own moment."""
+        if t - self._tick_at < self.options.stream_interval_s:
+            return
+        self._tick_at = t
+        for seq in self._running:
+            if seq.pending:
+                self._flush_pending(seq, t)
 
     def _flush_pending(self, seq: Sequence, t: float) -> None:
         self._outbox.append((seq, Token(seq.pending, seq.pending_id)))
