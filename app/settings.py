@@ -54,8 +54,8 @@ class Settings(BaseSettings):
 
     # decode speed (docs/PERFORMANCE.md)
     decode: Literal["int8", "fused", "reference"] = "int8"  # the decode step; reference = the model's nn.LSTM
-    stream_interval_ms: float = Field(default=10.0, ge=0)  # a stream's text is sent at most this often; 0 = every token
-    prompt_cache_mb: float = Field(default=64.0, ge=0)  # prompt-state cache per loaded model version; 0 = off
+    stream_interval_ms: float = Field(default=20.0, ge=0)  # a stream's text is sent at most this often; 0 = every token
+    prompt_cache_mb: float = Field(default=16.0, ge=0)  # prompt-state cache per loaded model version; 0 = off
     prefill_chunk: int = Field(default=256, ge=1)  # prompt tokens run between two decode steps
     cors_origins: CommaList = []
     log_json: bool = False

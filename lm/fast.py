@@ -151,6 +151,7 @@ class FusedStep:
             # per layer; fp32: (in, 4H) for addmm; int8: codes (4H, in), used transposed (the fast layout)
             self.w_hh: list[Tensor] = []
             self.w_ih: list[Tensor | None] = [None]  # layer 0's input product is in the table
+            self.w_both: list[Tensor] = []  # [W_ih, W_hh] side by side (layer 0: W_hh): decode's one product
             self.scale: list[Tensor] = []  # int8 only: (1, 4H) = gate-row scale / 127 (the h code scale)
             self.bias: list[Tensor] = [b0]  # layer 0: unused (in the table)
             for layer in range(cfg.layers):
@@ -160,15 +161,17 @@ class FusedStep:
                     w_ih = _reorder_gates(p(f"weight_ih_l{layer}").detach().float(), H)  # (4H, H)
                     b = p(f"bias_ih_l{layer}") + p(f"bias_hh_l{layer}")
                     self.bias.append(_reorder_gates(b.detach().float(), H)[None, :].contiguous())
+                both = w_hh if w_ih is None else torch.cat([w_ih, w_hh], dim=1)  # (4H, in + H)
                 if int8:
-                    both = w_hh if w_ih is None else torch.cat([w_ih, w_hh], dim=1)
                     _, scale = _quantize_rows(both)  # one scale per gate row for both products
                     self.scale.append((scale / H_SCALE)[None, :].contiguous())
                     self.w_hh.append(_codes(w_hh, scale))
+                    self.w_both.append(_codes(both, scale))
                     if w_ih is not None:
                         self.w_ih.append(_codes(w_ih, scale))
                 else:
                     self.w_hh.append(w_hh.t().contiguous())
+                    self.w_both.append(both.t().contiguous())
                     if w_ih is not None:
                         self.w_ih.append(w_ih.t().contiguous())
             self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V)
@@ -202,11 +205,13 @@ class FusedStep:
     def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """tokens (B,) int64; h, c (layers, B, H) updated in place -> logits (B, V)."""
         for layer in range(self.layers):
-            acc = self._product(h[layer], self.w_hh[layer])  # (B, 4H): the recurrent product, old h
             if layer == 0:
+                acc = self._product(h[0], self.w_both[0])  # (B, 4H): the recurrent product, old h
                 base = self.table[tokens]  # (B, 4H)
             else:
-                acc = acc + self._product(h[layer - 1], self.w_ih[layer])  # type: ignore[arg-type]  # new h below
+                # [new h below, old h] @ [W_ih, W_hh]^T in one product: in int8 the same int32 sums as
+                # prefill's two products (integer addition is exact)
+                acc = self._product(torch.cat([h[layer - 1], h[layer]], dim=1), self.w_both[layer])
                 base = self.bias[layer]
             self._cell(self._gates(layer, base, acc), h[layer], c[layer])
         return torch.addmm(self.head_b, h[-1], self.head_w)  # (B, V)
