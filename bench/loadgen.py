@@ -224,3 +224,41 @@ def percentile(values: list[float], q: float) -> float:
 
 def corpus_text() -> str:
     return (ROOT / "data" / "shakespeare" / "shakespeare.txt").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------- profiles
+
+
+def start_profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy record of the server process (all threads, folded stacks), or None when py-spy is not installed."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists():
+        return None
+    cmd = [exe, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "100", "--format", "raw"]
+    cmd += ["--threads", "--nonblocking", "-o", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_summary(path: Path, top: int = 14) -> str:
+    """Share of samples per thread, then the functions of textgen's own code (app/, lm/) and the
+    SSE send path by inclusive share."""
+    threads: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        name = frames[0].split(": ", 1)[-1]
+        threads[name] = threads.get(name, 0) + n
+        for frame in set(frames[1:]):
+            if "app/" in frame or "lm/" in frame or "h11_impl" in frame or "base_events.py" in frame:
+                function = frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0].split("/")[-1] + ")"
+                inclusive[function] = inclusive.get(function, 0) + n
+    lines = [f"{n / total:6.1%}  thread {name}" for name, n in sorted(threads.items(), key=lambda x: -x[1])[:3]]
+    lines.append("")
+    lines += [f"{n / total:6.1%}  {f}" for f, n in sorted(inclusive.items(), key=lambda x: -x[1])[:top]]
+    return "\n".join(lines)

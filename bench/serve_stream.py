@@ -8,8 +8,8 @@ this script is the load generator. Single stream: `POST /generate` with `stream:
 tokens, tokens/s = completion tokens / (last event - request sent). Concurrency c: c clients in a
 closed loop, each sending `--requests` requests one after the other (200-character prompts cut from
 the corpus, a different one per request, 500 tokens each); the clients start spread over the first
-second, as users do. Aggregate tokens/s = all completion tokens / wall time of the whole run; time to
-first token is per request, from sending to the first token event.
+`--ramp` seconds, as users arrive. Aggregate tokens/s = all completion tokens / wall time of the
+whole run; time to first token is per request, from sending to the first token event.
 """
 
 from __future__ import annotations
@@ -32,12 +32,15 @@ from loadgen import (  # noqa: E402
     models_copy,
     percentile,
     post_stream,
+    profile_summary,
+    start_profile,
     start_server,
     stop_server,
 )
 from results import machine_summary, write_section  # noqa: E402
 
 PROMPT_CHARS = 200
+PROFILE = ROOT / "bench" / "profile_serve.txt"
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
@@ -54,11 +57,13 @@ async def single_stream(server: Server, tokens: int, runs: int) -> list[StreamRe
     return out
 
 
-async def concurrent(server: Server, clients: int, requests: int, tokens: int) -> tuple[list[StreamResult], float]:
+async def concurrent(
+    server: Server, clients: int, requests: int, tokens: int, ramp: float = 2.0
+) -> tuple[list[StreamResult], float]:
     texts = prompts(clients * requests, seed=clients)
 
     async def client(i: int) -> list[StreamResult]:
-        await asyncio.sleep(i / clients)  # spread the starts over the first second
+        await asyncio.sleep(ramp * i / clients)  # users arrive over the first `ramp` seconds
         results = []
         for r in range(requests):
             body = {"prompt": texts[i * requests + r], "max_tokens": tokens, "stream": True, "temperature": 0.8}
@@ -106,8 +111,9 @@ def plot(rows: list[dict], path_tput: Path, path_lat: Path) -> None:
     fig.savefig(path_lat, dpi=100)
 
 
-def summarize(clients: int, results: list[StreamResult], wall: float) -> dict:
+def summarize(clients: int, results: list[StreamResult], wall: float, requests: int = 1) -> dict:
     ok = [r for r in results if r.ok]
+    later = [r for i, r in enumerate(results) if r.ok and i % requests]  # each client's 2nd, 3rd... request
     gaps = [g for r in ok for _, g in r.gaps]
     return {
         "clients": clients,
@@ -118,6 +124,7 @@ def summarize(clients: int, results: list[StreamResult], wall: float) -> dict:
         "per_stream": statistics.median(r.completion_tokens / (r.ended - r.first_token) for r in ok),
         "ttft_p50": percentile([r.ttft for r in ok], 50),
         "ttft_p99": percentile([r.ttft for r in ok], 99),
+        "ttft_p99_later": percentile([r.ttft for r in later], 99) if later else float("nan"),
         "gap_p99": percentile(gaps, 99) if gaps else 0.0,
         "events_per_request": statistics.median(r.events for r in ok),
     }
@@ -128,8 +135,13 @@ async def run_all(server: Server, args: argparse.Namespace) -> tuple[list[Stream
     single = await single_stream(server, args.single_tokens, args.single_runs)
     rows = []
     for clients in args.concurrency:
-        results, wall = await concurrent(server, clients, args.requests, args.tokens)
-        rows.append(summarize(clients, results, wall))
+        profile = None
+        if args.profile and clients == max(args.concurrency):
+            profile = start_profile(server.process.pid, 15, PROFILE)
+        results, wall = await concurrent(server, clients, args.requests, args.tokens, args.ramp)
+        if profile is not None:
+            profile.wait()
+        rows.append(summarize(clients, results, wall, args.requests))
         print(rows[-1], flush=True)
     return single, rows
 
@@ -142,7 +154,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=500)
     parser.add_argument("--single-tokens", type=int, default=2000)
     parser.add_argument("--single-runs", type=int, default=3)
+    parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which the clients start")
     parser.add_argument("--threads", default="1", help="TEXTGEN_THREADS for the server")
+    parser.add_argument("--profile", action="store_true", help="py-spy the server at the highest concurrency")
     parser.add_argument("--setting", action="append", default=[], help="extra NAME=VALUE server settings")
     args = parser.parse_args()
     extra = dict(s.split("=", 1) for s in args.setting)
@@ -157,14 +171,20 @@ def main() -> None:
     single_rates = [r.completion_tokens / (r.ended - r.started) for r in single if r.ok]
     table = [
         "| clients | requests | failed | aggregate tokens/s | per-stream tokens/s (median) | TTFT p50 | TTFT p99 "
-        "| event gap p99 | events per request |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| TTFT p99, later requests | event gap p99 | events per request |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         table.append(
             f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['aggregate']:,.0f} | {r['per_stream']:,.0f} "
-            f"| {r['ttft_p50'] * 1000:.1f} ms | {r['ttft_p99'] * 1000:.1f} ms | {r['gap_p99'] * 1000:.1f} ms "
-            f"| {r['events_per_request']:.0f} |"
+            f"| {r['ttft_p50'] * 1000:.1f} ms | {r['ttft_p99'] * 1000:.1f} ms | {r['ttft_p99_later'] * 1000:.1f} ms "
+            f"| {r['gap_p99'] * 1000:.1f} ms | {r['events_per_request']:.0f} |"
+        )
+    profile_text = ""
+    if args.profile and PROFILE.exists():
+        profile_text = (
+            f"py-spy profile of the server during the {max(args.concurrency)}-client run (share of samples; "
+            f"functions inclusive):\n\n```\n{profile_summary(PROFILE)}\n```\n"
         )
     command = " ".join(["python bench/serve_stream.py", *sys.argv[1:]])
     settings_text = ", ".join(f"TEXTGEN_{k.upper()}={v}" for k, v in settings.items())
@@ -182,8 +202,12 @@ requests per client in a closed loop (targets at 64 clients: aggregate >= 15,000
 
 {chr(10).join(table)}
 
+"TTFT p99, later requests" leaves out each client's first request, which arrives with the ramp-up
+burst (all clients within {args.ramp:g} s).
+
 ![throughput](serve_throughput.png) ![latency](serve_latency.png)
-"""
+
+{profile_text}"""
     write_section("Streaming over HTTP (bench/serve_stream.py)", body)
     print(body)
 
