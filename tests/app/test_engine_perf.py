@@ -136,6 +136,18 @@ async def test_a_next_turn_reuses_the_state_after_the_reply(make_engine) -> None
     assert _sample(engine, "textgen_prompt_cache_tokens_total") == len(PROMPT) + 29  # the last token was never fed
 
 
+async def test_int8_next_turn_from_the_cached_reply_gives_the_uncached_text(make_engine) -> None:
+    """The reply's state comes from decode steps, the uncached prompt's from prefill: in int8 they are the same."""
+    engine = make_engine(prompt_cache_bytes=1 << 20, decode="int8")
+    reply = _text(await _events(engine, PROMPT, SamplingParams(max_tokens=30, seed=5)))
+    turn = PROMPT + reply + "\nUser: and then?"
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=9)
+    cached = _text(await _events(engine, turn, params))
+    assert _sample(engine, "textgen_prompt_cache_tokens_total") == len(PROMPT) + 29
+    uncached = _text(await _events(make_engine(decode="int8"), turn, params))
+    assert cached == uncached
+
+
 async def test_a_small_budget_evicts_the_oldest_states(make_engine) -> None:
     engine = make_engine(prompt_cache_bytes=1500)  # room for one entry of the 16-unit model (about 1.1 KB)
     for prompt in (PROMPT, PROMPT.upper()):
