@@ -9,6 +9,8 @@ with its traceback and answered with a generic 500.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -129,14 +131,11 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    """Starlette's own errors (unknown route, wrong method, body too large) in our shape."""
+    """Starlette's own errors (unknown route, wrong method, a body over its limit) in our shape."""
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}"
-    elif exc.status_code == 413:
-        limit = request.app.state.settings.max_body_bytes
-        message = f"the request body is larger than TEXTGEN_MAX_BODY_BYTES={limit} bytes"
     return _json(ApiError(exc.status_code, message, headers=dict(exc.headers or {})))
 
 
@@ -153,24 +152,40 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected_error_handler)
 
 
-class BodyLimitMiddleware:
-    """413 for a request body over TEXTGEN_MAX_BODY_BYTES, in the JSON error shape.
+@dataclass(frozen=True)
+class BodyLimit:
+    """The most bytes a request body may have, and the sentence a 413 says about it."""
 
-    A declared Content-Length over the limit is refused before the app runs; a body without one
-    is counted as it arrives. (FastAPI's own `max_body_size` answers in plain text.)
+    max_bytes: int
+    message: str
+
+    def error(self) -> ApiError:
+        return ApiError(413, self.message)
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over its limit, in the JSON error shape.
+
+    The limit is `default` (TEXTGEN_MAX_BODY_BYTES) unless `routes` gives one for the request's
+    (method, path): POST /train takes a corpus, limited by TEXTGEN_MAX_CORPUS_BYTES instead. A
+    declared Content-Length over the limit is refused before the app runs; a body without one
+    is counted as it arrives, so nothing past the limit is ever buffered. (FastAPI's own
+    `max_body_size` answers 413 in plain text, replacing even a JSON error body.)
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, default: BodyLimit, routes: Mapping[tuple[str, str], BodyLimit]) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default = default
+        self.routes = dict(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.routes.get((scope["method"], scope["path"]), self.default)
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _json(self.too_large())(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit.max_bytes:
+            await _json(limit.error())(scope, receive, send)
             return
         received = 0
 
@@ -179,12 +194,9 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit.max_bytes:
                     # fastapi's HTTPException: its body reader re-raises it to our handler as it is
-                    raise HTTPException(413)
+                    raise HTTPException(413, detail=limit.message)
             return message
 
         await self.app(scope, counting_receive, send)
-
-    def too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is larger than TEXTGEN_MAX_BODY_BYTES={self.max_bytes} bytes")

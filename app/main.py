@@ -20,7 +20,7 @@ from starlette.responses import Response
 import lm
 from app.auth import warn_if_open
 from app.engine import Admission
-from app.errors import BodyLimitMiddleware, install_error_handlers
+from app.errors import BodyLimit, BodyLimitMiddleware, install_error_handlers
 from app.holder import ModelHolder
 from app.jobs import JobService, install_job_handlers
 from app.logging import RequestLogMiddleware
@@ -54,6 +54,12 @@ async def client_gone(request: object, exc: Exception) -> Response:
     return Response(status_code=499)
 
 
+def body_limit(settings: Settings) -> BodyLimit:
+    """Every route's body limit but POST /train's (app/routes/train.py: `body_limit`)."""
+    limit = settings.max_body_bytes
+    return BodyLimit(limit, f"the request body is larger than TEXTGEN_MAX_BODY_BYTES={limit} bytes")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -72,7 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_job_handlers(app)
     app.add_exception_handler(ClientDisconnect, client_gone)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, default=body_limit(settings), routes={("POST", "/train"): train.body_limit(settings)}
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -19,12 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.sse import format_sse_event
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from starlette.types import Message
 
 from app import sse
 from app.auth import require_admin_key
 from app.deps import SettingsDep
-from app.errors import ApiError
+from app.errors import ApiError, BodyLimit
 from app.jobs import JobsDep, JobService, jobs_lifespan
 from app.settings import Settings
 from app.train_schemas import JobState, TrainJobCreate, TrainJobList, TrainJobPublic
@@ -49,9 +48,11 @@ router = APIRouter(
     prefix="/train", tags=["training"], dependencies=[Depends(require_admin_key)], lifespan=jobs_lifespan
 )
 
-# The route's own body cap is only a ceiling: the real limit is TEXTGEN_MAX_CORPUS_BYTES (a JSON
-# body may escape each character of the corpus into up to twice its UTF-8 size, hence the 2x).
-BODY_CEILING = 4 * 1024**3
+# POST /train's body limit (app/main.py gives it to BodyLimitMiddleware instead of
+# TEXTGEN_MAX_BODY_BYTES): a JSON string may escape the corpus into up to twice its UTF-8 size
+# ("\n" for a newline, a 6-byte "\uXXXX" for a 3-byte CJK character), plus room for the other
+# fields and the multipart framing. The corpus itself is held to TEXTGEN_MAX_CORPUS_BYTES.
+BODY_OVERHEAD_BYTES = 1_000_000
 CORPUS_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 EVENT_POLL_S = 0.5
 SUBMIT_BODY = {
@@ -73,7 +74,7 @@ SUBMIT_BODY = {
 # ---------------------------------------------------------------------------- submit
 
 
-@router.post("", status_code=202, response_model=TrainJobPublic, max_body_size=BODY_CEILING, openapi_extra=SUBMIT_BODY)
+@router.post("", status_code=202, response_model=TrainJobPublic, openapi_extra=SUBMIT_BODY)
 async def create_job(request: Request, response: Response, jobs: JobsDep, settings: SettingsDep) -> TrainJobPublic:
     """Queue a training job on a corpus (inline `text`, a shipped `corpus`, or an uploaded `file`)."""
     body, upload = await read_submission(request, settings)
@@ -87,32 +88,31 @@ async def create_job(request: Request, response: Response, jobs: JobsDep, settin
     return await public(jobs, record)
 
 
+def body_limit(settings: Settings) -> BodyLimit:
+    """The most bytes a POST /train body may have: twice the corpus limit, plus the overhead."""
+    limit = 2 * settings.max_corpus_bytes + BODY_OVERHEAD_BYTES
+    return BodyLimit(
+        limit,
+        f"the request body is larger than {limit:,} bytes, the most POST /train takes for a corpus of "
+        f"TEXTGEN_MAX_CORPUS_BYTES={settings.max_corpus_bytes} bytes",
+    )
+
+
 async def read_submission(request: Request, settings: Settings) -> tuple[TrainJobCreate, tuple[str, bytes] | None]:
-    """The JSON body or the multipart form, and the uploaded file as (file name, bytes) if any."""
-    raw = await read_body(request, 2 * settings.max_corpus_bytes + 1_000_000, settings)
+    """The JSON body or the multipart form, and the uploaded file as (file name, bytes) if any.
+
+    BodyLimitMiddleware has already refused a body over `body_limit(settings)`, declared or counted.
+    """
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        return await _read_form(request, raw)
+        return await _read_form(request, settings)
     if content_type != "application/json":
         raise ApiError(415, "send application/json or multipart/form-data", code="unsupported_media_type")
+    raw = await request.body()
     try:
         return TrainJobCreate.model_validate_json(raw or b"{}"), None
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
-
-
-async def read_body(request: Request, limit: int, settings: Settings) -> bytes:
-    """The whole body, refused with 413 as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), settings)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, settings)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _too_large(size: int, settings: Settings) -> ApiError:
@@ -125,26 +125,22 @@ def _too_large(size: int, settings: Settings) -> ApiError:
     )
 
 
-async def _read_form(request: Request, raw: bytes) -> tuple[TrainJobCreate, tuple[str, bytes] | None]:
-    sent = False
-
-    async def replay() -> Message:  # the body was read already; hand it to the form parser once
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    form = await Request(request.scope, replay).form(max_files=1, max_fields=64, max_part_size=len(raw) + 1)
-    fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str) and v != ""}
-    upload = form.get("file")
-    try:
-        body = TrainJobCreate.model_validate(fields)
-    except ValidationError as e:
-        raise RequestValidationError(e.errors()) from None
-    if isinstance(upload, UploadFile):
+async def _read_form(request: Request, settings: Settings) -> tuple[TrainJobCreate, tuple[str, bytes] | None]:
+    """The form fields, and the file: the parser streams it into a temporary file (on disk past 1 MB),
+    and it is read into memory only once it is known to be within TEXTGEN_MAX_CORPUS_BYTES."""
+    part_limit = body_limit(settings).max_bytes  # a `text` form field: the corpus check below names the limit
+    async with request.form(max_files=1, max_fields=64, max_part_size=part_limit) as form:
+        fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str) and v != ""}
+        try:
+            body = TrainJobCreate.model_validate(fields)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            return body, None
+        if upload.size is not None and upload.size > settings.max_corpus_bytes:
+            raise _too_large(upload.size, settings)
         return body, (upload.filename or "upload", await upload.read())
-    return body, None
 
 
 async def resolve_corpus(body: TrainJobCreate, upload: tuple[str, bytes] | None, settings: Settings) -> tuple[str, str]:
@@ -156,9 +152,7 @@ async def resolve_corpus(body: TrainJobCreate, upload: tuple[str, bytes] | None,
         )
     try:
         if upload is not None:
-            filename, data = upload
-            if len(data) > settings.max_corpus_bytes:
-                raise _too_large(len(data), settings)
+            filename, data = upload  # within the limit: _read_form checked its size
             return decode_corpus(data, f"the uploaded file {filename!r}"), Path(filename).stem
         if body.text is not None:
             size = len(body.text.encode("utf-8"))

@@ -10,6 +10,7 @@ The models folder holds three char models built from a 1-KB corpus with fixed ra
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ from app.settings import Settings
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import Registry
 from lm.tokenizers import fit_tokenizer
+from tests.worker.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,6 +139,24 @@ async def make_client(models_dir: Path) -> AsyncIterator[ClientFactory]:
 @pytest.fixture
 async def client(make_client: ClientFactory) -> httpx.AsyncClient:
     return await make_client()
+
+
+# ---------------------------------------------------------------------------- Redis mode
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server on a free port for the session; each test keeps to a key prefix of its own."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_mode(redis_server: RedisServer) -> dict[str, object]:
+    """Settings for make_client(**redis_mode): jobs in Redis (no worker takes them), tiny-a served."""
+    return {"redis_url": redis_server.url, "redis_prefix": f"test-{secrets.token_hex(4)}:", "default_model": MODEL_A}
 
 
 # ---------------------------------------------------------------------------- uvicorn

@@ -96,6 +96,50 @@ async def test_a_corpus_over_the_limit_is_413_naming_the_setting(make_client: Cl
         assert "TEXTGEN_MAX_CORPUS_BYTES" in response.json()["error"]["message"]
 
 
+def corpus_of(size: int) -> str:
+    """`size` bytes of plain text (ASCII, so as many characters)."""
+    return (TEXT * (size // len(TEXT) + 1))[:size]
+
+
+async def test_a_corpus_over_the_general_body_limit_is_taken_inline_and_uploaded(
+    make_client: ClientFactory, redis_mode: dict[str, Any]
+) -> None:
+    # Redis mode with no worker: the jobs stay queued, nothing trains on the 2 MB.
+    client = await make_client(**redis_mode)  # TEXTGEN_MAX_BODY_BYTES: 1 MB, TEXTGEN_MAX_CORPUS_BYTES: 50 MB
+    text = corpus_of(2_000_000)
+
+    inline = await submit(client, text=text)
+    upload = await client.post("/train", data={k: str(v) for k, v in TINY.items()}, files={"file": ("big.txt", text)})
+
+    for response in (inline, upload):
+        assert response.status_code == 202, response.text
+        assert response.json()["params"]["corpus_bytes"] == 2_000_000
+    # every other route keeps the general limit
+    generate = await client.post("/generate", json={"prompt": corpus_of(1_000_001)})
+    assert generate.status_code == 413
+    assert "TEXTGEN_MAX_BODY_BYTES=1000000" in generate.json()["error"]["message"]
+
+
+async def test_a_train_body_over_its_own_limit_is_413_naming_the_corpus_setting(make_client: ClientFactory) -> None:
+    # /train takes bodies up to 2 x TEXTGEN_MAX_CORPUS_BYTES + 1 MB (JSON escapes, multipart framing)
+    client = await make_client(max_corpus_bytes=1000)
+    text = corpus_of(1_100_000)
+
+    async def chunks():  # no Content-Length: counted as it arrives
+        body = json.dumps({**TINY, "text": text}).encode()
+        for start in range(0, len(body), 64_000):
+            yield body[start : start + 64_000]
+
+    declared = await submit(client, text=text)
+    streamed = await client.post("/train", content=chunks(), headers={"Content-Type": "application/json"})
+    upload = await client.post("/train", files={"file": ("big.txt", text)})
+
+    for response in (declared, streamed, upload):
+        assert response.status_code == 413, response.text
+        assert "TEXTGEN_MAX_CORPUS_BYTES=1000" in response.json()["error"]["message"]
+    assert (await client.get("/train")).json() == {"jobs": []}
+
+
 @pytest.mark.parametrize(
     ("data", "words"), [(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 40, "binary"), (b"caf\xe9 " * 100, "UTF-8")]
 )
