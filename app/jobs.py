@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -64,6 +64,13 @@ class JobService:
     @property
     def mode(self) -> str:
         return "redis" if self.redis is not None else "embedded"
+
+    @property
+    def redis_status(self) -> Literal["up", "down"] | None:
+        """ "up" or "down" as last seen (None in embedded mode); /readyz reports it."""
+        if self.redis is None:
+            return None
+        return "up" if self.redis_up else "down"
 
     async def check_redis(self) -> bool | None:
         """Ping Redis (Redis mode only) and remember the answer for /readyz."""

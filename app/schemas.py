@@ -106,6 +106,9 @@ class HealthStatus(BaseModel):
 class ReadyStatus(BaseModel):
     status: Literal["ready"]
     model: str
+    redis: Literal["up", "down"] | None = Field(
+        None, description="Redis mode only: whether the job system reaches Redis (generation does not need it)"
+    )
 
 
 # ---------------------------------------------------------------------------- OpenAI

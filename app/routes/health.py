@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.deps import HolderDep, MetricsDep
 from app.errors import ApiError
+from app.jobs import JobsDep
 from app.schemas import HealthStatus, ReadyStatus
 
 router = APIRouter(tags=["health"])
@@ -18,13 +19,20 @@ async def healthz() -> HealthStatus:
     return HealthStatus(status="ok")
 
 
-@router.get("/readyz", response_model=ReadyStatus, responses={503: {"description": "no model loaded, and why"}})
-async def readyz(holder: HolderDep) -> ReadyStatus | JSONResponse:
-    """Ready once a model is loaded; 503 with the reason until then."""
+@router.get(
+    "/readyz",
+    response_model=ReadyStatus,
+    response_model_exclude_none=True,
+    responses={503: {"description": "no model loaded, and why"}},
+)
+async def readyz(holder: HolderDep, jobs: JobsDep) -> ReadyStatus | JSONResponse:
+    """Ready once a model is loaded (503 with the reason until then); in Redis mode, whether Redis is up."""
+    redis = jobs.redis_status  # as last seen: checked every TEXTGEN_RECONCILE_S, so a probe never waits on Redis
     if holder.active is None:
-        error = ApiError(503, f"not ready: {holder.not_ready_reason}", code="model_not_ready")
+        reason = holder.not_ready_reason + ("; Redis is down" if redis == "down" else "")
+        error = ApiError(503, f"not ready: {reason}", code="model_not_ready")
         return JSONResponse(error.body(), status_code=503)
-    return ReadyStatus(status="ready", model=holder.active.model_id)
+    return ReadyStatus(status="ready", model=holder.active.model_id, redis=redis)
 
 
 @router.get("/metrics", response_class=Response)
