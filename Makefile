@@ -59,7 +59,14 @@ format: dev
 models: install
 	bash scripts/build_models.sh
 
-bench: dev
+# Serving benchmarks: each starts `textgen serve` in its own process and drives it from another.
+SERVE_BENCHES := decode_step serve_stream prompt_cache memory hot_swap
+.PHONY: bench-serve $(addprefix bench-,$(SERVE_BENCHES))
+$(addprefix bench-,$(SERVE_BENCHES)): bench-%: dev
+	OMP_NUM_THREADS=1 $(PY) bench/$*.py
+bench-serve: $(addprefix bench-,$(SERVE_BENCHES))
+
+bench: dev bench-serve
 	$(PY) bench/train_quality.py
 
 clean:
