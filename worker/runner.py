@@ -116,7 +116,7 @@ class Runner:
             log.info("worker %s: job %s ended before it started", self.name, claim.job_id)
             return
         if self.stopping:
-            self._until_stored(lambda: self.store.hand_back(claim, "the worker was stopping"))
+            self._hand_back(claim, "the worker was stopping")
             return
         if record.cancel_requested:
             self._finish(claim, "cancelled")
@@ -191,15 +191,30 @@ class Runner:
         if code is None or code == EXIT_FINISHED:
             return
         if code in (EXIT_HANDED_BACK, EXIT_PARENT_GONE) or (self.stopping and code < 0):
-            self._until_stored(lambda: self.store.hand_back(claim, "the worker was stopped; the job will resume"))
-            log.info("worker %s: handed job %s back to the queue", self.name, claim.job_id)
+            self._hand_back(claim, "the worker was stopped; the job will resume")
             return
         self._finish(claim, "failed", error=describe_exit(code))
+
+    def _hand_back(self, claim: Claim, reason: str) -> None:
+        """Requeue the job, and log what the store did: it refuses a job that ended or that another worker holds."""
+        if self._until_stored(lambda: self.store.hand_back(claim, reason)):
+            log.info("worker %s: handed job %s back to the queue", self.name, claim.job_id)
+        else:
+            log.info("worker %s: job %s was not handed back: %s", self.name, claim.job_id, self._why_refused(claim))
 
     def _finish(self, claim: Claim, state: str, error: str | None = None) -> None:
         if self._until_stored(lambda: self.store.finish(claim, state, error=error)):
             remove_job_files(self.store.models_dir, claim.job_id)
-        log.info("worker %s: job %s %s%s", self.name, claim.job_id, state, f": {error}" if error else "")
+            log.info("worker %s: job %s %s%s", self.name, claim.job_id, state, f": {error}" if error else "")
+        else:
+            log.info(
+                "worker %s: job %s was not marked %s: %s", self.name, claim.job_id, state, self._why_refused(claim)
+            )
+
+    def _why_refused(self, claim: Claim) -> str:
+        """Why the store refused to change a job: it had ended, or another worker took it over (a lost claim)."""
+        record = self._until_stored(lambda: self.store.get(claim.job_id))
+        return f"it had already {record.state}" if record.final else f"it is {record.state}, worker {record.worker}"
 
     def _until_stored(self, action: Callable[[], T]) -> T:
         """A store call that must happen (the job would be stuck otherwise): wait out an outage."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from lm.tokenizers import fit_tokenizer
 from lm.train import STATE_JSON, TrainConfig, TrainEvent, train
 from tests.worker.conftest import ROOT, corpus, tiny_params
 from tests.worker.redis_server import RedisServer
-from worker.errors import JobFailed, describe_exit, describe_failure
+from worker.errors import EXIT_HANDED_BACK, JobFailed, describe_exit, describe_failure
 from worker.progress import Stopper
 from worker.publish import save_model
 from worker.runner import Runner, RunnerConfig
@@ -160,6 +161,42 @@ def test_sigterm_saves_the_state_hands_the_job_back_and_another_worker_resumes(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ended", [False, True], ids=["running", "already-succeeded"])
+def test_the_log_says_whether_a_stopped_job_was_handed_back(
+    store: JobStore, ended: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = store.submit(tiny_params(), corpus())
+    claim = store.claim("w1", block_s=1.0)
+    assert claim is not None and store.start(claim) is not None
+    if ended:  # the training process published and recorded its job just before the worker was stopped
+        assert store.finish(claim, "succeeded", model_id="tiny-x", activated=True)
+    caplog.set_level(logging.INFO, logger="worker.runner")
+
+    Runner(store, FAST, name="w1").settle(claim, EXIT_HANDED_BACK)
+
+    state = store.get(job.id).state
+    handed = f"handed job {job.id} back to the queue" in caplog.text
+    assert (state, handed) == (("succeeded", False) if ended else ("queued", True))
+    if ended:
+        assert f"job {job.id} was not handed back: it had already succeeded" in caplog.text
+
+
+def test_the_log_says_when_a_failure_comes_after_the_job_ended(
+    store: JobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = store.submit(tiny_params(), corpus())
+    claim = store.claim("w1", block_s=1.0)
+    assert claim is not None and store.start(claim) is not None
+    assert store.finish(claim, "succeeded", model_id="tiny-x", activated=True)
+    caplog.set_level(logging.INFO, logger="worker.runner")
+
+    Runner(store, FAST, name="w1").settle(claim, -signal.SIGKILL)  # the process died after recording its success
+
+    assert store.get(job.id).state == "succeeded"
+    assert f"job {job.id} was not marked failed: it had already succeeded" in caplog.text
+    assert f"job {job.id} failed" not in caplog.text
+
+
 def test_a_training_process_killed_by_the_kernel_fails_the_job_with_a_reason(
     file_store: FileStore, models_dir: Path
 ) -> None:
