@@ -300,10 +300,16 @@ def test_flags_argparse_cannot_parse_exit_2_with_usage(capsys):
     assert "textgen train: error: argument --layers: invalid int value: 'two'" in capsys.readouterr().err
 
 
-def test_there_is_no_worker_command_yet(capsys):
-    with pytest.raises(SystemExit):
-        main(["worker"])
-    assert "invalid choice: 'worker'" in capsys.readouterr().err
+def test_worker_help_documents_its_options_and_never_shows_the_redis_url(capsys, monkeypatch):
+    monkeypatch.setenv("TEXTGEN_REDIS_URL", "redis://:s3cret-pass@redis:6379/0")
+    with pytest.raises(SystemExit) as exc:
+        main(["worker", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: textgen worker")
+    for option in ("--redis-url", "--models-dir", "--threads", "--lease", "--prefix", "--burst"):
+        assert option in out
+    assert "TEXTGEN_REDIS_URL" in out and "s3cret-pass" not in out
 
 
 # -- the progress line ----------------------------------------------------------------------------
