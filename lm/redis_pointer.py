@@ -45,11 +45,18 @@ class RedisPointer:
     def get(self) -> str | None:
         """The active id; while Redis is unreachable, the last id read (listings keep working)."""
         try:
-            with redis_errors():
-                value = self.redis.get(self.key)
+            return self.read()
         except StoreUnavailable as e:
             log.warning("active pointer: %s; answering the last known value %r", e, self._last)
             return self._last
+
+    def read(self) -> str | None:
+        """The active id as Redis holds it now; StoreUnavailable while Redis is down.
+
+        Changes that must not act on a stale answer (deleting a model) read through this.
+        """
+        with redis_errors():
+            value = self.redis.get(self.key)
         if not value:
             self._last = None
             return None

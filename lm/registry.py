@@ -56,6 +56,10 @@ UNSET = _Unset()
 class ActivePointer(Protocol):
     def get(self) -> str | None: ...
 
+    def read(self) -> str | None:
+        """Like get(), but raises instead of answering a cached value when the store is unreachable."""
+        ...
+
     def compare_and_set(self, expected: str | None, new: str) -> bool: ...
 
 
@@ -79,6 +83,9 @@ class FilePointer:
         except InvalidModelId:
             log.warning("%s holds %r, which is not a model id; treating as no active model", self.file, text)
             return None
+
+    def read(self) -> str | None:
+        return self.get()  # the file is never stale
 
     def compare_and_set(self, expected: str | None, new: str) -> bool:
         """Point ACTIVE at `new` if it still points at `expected`; False when another writer got there first."""
@@ -243,7 +250,7 @@ class Registry:
         log.info("deleted model %s", model_id)
 
     def _refuse_active(self, model_id: str) -> None:
-        if self.active_id() == model_id:
+        if self.pointer.read() == model_id:  # a fresh read: never delete on a stale answer
             raise ActiveModelError(f"{model_id!r} is the active model; activate another model before deleting it")
 
     def load(self, model_id: str | None = None) -> Checkpoint:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.app.conftest import MODEL_A, ClientFactory
+from tests.app.conftest import MODEL_A, MODEL_B, ClientFactory
 from tests.worker.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -54,6 +54,11 @@ async def test_readyz_says_redis_is_down_and_up_again_and_never_shows_the_passwo
     assert generated.status_code == 200  # the loaded model serves without Redis
     jobs = await client.get("/train")
     assert jobs.status_code == 503 and "Retry-After" in jobs.headers
+    # Registry changes need the pointer: neither acts on a stale answer while Redis is away.
+    deleted = await client.delete(f"/models/{MODEL_B}")
+    assert deleted.status_code == 503 and "Retry-After" in deleted.headers
+    activated = await client.post(f"/models/{MODEL_B}/activate")
+    assert activated.status_code == 503
 
     server.start()
     again = await wait_for_redis(client, '"redis":"up"')
