@@ -264,7 +264,11 @@ class Engine:
         dtype = next(model.parameters()).dtype
         self.states = StateSlots(cfg.layers, cfg.hidden_dim, max_running, device, dtype)
         budget = self.options.prompt_cache_bytes
-        self.cache = PromptCache(budget) if budget > 0 else None
+        self.cache = None
+        if budget > 0:
+            self.cache = PromptCache(
+                budget, layers=cfg.layers, hidden=cfg.hidden_dim, vocab=cfg.vocab_size, device=device
+            )
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # _running[i].slot == i
@@ -398,8 +402,9 @@ class Engine:
         self.metrics.prompt_cache_hits.inc()
         self.metrics.prompt_cache_tokens.inc(entry.length)
         seq.prefilled = entry.length
+        # copies: the entry's tensors are views of a cache row that a later put may reuse
         seq.prefill_state = entry.h[:, None].clone(), entry.c[:, None].clone()  # (layers, 1, H)
-        seq.prefill_logits = entry.logits
+        seq.prefill_logits = entry.logits.clone()
 
     def _prefill_one(self, seq: Sequence, budget: int) -> None:
         """Run the next (at most `budget`) prompt tokens of one sequence as one sequence call."""

@@ -1,11 +1,11 @@
 """Memory: the API process's resident memory over 10,000 mixed requests.
 
-    python bench/memory.py                       # 10,000 requests, 16 at a time
+    python bench/memory.py                       # 10,000 requests, 32 at a time
     python bench/memory.py --requests 2000
 
 The load generator (this process) sends a repeating mix to `textgen serve`: streamed to the end,
 not streamed, and streamed then disconnected after a few events; prompts are different slices of
-the corpus (so the prompt-state cache fills up to its budget), 40 tokens each. The server's VmRSS
+the corpus (so the prompt-state cache fills up to its budget), 24 tokens each. The server's VmRSS
 is read from /proc after the first 100 requests and every 500 after that. Target: after 10,000,
 within 10% of the size after the first 100.
 """
@@ -34,8 +34,8 @@ from loadgen import (  # noqa: E402
 from results import machine_summary, write_section  # noqa: E402
 
 
-async def one(server: Server, i: int, prompt: str) -> str:
-    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0.8}
+async def one(server: Server, i: int, prompt: str, tokens: int) -> str:
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0.8}
     kind = ("stream", "json", "disconnect")[i % 3]
     if kind == "json":
         status, _ = await post_json(server.host, server.port, "/generate", body)
@@ -46,7 +46,9 @@ async def one(server: Server, i: int, prompt: str) -> str:
     return "ok" if result.status == 200 and result.error is None else f"{result.status} {result.error}"
 
 
-async def run(server: Server, total: int, concurrency: int) -> tuple[list[tuple[int, int]], dict[str, int], float]:
+async def run(
+    server: Server, total: int, concurrency: int, tokens: int
+) -> tuple[list[tuple[int, int]], dict[str, int], float]:
     text = corpus_text()
     rng = random.Random(0)
     samples: list[tuple[int, int]] = []
@@ -61,7 +63,7 @@ async def run(server: Server, total: int, concurrency: int) -> tuple[list[tuple[
             i = next_index
             next_index += 1
             start = rng.randrange(len(text) - 300)
-            outcome = await one(server, i, text[start : start + rng.randrange(20, 300)])
+            outcome = await one(server, i, text[start : start + rng.randrange(20, 300)], tokens)
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             done += 1
             if done in checkpoints:
@@ -98,12 +100,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--requests", type=int, default=10_000)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--threads", default="1")
+    parser.add_argument("--setting", action="append", default=[], help="extra NAME=VALUE server settings")
     args = parser.parse_args()
-    server = start_server(models_copy((args.model,)), threads=args.threads)
+    extra = dict(s.split("=", 1) for s in args.setting)
+    server = start_server(models_copy((args.model,)), threads=args.threads, **extra)
     try:
-        samples, outcomes, wall = asyncio.run(run(server, args.requests, args.concurrency))
+        samples, outcomes, wall = asyncio.run(run(server, args.requests, args.concurrency, args.tokens))
         cache_bytes = [line for line in server.get("/metrics").splitlines() if line.startswith("textgen_prompt_cache")]
     finally:
         stop_server(server)
@@ -112,11 +117,11 @@ def main() -> None:
     growth = (last - first) / first * 100
     body = f"""
 Machine: {machine_summary()}; load average at the end {Path("/proc/loadavg").read_text().split()[0]}.
-Command: `python bench/memory.py --requests {args.requests} --concurrency {args.concurrency}`
-(model `{args.model}`, TEXTGEN_THREADS={args.threads}, the rest default); {wall:.0f} s.
+Command: `{" ".join(["python bench/memory.py", *sys.argv[1:]])}`
+(model `{args.model}`, TEXTGEN_THREADS={args.threads}, {extra or "the rest"} default); {wall:.0f} s.
 
 Mix: streamed to the end, not streamed, streamed and disconnected after 3 events (a third each),
-prompts of 20-300 characters from the corpus, 40 tokens. Outcomes: {outcomes}.
+prompts of 20-300 characters from the corpus, {args.tokens} tokens. Outcomes: {outcomes}.
 
 Server RSS after the first {samples[0][0]} requests: {first / 2**20:.1f} MiB; after {samples[-1][0]}:
 {last / 2**20:.1f} MiB: **{growth:+.1f}%** (target: within 10%). Largest sample:
