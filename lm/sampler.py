@@ -108,6 +108,7 @@ class SequenceSampler:
         self._counts = torch.zeros(vocab)  # (V,) completion-token counts: presence/frequency penalties
         self._seen = torch.zeros(vocab, dtype=torch.bool)  # (V,) prompt + completion: repetition penalty
         self._seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        self._penalized = params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
         self._decoder = StreamDecoder(tokenizer)
         self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
 
@@ -174,8 +175,9 @@ class SequenceSampler:
         if self.finished:
             return ""
         self.completion_tokens += 1
-        self._counts[token_id] += 1
-        self._seen[token_id] = True
+        if self._penalized:  # two tensor writes per token: only when a penalty reads them
+            self._counts[token_id] += 1
+            self._seen[token_id] = True
         out = self._release(self._decoder.push(token_id))
         if not self.finished and self.completion_tokens >= self.params.max_tokens:
             self._finish(FINISH_LENGTH)
