@@ -482,25 +482,25 @@ class Engine:
         ids = choose_batch([s.sampler for s in batch], rows)
         t = now()
         self.metrics.generated_tokens.inc(len(batch))
-        for seq, row, token_id in zip(batch, rows, ids, strict=True):
+        for i, (seq, token_id) in enumerate(zip(batch, ids, strict=True)):
             sampler = seq.sampler
             text = sampler.push(token_id)
             self._observe_token(seq, t)
-            self._queue_token(seq, token_id, text, row, t)
+            self._queue_token(seq, token_id, text, rows, i, t)
             if sampler.finished:
-                self._finish(seq, row, t)
+                self._finish(seq, rows[i], t)
             else:
                 seq.generated.append(token_id)
                 seq.last_token = token_id
 
-    def _queue_token(self, seq: Sequence, token_id: int, text: str, row: Tensor, t: float) -> None:
+    def _queue_token(self, seq: Sequence, token_id: int, text: str, rows: Tensor, i: int, t: float) -> None:
         """An event per token (logprobs, or interval 0); otherwise coalesce until the next tick, except
         the first text, which goes out at once."""
         interval = self.options.stream_interval_s
         if seq.logprobs is not None or interval <= 0:
             event = Token(text, token_id)
             if seq.logprobs is not None:
-                event.logprob, event.top_logprobs = seq.sampler.logprobs(row, token_id, seq.logprobs)
+                event.logprob, event.top_logprobs = seq.sampler.logprobs(rows[i], token_id, seq.logprobs)
             self._outbox.append((seq, event))
             return
         seq.pending += text
