@@ -42,20 +42,22 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			docker-compose >/dev/null; }
 
-test: dev system-deps
+# The whole suite, after the linters: a lint failure fails `make test` (and CI) too.
+test: dev system-deps lint
 	$(PY) -m pytest
 
+LINTED := lm app worker textgen tests bench scripts
 lint: dev
-	$(VENV)/bin/ruff check lm app worker textgen tests bench
-	$(VENV)/bin/ruff format --check lm app worker textgen tests bench
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 
 format: dev
-	$(VENV)/bin/ruff format lm app worker textgen tests bench
-	$(VENV)/bin/ruff check --fix lm app worker textgen tests bench
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
 
-# Rebuild the shipped models from the shipped corpora (the exact commands live in each
-# model folder's TRAIN_COMMAND file and in scripts/build_models.sh).
+# Rebuild the shipped models from the shipped corpora (scripts/build_models.sh; the exact
+# command that trained each model is in its config.json, training.command).
 models: install
 	bash scripts/build_models.sh
 
@@ -67,6 +69,7 @@ $(addprefix bench-,$(SERVE_BENCHES)): bench-%: dev
 bench-serve: $(addprefix bench-,$(SERVE_BENCHES))
 
 bench: dev bench-serve
+	$(PY) bench/train_interference.py
 	$(PY) bench/train_quality.py
 
 clean:
