@@ -19,6 +19,7 @@ import asyncio
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from loadgen import (  # noqa: E402
 from results import machine_summary, write_section  # noqa: E402
 
 PROMPT_CHARS = 200
-PROFILE = ROOT / "bench" / "profile_serve.txt"
+PROFILE = Path(tempfile.gettempdir()) / "textgen-serve-profile.txt"  # raw py-spy stacks, summarized below
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
