@@ -6,11 +6,14 @@
   at all is set. With API keys but no admin keys, the admin routes are closed (403).
 
 Missing or unknown key -> 401, a valid key of the wrong scope -> 403. Keys are compared in
-constant time (hmac.compare_digest, against every configured key) and never logged.
+constant time (hmac.compare_digest, against every configured key) and never logged. An accepted
+key is known to the rest of the request only by a digest (`request.state.key_id`), which is what
+the per-key sequence limit counts by (app/generation.py: `KeyLimits`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 
@@ -40,6 +43,11 @@ def _matches(token: str, keys: list[str]) -> bool:
     return found
 
 
+def key_id(token: str) -> str:
+    """A short digest that names a key without revealing it."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
 def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
@@ -58,6 +66,7 @@ def require_api_key(request: Request) -> None:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     if not (_matches(token, settings.api_keys) | _matches(token, settings.admin_keys)):
         raise _unauthorized("invalid API key")
+    request.state.key_id = key_id(token)
 
 
 def require_admin_key(request: Request) -> None:

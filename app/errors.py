@@ -1,6 +1,7 @@
-"""Every error the service answers is JSON: {"error": {"type", "message", "param", "code"}}.
+"""Every error the service answers is JSON: {"error": {"type", "message", "param", "code", "request_id"}}.
 
-That is OpenAI's error shape, so one shape serves both the native routes and /v1. The one
+That is OpenAI's error shape (plus the request id, also sent in `X-Request-ID` and written on every
+log line of the request), so one shape serves both the native routes and /v1. The one
 difference: a request that fails validation is 422 on the native routes (FastAPI's convention)
 and 400 on /v1 (OpenAI's). A user's mistake is never a 500; an unexpected failure is logged
 with its traceback and answered with a generic 500.
@@ -20,6 +21,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.logging import REQUEST_ID_KEY, request_id_var
 from lm.errors import (
     ActiveModelError,
     CheckpointError,
@@ -76,8 +78,9 @@ class ApiError(Exception):
     def retryable(self) -> bool:
         return self.status in RETRYABLE
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"type": self.type, "message": self.message, "param": self.param, "code": self.code}}
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        error = {"type": self.type, "message": self.message, "param": self.param, "code": self.code}
+        return {"error": {**error, "request_id": request_id}}
 
 
 def is_openai_route(request: Request) -> bool:
@@ -103,18 +106,24 @@ def from_domain_error(exc: TextgenError, request: Request | None = None) -> ApiE
     return ApiError(400, str(exc))
 
 
-def _json(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def error_response(error: ApiError, scope: Scope) -> JSONResponse:
+    """The error as a response, with the request's id in its body (and header: a 500 is answered by
+    Starlette's outermost middleware, outside RequestLogMiddleware, which adds it to the others)."""
+    request_id = scope.get(REQUEST_ID_KEY) or request_id_var.get()
+    headers = dict(error.headers)
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    return JSONResponse(error.body(request_id), status_code=error.status, headers=headers)
 
 
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return _json(exc)
+    return error_response(exc, request.scope)
 
 
 async def domain_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TextgenError)
-    return _json(from_domain_error(exc, request))
+    return error_response(from_domain_error(exc, request), request.scope)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -127,7 +136,7 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     message = f"{param}: {first['msg']}" if param else str(first["msg"])
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return _json(invalid(message, param, request))
+    return error_response(invalid(message, param, request), request.scope)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -136,12 +145,12 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}"
-    return _json(ApiError(exc.status_code, message, headers=dict(exc.headers or {})))
+    return error_response(ApiError(exc.status_code, message, headers=dict(exc.headers or {})), request.scope)
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return _json(ApiError(500, "the server failed to answer this request; it has been logged"))
+    return error_response(ApiError(500, "the server failed to answer this request; it has been logged"), request.scope)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -185,7 +194,7 @@ class BodyLimitMiddleware:
         limit = self.routes.get((scope["method"], scope["path"]), self.default)
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit.max_bytes:
-            await _json(limit.error())(scope, receive, send)
+            await error_response(limit.error(), scope)(scope, receive, send)
             return
         received = 0
 

@@ -42,6 +42,39 @@ class Completion:
     tokens: list[Token] = field(default_factory=list)  # the generated tokens, with logprobs when asked
 
 
+class KeyLimits:
+    """Sequences admitted per API key (TEXTGEN_MAX_RUNNING_PER_KEY), so one client cannot take every slot.
+
+    Keys are known by their digest (app/auth.py: `key_id`). Without keys (an open server) there is
+    no client identity to count by, and only the process-wide Admission bound applies. Only the
+    event loop calls it, so a plain dict is enough.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0 = no limit
+        self.admitted: dict[str, int] = {}
+
+    def applies(self, key: str | None) -> bool:
+        return key is not None and self.limit > 0
+
+    def acquire(self, key: str | None, n: int) -> None:
+        if key is None or not self.applies(key):
+            return
+        have = self.admitted.get(key, 0)
+        if have + n > self.limit:
+            raise Overloaded(f"this API key has {have} sequences running or waiting (limit {self.limit})")
+        self.admitted[key] = have + n
+
+    def release(self, key: str | None, n: int) -> None:
+        if key is None or key not in self.admitted:
+            return
+        left = self.admitted[key] - n
+        if left > 0:
+            self.admitted[key] = left
+        else:
+            del self.admitted[key]
+
+
 @dataclass(eq=False)
 class Job:
     """One request's sequences, all on one pinned model version."""
@@ -51,6 +84,8 @@ class Job:
     queue: asyncio.Queue[tuple[int, Event]]
     admission: Admission
     metrics: Metrics
+    key_limits: KeyLimits | None = None
+    key: str | None = None  # the API key's digest, counted in key_limits
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     closed: bool = False
 
@@ -99,6 +134,8 @@ class Job:
             self.metrics.dropped.inc()
             log.info("request %s: client disconnected, %d sequences dropped", self.id, len(unfinished))
         self.admission.release(len(self.sequences))
+        if self.key_limits is not None:
+            self.key_limits.release(self.key, len(self.sequences))
         self.lease.release()
 
 
@@ -137,11 +174,19 @@ async def start_job(
 ) -> Job:
     """Check limits, pin the model (or take over `lease`), submit one sequence per (prompt, params).
 
-    ApiError 404 (unknown model), 422/400 (limits), 429 (overload), 503 (no model loaded).
+    ApiError 404 (unknown model), 422/400 (limits), 429 (overload, or the key's own limit), 503 (no model loaded).
     """
+    key_limits: KeyLimits = request.app.state.key_limits
+    key: str | None = getattr(request.state, "key_id", None)
     try:
         if len(params) > admission.capacity:
             message = f"{len(params)} sequences asked; this server runs at most {admission.capacity} at a time"
+            raise invalid(message, "n", request)
+        if key_limits.applies(key) and len(params) > key_limits.limit:
+            message = (
+                f"{len(params)} sequences asked; one API key may run at most "
+                f"TEXTGEN_MAX_RUNNING_PER_KEY={key_limits.limit} at a time"
+            )
             raise invalid(message, "n", request)
         for p in params:
             check_params(p, settings, request)
@@ -162,26 +207,43 @@ async def start_job(
             ids = prompt_ids(tokenizer, prompt)
             sampler = SequenceSampler(tokenizer, p, ids)
             sequences.append(Sequence(ids, sampler, loop, queue, index=i, logprobs=logprobs))
-        _admit(admission, len(sequences), holder.metrics, settings)
-        for seq in sequences:
-            lease.loaded.engine.submit(seq)
+        _admit(admission, key_limits, key, len(sequences), holder.metrics, settings)
+        job = Job(lease, sequences, queue, admission, holder.metrics, key_limits=key_limits, key=key)
     except BaseException:
         lease.release()
         raise
-    return Job(lease, sequences, queue, admission, holder.metrics)
+    try:
+        for seq in sequences:
+            lease.loaded.engine.submit(seq)
+    except BaseException:
+        job.close()  # frees the slots and the lease
+        raise
+    return job
 
 
-def _admit(admission: Admission, n: int, metrics: Metrics, settings: Settings) -> None:
+def _admit(
+    admission: Admission, key_limits: KeyLimits, key: str | None, n: int, metrics: Metrics, settings: Settings
+) -> None:
+    """The key's own limit first, then the process-wide bound; 429 with Retry-After when either is full."""
+    try:
+        key_limits.acquire(key, n)
+    except Overloaded as e:
+        raise _overloaded(f"{e}; other clients are not affected", "key_overloaded", metrics, settings) from None
     try:
         admission.acquire(n)
     except Overloaded as e:
-        metrics.rejected.inc()
-        raise ApiError(
-            429,
-            f"the server is at capacity ({e}); retry after {settings.retry_after_s} s",
-            code="overloaded",
-            headers={"Retry-After": str(settings.retry_after_s)},
-        ) from None
+        key_limits.release(key, n)
+        raise _overloaded(f"the server is at capacity ({e})", "overloaded", metrics, settings) from None
+
+
+def _overloaded(reason: str, code: str, metrics: Metrics, settings: Settings) -> ApiError:
+    metrics.rejected.inc()
+    return ApiError(
+        429,
+        f"{reason}; retry after {settings.retry_after_s} s",
+        code=code,
+        headers={"Retry-After": str(settings.retry_after_s)},
+    )
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from app.errors import ApiError
+from app.errors import ApiError, error_response
 from app.reconcile import Reconciler
 from app.settings import Settings
 from lm.job_files import FileStore
@@ -169,7 +169,7 @@ async def _watch_redis(service: JobService, interval_s: float) -> None:
 async def store_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
     """Redis is down: 503 with Retry-After; generation on the loaded model is not affected."""
     error = ApiError(503, str(exc), code="store_unavailable", headers={"Retry-After": "5"})
-    return JSONResponse(error.body(), status_code=503, headers=error.headers)
+    return error_response(error, request.scope)
 
 
 def install_job_handlers(app: FastAPI) -> None:

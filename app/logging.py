@@ -23,6 +23,7 @@ from app.settings import Settings
 log = logging.getLogger("textgen.access")
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+REQUEST_ID_KEY = "textgen.request_id"  # the id in the ASGI scope too: a 500 is answered after the middleware ends
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms")
 
@@ -31,6 +32,18 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """`time level logger [request id]: message`; the brackets only on a line written during a request."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None)
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return super().format(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -59,7 +72,7 @@ def configure_logging(settings: Settings) -> None:
     if settings.log_json:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
 
 
@@ -74,6 +87,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = _request_id(scope)
+        scope[REQUEST_ID_KEY] = request_id
         token = request_id_var.set(request_id)
         start = time.perf_counter()
         status = 500
@@ -82,8 +96,10 @@ class RequestLogMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-request-id" for name, _ in headers):  # error responses carry it
+                    headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
             await send(message)
 
         try:

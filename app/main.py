@@ -21,6 +21,7 @@ import lm
 from app.auth import warn_if_open
 from app.engine import Admission
 from app.errors import BodyLimit, BodyLimitMiddleware, install_error_handlers
+from app.generation import KeyLimits
 from app.holder import ModelHolder
 from app.jobs import JobService, install_job_handlers
 from app.logging import RequestLogMiddleware
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.jobs = JobService(settings)  # job store, active pointer (Redis key or models/ACTIVE)
     app.state.holder = ModelHolder(settings, metrics, registry=app.state.jobs.registry)
     app.state.admission = Admission(settings.max_running, settings.max_waiting)
+    app.state.key_limits = KeyLimits(settings.max_running_per_key)
 
     install_error_handlers(app)
     install_job_handlers(app)

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     max_running: int = Field(default=32, ge=1)  # sequences decoded together, per loaded model version
     max_waiting: int = Field(default=64, ge=0)  # admitted sequences waiting for a running slot (whole process)
+    max_running_per_key: int = Field(default=16, ge=0)  # sequences one API key may have admitted; 0 = no limit
     max_loaded_models: int = Field(default=2, ge=1)  # the active model plus models requested by name
     retry_after_s: int = Field(default=1, ge=1)  # the Retry-After header of a 429
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.deps import HolderDep, MetricsDep
-from app.errors import ApiError
+from app.errors import ApiError, error_response
 from app.jobs import JobsDep
 from app.schemas import HealthStatus, ReadyStatus
 
@@ -25,13 +25,13 @@ async def healthz() -> HealthStatus:
     response_model_exclude_none=True,
     responses={503: {"description": "no model loaded, and why"}},
 )
-async def readyz(holder: HolderDep, jobs: JobsDep) -> ReadyStatus | JSONResponse:
+async def readyz(request: Request, holder: HolderDep, jobs: JobsDep) -> ReadyStatus | JSONResponse:
     """Ready once a model is loaded (503 with the reason until then); in Redis mode, whether Redis is up."""
     redis = jobs.redis_status  # as last seen: checked every TEXTGEN_RECONCILE_S, so a probe never waits on Redis
     if holder.active is None:
         reason = holder.not_ready_reason + ("; Redis is down" if redis == "down" else "")
         error = ApiError(503, f"not ready: {reason}", code="model_not_ready")
-        return JSONResponse(error.body(), status_code=503)
+        return error_response(error, request.scope)
     return ReadyStatus(status="ready", model=holder.active.model_id, redis=redis)
 
 
