@@ -148,7 +148,7 @@ class FusedStep:
             b0 = _reorder_gates((p("bias_ih_l0") + p("bias_hh_l0")).detach().float(), H)  # (4H,)
             # layer 0's input gates for every vocabulary entry: (V, 4H)
             self.table = (model.embedding.weight.detach().float() @ w_ih0.t() + b0).contiguous()
-            # per layer; fp32: (in, 4H) for addmm; int8: codes (4H, in), used transposed (the fast layout)
+            # per layer, each (in, 4H); int8: transposed views of row-major (4H, in) codes
             self.w_hh: list[Tensor] = []
             self.w_ih: list[Tensor | None] = [None]  # layer 0's input product is in the table
             self.w_both: list[Tensor] = []  # [W_ih, W_hh] side by side (layer 0: W_hh): decode's one product
@@ -165,10 +165,11 @@ class FusedStep:
                 if int8:
                     _, scale = _quantize_rows(both)  # one scale per gate row for both products
                     self.scale.append((scale / H_SCALE)[None, :].contiguous())
-                    self.w_hh.append(_codes(w_hh, scale))
-                    self.w_both.append(_codes(both, scale))
+                    # transposed views of (4H, in) codes: the layout oneDNN's int8 GEMM is fastest with
+                    self.w_hh.append(_codes(w_hh, scale).t())
+                    self.w_both.append(_codes(both, scale).t())
                     if w_ih is not None:
-                        self.w_ih.append(_codes(w_ih, scale))
+                        self.w_ih.append(_codes(w_ih, scale).t())
                 else:
                     self.w_hh.append(w_hh.t().contiguous())
                     self.w_both.append(both.t().contiguous())
@@ -180,9 +181,9 @@ class FusedStep:
     # -- the arithmetic, shared by decode and prefill ----------------------------------------------
 
     def _product(self, x: Tensor, w: Tensor) -> Tensor:
-        """x (N, in) @ w^T: int32 (N, 4H) for int8 (exact), fp32 otherwise."""
+        """x (N, in) @ w (in, 4H): int32 (N, 4H) for int8 (exact), fp32 otherwise."""
         if self.int8:
-            return torch._int_mm(_quantize_h(x), w.t())
+            return torch._int_mm(_quantize_h(x), w)
         return x @ w
 
     def _gates(self, layer: int, base: Tensor, acc: Tensor) -> Tensor:
@@ -194,10 +195,10 @@ class FusedStep:
     def _cell(self, gates: Tensor, h: Tensor, c: Tensor) -> None:
         """gates (B, 4H) ordered i, f, o, g; h, c (B, H) views of the state, updated in place."""
         H = self.hidden
-        ifo = torch.sigmoid(gates[:, : 3 * H])  # (B, 3H)
+        i, f, o = torch.sigmoid(gates[:, : 3 * H]).chunk(3, dim=1)  # (B, H) each
         g = torch.tanh(gates[:, 3 * H :])  # (B, H)
-        c.mul_(ifo[:, H : 2 * H]).addcmul_(ifo[:, :H], g)  # c = f * c + i * g
-        torch.mul(ifo[:, 2 * H :], torch.tanh(c), out=h)  # h = o * tanh(c)
+        c.mul_(f).addcmul_(i, g)  # c = f * c + i * g
+        torch.mul(o, torch.tanh(c), out=h)  # h = o * tanh(c)
 
     # -- decode and prefill ------------------------------------------------------------------------
 
@@ -221,26 +222,29 @@ class FusedStep:
         """tokens (T,); h, c (layers, 1, H) updated in place -> logits (V,) of the last position.
 
         Layer by layer: the input product of all T positions in one matmul (layer 0: one table
-        lookup), then the recurrence, which is sequential in any LSTM.
+        lookup), then the recurrence, which is sequential in any LSTM. Each position's h is written
+        straight into the layer's output rows (the next layer's input), and per-position views come
+        from one `split`: a position costs only the ops of the cell itself.
         """
+        T = len(tokens)
         below = None  # (T, H): the layer below's outputs
         for layer in range(self.layers):
             if layer == 0:
-                inputs, base = None, self.table[tokens]  # (T, 4H)
+                base, inputs = self.table[tokens].split(1), None  # T x (1, 4H): input gates incl. biases
             else:
-                inputs, base = self._product(below, self.w_ih[layer]), self.bias[layer]  # type: ignore[arg-type]
-            outputs = torch.empty(len(tokens), self.hidden) if layer < self.layers - 1 else None
-            hl, cl = h[layer], c[layer]  # (1, H) views, updated in place
-            for t in range(len(tokens)):
-                acc = self._product(hl, self.w_hh[layer])  # (1, 4H)
+                base, inputs = self.bias[layer], self._product(below, self.w_ih[layer]).split(1)  # type: ignore[arg-type]
+            out = torch.empty(T + 1, self.hidden)  # row 0: the initial h; row t + 1: h after position t
+            out[0] = h[layer, 0]
+            rows, cl, w = out.split(1), c[layer], self.w_hh[layer]
+            for t in range(T):
+                acc = self._product(rows[t], w)  # (1, 4H)
                 if inputs is None:
-                    gates = self._gates(layer, base[t : t + 1], acc)
+                    gates = self._gates(layer, base[t], acc)
                 else:
-                    gates = self._gates(layer, base, acc + inputs[t : t + 1])
-                self._cell(gates, hl, cl)
-                if outputs is not None:
-                    outputs[t] = hl[0]
-            below = outputs
+                    gates = self._gates(layer, base, acc + inputs[t])
+                self._cell(gates, rows[t + 1], cl)
+            h[layer].copy_(rows[T])
+            below = out[1:]
         return torch.addmm(self.head_b, h[-1], self.head_w)[0]  # (V,)
 
 
