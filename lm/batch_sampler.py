@@ -55,7 +55,12 @@ def choose_batch(samplers: Sequence[SequenceSampler], logits: Tensor) -> list[in
     return ids
 
 
-def _column(values: list[float]) -> Tensor:
+def _column(values: list[float]) -> Tensor | float:
+    """Per-row values as a (B, 1) float32 column, or one Python float when all rows agree (the common
+    case: it skips a tensor construction, and is exactly the scalar `SequenceSampler` uses)."""
+    first = values[0]
+    if all(v == first for v in values):
+        return first
     return torch.tensor(values, dtype=torch.float32)[:, None]  # (B, 1)
 
 
@@ -79,6 +84,12 @@ def _sample_rows(samplers: list[SequenceSampler], x: Tensor) -> list[int]:
 def _top_k(x: Tensor, ks: list[int]) -> Tensor:
     """Per row: keep the k largest logits (k = 0 or k >= V: keep all)."""
     V = x.shape[1]
+    k = ks[0]
+    if all(other == k for other in ks):  # one k for the whole batch: no sort, no masks to build
+        if not 0 < k < V:
+            return x
+        kth = x.topk(k, dim=1).values[:, -1:]  # (B, 1)
+        return x.masked_fill(x < kth, float("-inf"))
     on = torch.tensor([0 < k < V for k in ks])[:, None]  # (B, 1)
     index = torch.tensor([min(max(k, 1), V) - 1 for k in ks])[:, None]  # (B, 1)
     kth = x.sort(dim=1, descending=True).values.gather(1, index)  # (B, 1): the k-th largest value
@@ -90,8 +101,9 @@ def _top_p(x: Tensor, top_ps: list[float]) -> Tensor:
     sorted_x, order = torch.sort(x, dim=1, descending=True)  # (B, V)
     probs = torch.softmax(sorted_x, dim=1)
     mass_before = torch.cumsum(probs, dim=1) - probs
-    on = torch.tensor([p < 1.0 for p in top_ps])[:, None]
-    drop_sorted = (mass_before >= _column(top_ps)) & on
+    drop_sorted = mass_before >= _column(top_ps)
+    if not all(p < 1.0 for p in top_ps):  # only the rows that turn top-p on
+        drop_sorted &= torch.tensor([p < 1.0 for p in top_ps])[:, None]
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return x.masked_fill(drop, float("-inf"))
 

@@ -25,7 +25,9 @@ def _samplers(tokenizer: CharTokenizer, params: list[SamplingParams]) -> list[Se
     return [SequenceSampler(tokenizer, p, [1, 2, 3]) for p in params]
 
 
-@pytest.mark.parametrize("rows", [PARAMS, PARAMS[:1], [PARAMS[3]] * 5, [PARAMS[1]] * 3])
+@pytest.mark.parametrize(
+    "rows", [PARAMS, PARAMS[:1], [PARAMS[2]] * 4, [PARAMS[3]] * 5, [PARAMS[4]] * 3, [PARAMS[1]] * 3]
+)
 def test_batch_draws_equal_row_by_row_draws(char_tokenizer: CharTokenizer, rows: list[SamplingParams]) -> None:
     batched, single = _samplers(char_tokenizer, rows), _samplers(char_tokenizer, rows)
     gen = torch.Generator().manual_seed(0)
