@@ -304,7 +304,11 @@ class Engine:
         # OpenMP's thread count is per thread: without this, this thread's kernels would fork the
         # default team (one per core) whatever TEXTGEN_THREADS set on the main thread
         torch.set_num_threads(torch.get_num_threads())
-        self.step = build_step(self.model, self.options.decode)
+        try:
+            self.step = build_step(self.model, self.options.decode)
+        except Exception:  # the model's own forward always works: serve slower rather than not at all
+            log.exception("engine %s: could not build the %s decode step", self.model_id, self.options.decode)
+            self.step = build_step(self.model, "reference")
         log.info("engine %s: started on %s, %s decode step", self.model_id, self.device, self.step.kind)
         with torch.inference_mode():
             while not self._stopping:
