@@ -175,8 +175,26 @@ class FusedStep:
                     self.w_both.append(both.t().contiguous())
                     if w_ih is not None:
                         self.w_ih.append(w_ih.t().contiguous())
+            if int8:
+                self._build_wavefront()
             self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V)
             self.head_b = model.head.bias.detach().float().contiguous()  # (V,)
+
+    def _build_wavefront(self) -> None:
+        """int8 prefill runs layer l at position t - l, so that one product serves every layer:
+        [h_0, ..., h_{L-1}] (1, L*H) @ W (L*H, L*4H), where W's block (j, l) is layer l's W_hh
+        (j = l) or W_ih (j = l - 1) and zero elsewhere. The zero blocks add exact integer zeros, so
+        each layer's int32 sums are the ones decode computes."""
+        L, H = self.layers, self.hidden
+        wave = torch.zeros(L * H, L * 4 * H, dtype=torch.int8)
+        for layer in range(L):
+            cols = slice(layer * 4 * H, (layer + 1) * 4 * H)
+            both = self.w_both[layer]  # (in + H, 4H): rows [W_ih^T; W_hh^T] (layer 0: W_hh^T)
+            rows = slice(max(0, layer - 1) * H, (layer + 1) * H)
+            wave[rows, cols] = both
+        self.w_wave = wave.t().contiguous().t()  # (L*H, L*4H) as a transposed view: the fast layout
+        self.scale_wave = torch.cat(self.scale, dim=0)  # (L, 4H)
+        self.bias_wave = torch.cat([torch.zeros(1, 4 * H), *self.bias[1:]], dim=0)  # (L, 4H); row 0: the table's
 
     # -- the arithmetic, shared by decode and prefill ----------------------------------------------
 
@@ -219,9 +237,40 @@ class FusedStep:
 
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
-        """tokens (T,); h, c (layers, 1, H) updated in place -> logits (V,) of the last position.
+        """tokens (T,); h, c (layers, 1, H) updated in place -> logits (V,) of the last position."""
+        if self.int8 and len(tokens) >= self.layers:
+            return self._prefill_wavefront(tokens, h, c)
+        return self._prefill_layers(tokens, h, c)
 
-        Layer by layer: the input product of all T positions in one matmul (layer 0: one table
+    def _layer_step(self, layer: int, h: Tensor, c: Tensor, base: Tensor) -> None:
+        """One position of one layer, exactly as decode computes it; h, c (layers, 1, H)."""
+        x = h[0] if layer == 0 else torch.cat([h[layer - 1], h[layer]], dim=1)
+        acc = self._product(x, self.w_both[layer])
+        self._cell(self._gates(layer, base, acc), h[layer], c[layer])
+
+    def _prefill_wavefront(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        """int8: layer l at position t - l, all layers in one product and one cell per step (half the
+        op dispatches of layer by layer). The first and last L - 1 steps, where some layers have no
+        position, run the active layers one by one, top layer first (each reads the states as they
+        were before this step)."""
+        T, L = len(tokens), self.layers
+        table = self.table[tokens]  # (T, 4H): layer 0's input gates incl. biases
+        base = self.bias_wave.expand(T, -1, -1).clone()  # (T, L, 4H)
+        base[:, 0] = table
+        hs, cs = h[:, 0], c[:, 0]  # (L, H) views of the state, updated in place
+        for t in range(T + L - 1):
+            active = [layer for layer in range(L) if 0 <= t - layer < T]
+            if len(active) < L:
+                for layer in reversed(active):
+                    self._layer_step(layer, h, c, table[t - layer : t - layer + 1] if layer == 0 else self.bias[layer])
+                continue
+            acc = torch._int_mm(_quantize_h(hs.reshape(1, -1)), self.w_wave)  # (1, L*4H) int32
+            gates = torch.addcmul(base[t], acc.view(L, -1).float(), self.scale_wave)  # (L, 4H)
+            self._cell(gates, hs, cs)
+        return torch.addmm(self.head_b, h[-1], self.head_w)[0]  # (V,)
+
+    def _prefill_layers(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        """Layer by layer: the input product of all T positions in one matmul (layer 0: one table
         lookup), then the recurrence, which is sequential in any LSTM. Each position's h is written
         straight into the layer's output rows (the next layer's input), and per-position views come
         from one `split`: a position costs only the ops of the cell itself.
