@@ -12,6 +12,7 @@ import torch
 
 from app.engine import Engine, EngineOptions, Failed, Finished, Sequence, Token
 from app.metrics import Metrics
+from app.prompt_cache import PromptCache
 from lm.registry import Registry
 from lm.sampler import SamplingParams, SequenceSampler, prompt_ids
 from tests.app.conftest import MODEL_A, ClientFactory
@@ -180,3 +181,17 @@ async def test_every_decode_kind_streams_over_sse(make_client: ClientFactory, de
         lines = [line async for line in response.aiter_lines()]
     assert lines.count("event: token") == 25
     assert lines.count("event: done") == 1
+
+
+def test_the_cache_returns_the_longest_cached_prefix_and_copies_what_it_keeps() -> None:
+    cache = PromptCache(1 << 20, layers=2, hidden=4, vocab=5, min_tokens=3)
+    ids = list(range(10))
+    h, c, logits = torch.ones(2, 4), torch.zeros(2, 4), torch.arange(5.0)
+    for n in (3, 6, 8):
+        cache.put(ids[:n], h * n, c, logits)
+    h.fill_(-1)  # the cache kept copies
+    assert cache.lookup(ids[:7]).length == 6  # type: ignore[union-attr]
+    best = cache.lookup(ids + [99])
+    assert best is not None and best.length == 8 and torch.equal(best.h, torch.full((2, 4), 8.0))
+    assert cache.lookup([0, 1, 9, 9]) is None  # shares only two ids with every entry
+    assert cache.lookup([0, 1]) is None  # shorter than min_tokens
