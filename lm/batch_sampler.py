@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lm.sampler import SequenceSampler
+from lm.sampler import GREEDY_BELOW, SequenceSampler
 
 
 def choose_batch(samplers: Sequence[SequenceSampler], logits: Tensor) -> list[int]:
@@ -40,7 +40,7 @@ def choose_batch(samplers: Sequence[SequenceSampler], logits: Tensor) -> list[in
         p = sampler.params
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             ids[i] = sampler.choose(x[i])  # penalties need the sequence's counts: the per-row path
-        elif p.temperature == 0:
+        elif p.temperature < GREEDY_BELOW:
             greedy.append(i)
         else:
             sampled.append(i)
@@ -67,7 +67,8 @@ def _column(values: list[float]) -> Tensor | float:
 def _sample_rows(samplers: list[SequenceSampler], x: Tensor) -> list[int]:
     """x (B, V) float32 -> one draw per row through temperature, top-k, top-p, min-p."""
     params = [s.params for s in samplers]
-    x = x / _column([p.temperature for p in params])
+    # softmax is shift-invariant; less the row's maximum, no +inf for any temperature > 0 (as SequenceSampler)
+    x = (x - x.amax(dim=1, keepdim=True)) / _column([p.temperature for p in params])
     if any(p.top_k for p in params):
         x = _top_k(x, [p.top_k for p in params])
     if any(p.top_p < 1.0 for p in params):
@@ -102,6 +103,7 @@ def _top_p(x: Tensor, top_ps: list[float]) -> Tensor:
     probs = torch.softmax(sorted_x, dim=1)
     mass_before = torch.cumsum(probs, dim=1) - probs
     drop_sorted = mass_before >= _column(top_ps)
+    drop_sorted[:, 0] = False  # the most likely token stays, even for a top_p that rounds to 0 in float32
     if not all(p < 1.0 for p in top_ps):  # only the rows that turn top-p on
         drop_sorted &= torch.tensor([p < 1.0 for p in top_ps])[:, None]
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)

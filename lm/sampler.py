@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 MAX_STOP_STRINGS = 8
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
+# Logits are clamped to +-this after a division by a repetition penalty: a tiny penalty (1e-300
+# passes validation) would make them +-inf, and softmax NaN. (The temperature divides logits less
+# their maximum instead, which are <= 0: a tiny temperature then leaves only the top token.)
+LOGIT_LIMIT = 1e30
+MIN_LOGPROB = -9999.0  # the floor of a reported log-probability (OpenAI's value for "impossible")
+GREEDY_BELOW = 1e-30  # a temperature below this is greedy: it could round to 0 in float32 (0 / 0 = NaN)
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,9 @@ class SequenceSampler:
             raise ValueError(f"expected logits of shape ({self._counts.numel()},), got {tuple(x.shape)}")
         x = self._penalize(x)
         p = self.params
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW:
             return int(x.argmax())
-        x = x / p.temperature
+        x = (x - x.max()) / p.temperature  # softmax is shift-invariant; no +inf for any temperature > 0
         if p.top_k:
             x = _top_k(x, p.top_k)
         if p.top_p < 1.0:
@@ -139,6 +145,7 @@ class SequenceSampler:
         if p.repetition_penalty != 1.0:
             # CTRL: shrink a seen token's logit towards "less likely" whatever its sign
             penalized = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            penalized = penalized.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
             x = torch.where(self._seen, penalized, x)
         if p.presence_penalty or p.frequency_penalty:
             # OpenAI: logit -= count * frequency_penalty + (count > 0) * presence_penalty
@@ -151,8 +158,10 @@ class SequenceSampler:
         The distribution is the model's softmax at the request's temperature (temperature 1 when greedy),
         before penalties and top-k/top-p/min-p truncation, so it does not depend on the sequence's state.
         """
-        temperature = self.params.temperature or 1.0
-        lp = torch.log_softmax(logits.detach().to("cpu", torch.float32) / temperature, dim=-1)  # (V,)
+        temperature = self.params.temperature if self.params.temperature >= GREEDY_BELOW else 1.0
+        x = logits.detach().to("cpu", torch.float32)  # (V,)
+        # less the maximum (no +inf), and floored: a tiny temperature gives -inf, which JSON cannot carry
+        lp = torch.log_softmax((x - x.max()) / temperature, dim=-1).clamp(min=MIN_LOGPROB)  # (V,)
         values, ids = lp.topk(min(top, lp.numel())) if top > 0 else (lp[:0], lp[:0].long())
         pieces: dict[str, float] = {}
         for value, tid in zip(values.tolist(), ids.tolist(), strict=True):
@@ -250,7 +259,8 @@ def _top_p(x: Tensor, top_p: float) -> Tensor:
     sorted_x, order = torch.sort(x, descending=True)  # (V,)
     probs = torch.softmax(sorted_x, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
-    drop_sorted = mass_before >= top_p  # the first token always has mass_before 0, so it stays
+    drop_sorted = mass_before >= top_p
+    drop_sorted[0] = False  # the most likely token stays, even for a top_p that rounds to 0 in float32
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return x.masked_fill(drop, float("-inf"))
 
