@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -49,6 +50,39 @@ ERROR_TYPES = {
     503: "service_unavailable",
 }
 RETRYABLE = frozenset({429, 500, 503})
+# when each error status happens, for the OpenAPI schema (`error_responses`)
+WHEN = {
+    400: "a body that is not JSON, or (on /v1) a request that fails validation",
+    401: "no API key, or an unknown one (only when keys are configured)",
+    403: "a valid key without the admin scope",
+    404: "no such model, job or route",
+    409: "a conflict with the registry's or the job's state",
+    413: "a body over its limit",
+    415: "a body that is neither JSON nor multipart/form-data",
+    422: "a request that fails validation (native routes), or a checkpoint that fails it",
+    429: "at capacity, or the key's own limit reached; retry after `Retry-After` seconds",
+    500: "a bug on the server; logged with the request id",
+    503: "no model loaded yet, or Redis unreachable; retry later",
+}
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="the kind of error, OpenAI's names: " + ", ".join(sorted(set(ERROR_TYPES.values()))))
+    message: str = Field(description="what went wrong, for a person")
+    param: str | None = Field(description="the request field at fault, if one is")
+    code: str | None = Field(description="a stable machine-readable code, when there is one")
+    request_id: str | None = Field(description="the request's id, as in the X-Request-ID header and the logs")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer's body."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route or router: each status with the error body and when it happens."""
+    return {status: {"model": ErrorResponse, "description": WHEN[status]} for status in statuses}
 
 
 class ApiError(Exception):

@@ -11,7 +11,7 @@ from app import sse
 from app.auth import require_api_key
 from app.deps import AdmissionDep, HolderDep, SettingsDep
 from app.engine import Failed, Finished, Token
-from app.errors import ERROR_TYPES
+from app.errors import ERROR_TYPES, error_responses
 from app.generation import Job, start_job, unless_disconnected
 from app.schemas import GenerateRequest, GenerateResponse, Usage
 from app.settings import Settings
@@ -19,7 +19,11 @@ from lm.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    tags=["generation"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(400, 401, 404, 413, 422, 429, 500, 503),
+)
 
 SSE_RESPONSES = {
     200: {

@@ -6,11 +6,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.deps import HolderDep, MetricsDep
-from app.errors import ApiError, error_response
+from app.errors import ApiError, error_response, error_responses
 from app.jobs import JobsDep
 from app.schemas import HealthStatus, ReadyStatus
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], responses=error_responses(500))
 
 
 @router.get("/healthz", response_model=HealthStatus)
@@ -23,7 +23,7 @@ async def healthz() -> HealthStatus:
     "/readyz",
     response_model=ReadyStatus,
     response_model_exclude_none=True,
-    responses={503: {"description": "no model loaded, and why"}},
+    responses=error_responses(503),
 )
 async def readyz(request: Request, holder: HolderDep, jobs: JobsDep) -> ReadyStatus | JSONResponse:
     """Ready once a model is loaded (503 with the reason until then); in Redis mode, whether Redis is up."""

@@ -8,11 +8,14 @@ from fastapi import APIRouter, Depends, Response
 
 from app.auth import require_admin_key, require_api_key
 from app.deps import HolderDep
+from app.errors import error_responses
 from app.holder import ModelHolder
 from app.schemas import ModelDetail, ModelList, ModelPublic
 from lm.registry import ModelInfo
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(
+    prefix="/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 409, 413, 422, 500, 503)
+)
 
 
 def model_public(info: ModelInfo, holder: ModelHolder) -> ModelPublic:

@@ -22,7 +22,7 @@ from app.auth import require_api_key
 from app.chat import render_chat
 from app.deps import AdmissionDep, HolderDep, SettingsDep
 from app.engine import Failed, Finished, Token
-from app.errors import ERROR_TYPES, invalid
+from app.errors import ERROR_TYPES, error_responses, invalid
 from app.generation import Completion as Done
 from app.generation import Job, start_job, unless_disconnected
 from app.holder import ModelHolder
@@ -47,17 +47,28 @@ from lm.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(400, 401, 404, 413, 422, 429, 500, 503),
+)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 200  # a chat turn usually ends earlier, at the template's stop string
 DONE = sse.data_line("[DONE]")
+STREAM_RESPONSES = {
+    200: {
+        "description": "JSON, or with `stream: true` a text/event-stream of `data: <chunk>` events, then [DONE]",
+        "content": {"text/event-stream": {}},
+    }
+}
 
 
 # ---------------------------------------------------------------------------- routes
 
 
-@router.post("/completions", response_model=Completion)
+@router.post("/completions", response_model=Completion, responses=STREAM_RESPONSES)  # type: ignore[arg-type]
 async def completions(
     body: CompletionRequest,
     request: Request,
@@ -103,7 +114,7 @@ async def completions(
     return Completion.model_validate({**meta, "choices": choices, "usage": _usage(job, done, body.n)})
 
 
-@router.post("/chat/completions", response_model=ChatCompletion)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=STREAM_RESPONSES)  # type: ignore[arg-type]
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,

@@ -6,10 +6,15 @@ from fastapi import APIRouter, Depends, Request
 
 from app.auth import require_api_key
 from app.deps import HolderDep, SettingsDep
+from app.errors import error_responses
 from app.generation import check_prompt
 from app.schemas import TokenizeRequest, TokenizeResponse
 
-router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    tags=["generation"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(400, 401, 404, 413, 422, 500, 503),
+)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)

@@ -23,7 +23,7 @@ from starlette.datastructures import UploadFile
 from app import sse
 from app.auth import require_admin_key
 from app.deps import SettingsDep
-from app.errors import ApiError, BodyLimit
+from app.errors import ApiError, BodyLimit, error_responses
 from app.jobs import JobsDep, JobService, jobs_lifespan
 from app.settings import Settings
 from app.train_schemas import JobState, TrainJobCreate, TrainJobList, TrainJobPublic
@@ -45,7 +45,11 @@ from lm.train import TrainConfig
 log = logging.getLogger(__name__)
 
 router = APIRouter(
-    prefix="/train", tags=["training"], dependencies=[Depends(require_admin_key)], lifespan=jobs_lifespan
+    prefix="/train",
+    tags=["training"],
+    dependencies=[Depends(require_admin_key)],
+    lifespan=jobs_lifespan,
+    responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 500, 503),
 )
 
 # POST /train's body limit (app/main.py gives it to BodyLimitMiddleware instead of

@@ -18,12 +18,12 @@ from pydantic import BaseModel, Field
 
 import lm
 from app.deps import SettingsDep
-from app.errors import ApiError
+from app.errors import ApiError, error_responses
 from app.settings import Settings
 from lm.sampler import MAX_STOP_STRINGS
 from lm.train import BOUNDS, TOKENIZERS, TrainConfig
 
-router = APIRouter(tags=["playground"])
+router = APIRouter(tags=["playground"], responses=error_responses(404, 500))
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # Strict: no inline scripts, styles or event handlers, nothing from another origin.
