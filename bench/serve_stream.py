@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -139,10 +140,12 @@ async def run_all(server: Server, args: argparse.Namespace) -> tuple[list[Stream
         profile = None
         if args.profile and clients == max(args.concurrency):
             profile = start_profile(server.process.pid, 15, PROFILE)
+        cpu = server.cpu_seconds()
         results, wall = await concurrent(server, clients, args.requests, args.tokens, args.ramp)
+        cpu = server.cpu_seconds() - cpu
         if profile is not None:
             profile.wait()
-        rows.append(summarize(clients, results, wall, args.requests))
+        rows.append({**summarize(clients, results, wall, args.requests), "server_cores": cpu / wall})
         print(rows[-1], flush=True)
     return single, rows
 
@@ -172,15 +175,22 @@ def main() -> None:
     single_rates = [r.completion_tokens / (r.ended - r.started) for r in single if r.ok]
     table = [
         "| clients | requests | failed | aggregate tokens/s | per-stream tokens/s (median) | TTFT p50 | TTFT p99 "
-        "| TTFT p99, later requests | event gap p99 | events per request |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| TTFT p99, later requests | event gap p99 | events per request | server CPU (cores) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         table.append(
             f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['aggregate']:,.0f} | {r['per_stream']:,.0f} "
             f"| {r['ttft_p50'] * 1000:.1f} ms | {r['ttft_p99'] * 1000:.1f} ms | {r['ttft_p99_later'] * 1000:.1f} ms "
-            f"| {r['gap_p99'] * 1000:.1f} ms | {r['events_per_request']:.0f} |"
+            f"| {r['gap_p99'] * 1000:.1f} ms | {r['events_per_request']:.0f} | {r['server_cores']:.2f} |"
         )
+    top = rows[-1]
+    verdict = (
+        f"At {top['clients']} clients: aggregate {top['aggregate']:,.0f} tokens/s against the 15,000 target "
+        f"({top['aggregate'] / 15000:.0%}), TTFT p99 {top['ttft_p99'] * 1000:.0f} ms against 100 ms. The server "
+        f"process used {top['server_cores']:.2f} cores of {os.cpu_count()}: the engine thread and the event loop "
+        'share one GIL (docs/PERFORMANCE.md, "Results and what bounds them", says what would close the gap).'
+    )
     profile_text = ""
     if args.profile and PROFILE.exists():
         profile_text = (
@@ -204,7 +214,10 @@ requests per client in a closed loop (targets at 64 clients: aggregate >= 15,000
 {chr(10).join(table)}
 
 "TTFT p99, later requests" leaves out each client's first request, which arrives with the ramp-up
-burst (all clients within {args.ramp:g} s).
+burst (all clients within {args.ramp:g} s). "server CPU" is the server process's CPU time over the
+run's wall time.
+
+{verdict}
 
 ![throughput](serve_throughput.png) ![latency](serve_latency.png)
 
