@@ -48,8 +48,9 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
+    507: "insufficient_storage",
 }
-RETRYABLE = frozenset({429, 500, 503})
+RETRYABLE = frozenset({429, 500, 503, 507})
 # when each error status happens, for the OpenAPI schema (`error_responses`)
 WHEN = {
     400: "a body that is not JSON, or (on /v1) a request that fails validation",
@@ -63,6 +64,7 @@ WHEN = {
     429: "at capacity, or the key's own limit reached; retry after `Retry-After` seconds",
     500: "a bug on the server; logged with the request id",
     503: "no model loaded yet, or Redis unreachable; retry later",
+    507: "no space left on the server's disk for a training corpus",
 }
 
 

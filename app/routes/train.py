@@ -7,9 +7,11 @@ a job that fails later fails for a reason only training can find (out of memory,
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import re
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from lm.jobs import (
     JobNotFound,
     JobRecord,
     StoreUnavailable,
+    job_dir,
     new_job_id,
     planned_parameters,
     validate_job_id,
@@ -49,7 +52,7 @@ router = APIRouter(
     tags=["training"],
     dependencies=[Depends(require_admin_key)],
     lifespan=jobs_lifespan,
-    responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 500, 503),
+    responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 500, 503, 507),
 )
 
 # POST /train's body limit (app/main.py gives it to BodyLimitMiddleware instead of
@@ -85,11 +88,27 @@ async def create_job(request: Request, response: Response, jobs: JobsDep, settin
     text, corpus_name = await resolve_corpus(body, upload, settings)
     job_id = new_job_id()
     params = await asyncio.to_thread(plan_job, body, text, corpus_name, job_id, jobs, settings)
-    record = await asyncio.to_thread(jobs.store.submit, params, text, job_id)
+    record = await asyncio.to_thread(store_job, jobs, params, text, job_id, settings)
     jobs.ensure_local_worker()
     log.info("queued training job %s for model %s (%d parameters)", job_id, params["name"], params["parameters"])
     response.headers["Location"] = f"/train/{record.id}"
     return await public(jobs, record)
+
+
+def store_job(jobs: JobService, params: dict[str, Any], text: str, job_id: str, settings: Settings) -> JobRecord:
+    """Queue the job (its corpus goes to models/jobs/<id>/); 507 when the disk is full, with nothing left behind."""
+    try:
+        return jobs.store.submit(params, text, job_id)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(job_dir(settings.models_dir, job_id), ignore_errors=True)
+        log.error("training job %s refused: no space left for its corpus in %s", job_id, settings.models_dir)
+        raise ApiError(
+            507,
+            "no space left on the server's disk for the corpus; the job was not queued",
+            code="insufficient_storage",
+        ) from None
 
 
 def body_limit(settings: Settings) -> BodyLimit:

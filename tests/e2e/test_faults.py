@@ -1,0 +1,275 @@
+"""Faults injected into real processes: broken checkpoints, an API killed during a swap, Redis killed
+with jobs queued and running, the disk filling up during a checkpoint write.
+
+Each test states what a user must still see: the old model serving, a consistent active model after
+a restart, every job run once to publication, nothing half-published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lm.checkpoint import CONFIG_FILE, MODEL_FILE
+from lm.job_redis import connect_redis
+from lm.redis_pointer import RedisPointer
+from lm.tokenizers import TOKENIZER_FILE
+from tests.app.conftest import (
+    MODEL_A,
+    MODEL_B,
+    Server,
+    models_template,  # noqa: F401 - the fixture (tiny-a active, tiny-b, tiny-nan), used under its name below
+    start_server,
+    stop_server,
+)
+from tests.e2e.conftest import (
+    BASE_MODEL,
+    TINY_JOB,
+    Cluster,
+    publish_tiny_model,
+    serving,
+    submit,
+    wait_for_event,
+    wait_for_job,
+)
+from tests.worker.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------------------- broken checkpoints
+
+
+def truncate_weights(folder: Path) -> None:
+    weights = folder / MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def wrong_shapes(folder: Path) -> None:
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["architecture"]["hidden_dim"] *= 2  # the weights are for the original size
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def no_tokenizer(folder: Path) -> None:
+    (folder / TOKENIZER_FILE).unlink()
+
+
+BREAKAGES = {"truncated-weights": truncate_weights, "wrong-shapes": wrong_shapes, "no-tokenizer": no_tokenizer}
+
+
+@pytest.fixture(scope="module")
+def server(models_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # noqa: F811
+    """`textgen serve` on a models folder with a broken copy of tiny-b for each breakage."""
+    root = tmp_path_factory.mktemp("faults")
+    models = root / "models"
+    shutil.copytree(models_template, models)
+    for name, breakage in BREAKAGES.items():
+        shutil.copytree(models / MODEL_B, models / name)
+        breakage(models / name)
+    srv = start_server(models, root)
+    yield srv
+    stop_server(srv)
+
+
+def generate(url: str) -> httpx.Response:
+    return httpx.post(f"{url}/generate", json={"prompt": "To be", "max_tokens": 4}, timeout=30)
+
+
+@pytest.mark.parametrize("broken", list(BREAKAGES))
+def test_a_broken_checkpoint_is_refused_and_the_old_model_keeps_serving(server: Server, broken: str) -> None:
+    before = httpx.get(f"{server.url}/readyz", timeout=10).json()["model"]
+    refused = httpx.post(f"{server.url}/models/{broken}/activate", timeout=30)
+    assert refused.status_code in (404, 422), refused.text
+    assert refused.json()["error"]["request_id"]
+    assert httpx.get(f"{server.url}/readyz", timeout=10).json()["model"] == before
+    answer = generate(server.url)
+    assert answer.status_code == 200 and answer.json()["model"] == before
+    assert (server.log_path.parent / "models" / "ACTIVE").read_text().strip() == before
+    assert "Traceback" not in server.log()
+
+
+def test_a_checkpoint_folder_renamed_during_its_load_is_refused_or_served_whole(server: Server) -> None:
+    """Whichever wins the race, the server answers 200 or a refusal, and serves what /readyz names."""
+    models = server.log_path.parent / "models"
+    shutil.copytree(models / MODEL_B, models / "moving")
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(
+        target=lambda: answers.append(httpx.post(f"{server.url}/models/moving/activate", timeout=30))
+    )
+    thread.start()
+    os.rename(models / "moving", models / "moved")
+    thread.join(30)
+    (answer,) = answers
+    assert answer.status_code in (200, 404, 422), answer.text
+    active = httpx.get(f"{server.url}/readyz", timeout=10).json()["model"]
+    assert generate(server.url).json()["model"] == active
+    assert active == ("moving" if answer.status_code == 200 else MODEL_A)
+    httpx.post(f"{server.url}/models/{MODEL_A}/activate", timeout=30).raise_for_status()
+
+
+# ---------------------------------------------------------------------------- the API killed during a swap
+
+
+def test_an_api_killed_during_a_swap_restarts_onto_a_consistent_active_model(
+    models_template: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(models_template, models)
+    for attempt, delay in enumerate([0.0, 0.005, 0.02]):
+        srv = start_server(models, tmp_path)
+        target = MODEL_B if attempt % 2 == 0 else MODEL_A
+        thread = threading.Thread(target=_activate_quietly, args=(srv.url, target), daemon=True)
+        thread.start()
+        time.sleep(delay)
+        srv.process.send_signal(signal.SIGKILL)
+        srv.process.wait(10)
+        thread.join(30)
+
+        restarted = start_server(models, tmp_path)
+        try:
+            pointer = (models / "ACTIVE").read_text().strip()
+            assert pointer in (MODEL_A, MODEL_B)
+            assert httpx.get(f"{restarted.url}/readyz", timeout=10).json()["model"] == pointer
+            assert generate(restarted.url).json()["model"] == pointer
+            assert not list(models.glob(".tmp-*")) and not list(models.glob(".ACTIVE.tmp-*"))
+        finally:
+            stop_server(restarted)
+
+
+def _activate_quietly(url: str, model_id: str) -> None:
+    with contextlib.suppress(httpx.TransportError):  # the server is killed under the request
+        httpx.post(f"{url}/models/{model_id}/activate", timeout=30)
+
+
+# ---------------------------------------------------------------------------- Redis mode: jobs under faults
+
+
+def published_for(models_dir: Path, job_id: str) -> list[str]:
+    """Every model folder whose checkpoint says it came from `job_id`."""
+    return [
+        config.parent.name
+        for config in models_dir.glob("*/config.json")
+        if json.loads(config.read_text())["training"].get("job_id") == job_id
+    ]
+
+
+def redis_cluster(root: Path, models_dir: Path, redis: RedisServer) -> Cluster:
+    publish_tiny_model(models_dir, BASE_MODEL)
+    assert RedisPointer(connect_redis(redis.url)).compare_and_set(None, BASE_MODEL)
+    env = {
+        "TEXTGEN_REDIS_URL": redis.url,
+        "TEXTGEN_THREADS": "1",
+        "TEXTGEN_RECONCILE_S": "1",
+        "TEXTGEN_JOB_LEASE_S": "3",
+        "TEXTGEN_MAX_CORPUS_BYTES": "200000",
+    }
+    return Cluster(root, models_dir, env)
+
+
+@pytest.mark.redis
+def test_redis_killed_with_jobs_queued_and_running_loses_none_and_publishes_each_once(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    cluster = redis_cluster(tmp_path, tmp_path / "models", redis)
+    try:
+        api = cluster.start_api()
+        cluster.start_worker()
+        jobs = [submit(api, name=f"outage-{i}", epochs=6, activate=False) for i in range(3)]
+        wait_for_event(api, jobs[0]["id"], "epoch")  # one runs, two wait in the queue
+
+        assert redis.proc is not None
+        redis.proc.kill()  # SIGKILL: no shutdown, only what the AOF (fsync always) already holds
+        redis.proc.wait()
+        redis.proc = None
+        time.sleep(1.0)
+        assert serving(api) == BASE_MODEL  # generation does not need Redis
+        redis.start()  # the same folder: it loads the AOF
+
+        for i, job in enumerate(jobs):
+            done = wait_for_job(api, job["id"], timeout=120)
+            assert done["state"] == "succeeded", (done, cluster.logs())
+            assert published_for(cluster.models_dir, job["id"]) == [f"outage-{i}"]
+        listed = httpx.get(f"{api.url}/train", timeout=10).json()["jobs"]
+        assert sorted(j["id"] for j in listed) == sorted(j["id"] for j in jobs)
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()
+        redis.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MB tmpfs: a folder that fills up."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path, leave_bytes: int) -> None:
+    """Write a filler file until the file system has about `leave_bytes` free."""
+    stat = os.statvfs(folder)
+    free = stat.f_bavail * stat.f_frsize
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+
+
+@pytest.mark.redis
+def test_the_disk_filling_up_during_a_checkpoint_write_fails_the_job_and_publishes_nothing(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    models = small_disk / "models"
+    cluster = redis_cluster(tmp_path, models, redis)
+    before = {p.name for p in models.iterdir()}
+    try:
+        api = cluster.start_api()
+        cluster.start_worker()
+        fill(small_disk, leave_bytes=0)  # not even room for a corpus: refused before it is queued
+        refused = httpx.post(f"{api.url}/train", json={**TINY_JOB, "name": "no-corpus"}, timeout=30)
+        assert refused.status_code == 507, refused.text
+        assert refused.json()["error"]["code"] == "insufficient_storage"
+        assert httpx.get(f"{api.url}/train", timeout=10).json()["jobs"] == []
+
+        # room for the corpus (6 KB), not for the first epoch's training state (weights + optimizer, ~50 KB)
+        (small_disk / "filler").unlink()
+        fill(small_disk, leave_bytes=16384)
+        job = submit(api, name="no-room", epochs=3)
+        done = wait_for_job(api, job["id"], timeout=90)
+
+        assert done["state"] == "failed", done
+        assert "space" in (done["error"] or "").lower(), done["error"]
+        assert httpx.get(f"{api.url}/models/no-room", timeout=10).status_code == 404
+        left = {p.name for p in models.iterdir()} - before - {"jobs"}
+        assert not left, left  # no model folder, no .tmp-* checkpoint left behind
+        assert RedisPointer(connect_redis(redis.url)).get() == BASE_MODEL
+        assert serving(api) == BASE_MODEL
+
+        (small_disk / "filler").unlink()  # room again: the next job publishes
+        again = wait_for_job(api, submit(api, name="room-again", epochs=1)["id"], timeout=90)
+        assert again["state"] == "succeeded", again
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()
+        redis.stop()
