@@ -37,6 +37,8 @@ from tests.e2e.conftest import (
     BASE_MODEL,
     TINY_JOB,
     Cluster,
+    get_job,
+    job_events,
     publish_tiny_model,
     serving,
     submit,
@@ -267,6 +269,44 @@ def test_the_disk_filling_up_during_a_checkpoint_write_fails_the_job_and_publish
         (small_disk / "filler").unlink()  # room again: the next job publishes
         again = wait_for_job(api, submit(api, name="room-again", epochs=1)["id"], timeout=90)
         assert again["state"] == "succeeded", again
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()
+        redis.stop()
+
+
+@pytest.mark.redis
+def test_a_worker_killed_during_publication_leaves_one_published_active_model(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    cluster = redis_cluster(tmp_path, tmp_path / "models", redis)
+    try:
+        api = cluster.start_api()
+        workers = [cluster.start_worker("worker-1"), cluster.start_worker("worker-2")]
+        job = submit(api, name="at-publish", epochs=3)
+        wait_for_event(api, job["id"], "epoch")
+        pid = int(get_job(api, job["id"])["worker"].rsplit("-", 2)[1])
+        assert pid in [w.proc.pid for w in workers]
+
+        folder = cluster.models_dir / "at-publish"
+        deadline = time.monotonic() + 60
+        while not folder.exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert folder.exists(), cluster.logs()
+        os.kill(pid, signal.SIGKILL)  # the checkpoint is renamed into place; the promotion may not have run
+
+        done = wait_for_job(api, job["id"], timeout=120)
+        assert done["state"] == "succeeded", (done, cluster.logs())
+        assert published_for(cluster.models_dir, job["id"]) == ["at-publish"]
+        kinds = [kind for kind, _ in job_events(api, job["id"])]
+        assert kinds.count("done") == 1 and kinds.count("published") <= done["attempts"], kinds
+        assert RedisPointer(connect_redis(redis.url)).get() == "at-publish"
+        deadline = time.monotonic() + 10
+        while serving(api) != "at-publish" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert serving(api) == "at-publish"
     except BaseException:
         print(cluster.logs())
         raise
