@@ -13,6 +13,7 @@ from app.deps import AdmissionDep, HolderDep, SettingsDep
 from app.engine import Failed, Finished, Token
 from app.errors import ERROR_TYPES, error_responses
 from app.generation import Job, start_job, unless_disconnected
+from app.logging import request_id_var
 from app.schemas import GenerateRequest, GenerateResponse, Usage
 from app.settings import Settings
 from lm.sampler import SamplingParams
@@ -108,4 +109,5 @@ async def native_events(job: Job) -> AsyncIterator[bytes]:
 
 
 def error_event(message: str, *, retryable: bool) -> bytes:
-    return sse.event("error", {"error": {"type": ERROR_TYPES[500], "message": message, "retryable": retryable}})
+    error = {"type": ERROR_TYPES[500], "message": message, "retryable": retryable, "request_id": request_id_var.get()}
+    return sse.event("error", {"error": error})

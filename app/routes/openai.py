@@ -26,6 +26,7 @@ from app.errors import ERROR_TYPES, error_responses, invalid
 from app.generation import Completion as Done
 from app.generation import Job, start_job, unless_disconnected
 from app.holder import ModelHolder
+from app.logging import request_id_var
 from app.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -260,6 +261,7 @@ def _chat_logprobs(tokens: list[Token], tokenizer: Tokenizer) -> ChatLogprobs:
 
 def _error_chunk(message: str, retryable: bool) -> bytes:
     error = {"type": ERROR_TYPES[500], "message": message, "param": None, "code": None, "retryable": retryable}
+    error["request_id"] = request_id_var.get()  # the stream runs inside its request: the id is set
     return sse.event(None, {"error": error})
 
 

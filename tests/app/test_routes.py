@@ -409,7 +409,8 @@ async def test_an_error_after_the_stream_started_is_an_error_event(make_client: 
     name, data = events[-1]
     assert name == "error"
     error = json.loads(data)["error"]
-    assert set(error) == {"type", "message", "retryable"}
+    assert set(error) == {"type", "message", "retryable", "request_id"}
+    assert error["request_id"]  # the id of the request whose stream failed, as in its logs
     assert error["retryable"] is True
     assert "unloaded" in error["message"]
     assert [n for n, _ in events].count("done") == 0
@@ -419,4 +420,5 @@ async def test_an_error_in_an_openai_stream_is_an_error_chunk(make_client: Clien
     events = parse_sse(await _cut_by_unload(make_client, "/v1/completions", {"prompt": "To be"}))
     last = json.loads(events[-1][1])
     assert last["error"]["type"] == "server_error"
+    assert last["error"]["request_id"]
     assert "unloaded" in last["error"]["message"]
