@@ -285,9 +285,11 @@ def test_a_worker_killed_during_publication_leaves_one_published_active_model(tm
     try:
         api = cluster.start_api()
         workers = [cluster.start_worker("worker-1"), cluster.start_worker("worker-2")]
-        job = submit(api, name="at-publish", epochs=3)
+        job = submit(api, name="at-publish", epochs=12)  # about 2 s: the worker is known well before the end
         wait_for_event(api, job["id"], "epoch")
-        pid = int(get_job(api, job["id"])["worker"].rsplit("-", 2)[1])
+        running = get_job(api, job["id"])
+        assert running["state"] == "running" and running["worker"], running
+        pid = int(running["worker"].rsplit("-", 2)[1])
         assert pid in [w.proc.pid for w in workers]
 
         folder = cluster.models_dir / "at-publish"
