@@ -129,7 +129,7 @@ class TrainConfig:
 
 @dataclass
 class TrainEvent:
-    kind: str  # "progress" | "epoch" | "state_saved"
+    kind: str  # "progress" | "validation" | "epoch" | "state_saved"
     epoch: int  # 1-based epoch being trained (or just finished, for "epoch")
     epochs: int
     step: int
@@ -216,8 +216,13 @@ def train(
     state_dir: Path | str | None = None,
     base: Checkpoint | None = None,
     progress_interval_s: float = 2.0,
+    val_every_s: float | None = None,
 ) -> TrainResult:
-    """Train a model on `text`. Resumes from `state_dir` when it holds a saved epoch state."""
+    """Train a model on `text`. Resumes from `state_dir` when it holds a saved epoch state.
+
+    `val_every_s` adds "validation" events every so many seconds of training, besides the
+    per-epoch ones (useful when one epoch is long).
+    """
     cfg.validate()
     check_text(text)
     if cfg.threads:
@@ -264,6 +269,8 @@ def train(
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     loop = _Loop(cfg, model, optimizer, train_data, bf16, total_steps, prog, on_event, should_stop, progress_interval_s)
+    if val_every_s:
+        loop.validate_every(val_every_s, val_data)
 
     stopped_by = "epochs"
     last_train_loss: float | None = None
@@ -336,6 +343,20 @@ class _Loop:
         self.last_report = 0.0
         self.recent_loss: float | None = None
         self.lr: float | None = None
+        self.val_every_s: float | None = None
+        self.val_data: Tensor | None = None
+        self.next_val_s = math.inf
+
+    def validate_every(self, seconds: float, val_data: Tensor) -> None:
+        self.val_every_s, self.val_data = seconds, val_data
+        self.next_val_s = (self.elapsed() // seconds + 1) * seconds
+
+    def maybe_validate(self) -> None:
+        if self.val_every_s is None or self.val_data is None or self.elapsed() < self.next_val_s:
+            return
+        val = evaluate_ids(self.model, self.val_data, self.cfg.seq_len)
+        self.emit("validation", train_loss=self.recent_loss, val_loss=val)
+        self.next_val_s += self.val_every_s
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -384,6 +405,7 @@ class _Loop:
             self.prog.elapsed_s = self.elapsed()
             if time.perf_counter() - self.last_report >= self.interval_s:
                 self.emit("progress", train_loss=self.recent_loss)
+            self.maybe_validate()
         return (loss_sum / n if n else None), self.limit_reached()
 
     def tokens_per_s(self) -> float:
@@ -404,7 +426,7 @@ class _Loop:
         self.last_report = time.perf_counter()
         if self.on_event is None:
             return
-        epoch = self.prog.epoch if kind != "progress" else self.prog.epoch + 1
+        epoch = self.prog.epoch + 1 if kind in ("progress", "validation") else self.prog.epoch
         self.on_event(
             TrainEvent(
                 kind=kind,

@@ -249,3 +249,12 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth() -> None:
     assert lr_at(cfg, 9, 100) == pytest.approx(1.0)
     assert lr_at(cfg, 100, 100) == pytest.approx(0.1)
     assert lr_at(cfg, 20, 100, time_fraction=1.0) == pytest.approx(0.1)  # a spent time budget decays fully
+
+
+def test_validation_every_so_many_seconds() -> None:
+    events: list[TrainEvent] = []
+    train(TINY_CORPUS, tiny(epochs=10_000, time_budget_s=1.5), on_event=events.append, val_every_s=0.5)
+    marks = [e for e in events if e.kind == "validation"]
+    assert len(marks) >= 2
+    assert all(e.val_loss is not None and math.isfinite(e.val_loss) for e in marks)
+    assert [round(e.elapsed_s / 0.5) for e in marks] == sorted(round(e.elapsed_s / 0.5) for e in marks)
