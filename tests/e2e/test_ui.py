@@ -36,7 +36,7 @@ from tests.e2e.ui_support import (
 
 pytestmark = pytest.mark.slow
 
-TRAIN_TEXT = CORPUS * 12  # about 8 KB: 8 tiny epochs take a second or two, long enough to watch
+TRAIN_TEXT = CORPUS * 48  # about 32 KB: 8 tiny epochs take several seconds, long enough to watch on a busy machine
 LONG_STREAM = "1000000"  # max_tokens for a generation that runs until Stop
 
 
