@@ -312,19 +312,28 @@ class Engine:
         log.info("engine %s: started on %s, %s decode step", self.model_id, self.device, self.step.kind)
         with torch.inference_mode():
             while not self._stopping:
-                self._admit()
-                if self._stopping:
-                    break
-                self._prefill_waiting()
-                self._flush()  # a first token goes out before the next decode step
-                if self._running:
-                    self._decode()
+                try:
+                    self._iterate()
+                except Exception:  # a bug must fail this batch's requests, not stop the engine for good
+                    log.exception("engine %s: a step failed; failing its sequences", self.model_id)
+                    self._fail_all("the server could not continue this generation; retry the request")
                     self._flush()
             self._fail_all("the model version was unloaded; retry the request")
             self._flush()
         if self.cache is not None:
             self.metrics.prompt_cache_bytes.dec(self.cache.clear())
         log.info("engine %s: stopped", self.model_id)
+
+    def _iterate(self) -> None:
+        """One turn of the loop: admit, prefill, then one batched decode step."""
+        self._admit()
+        if self._stopping:
+            return
+        self._prefill_waiting()
+        self._flush()  # a first token goes out before the next decode step
+        if self._running:
+            self._decode()
+            self._flush()
 
     def _admit(self) -> None:
         """Take new sequences from the inbox, blocking only when there is nothing else to do."""
@@ -590,7 +599,9 @@ class Engine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if item is not None:
+            if item is None:
+                self._stopping = True  # keep a stop request that was waiting in the inbox
+            else:
                 self._waiting.append(item)
         for seq in self._waiting:
             self.metrics.waiting.dec()

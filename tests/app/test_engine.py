@@ -110,3 +110,33 @@ def test_render_chat() -> None:
     default_prompt, default_stop = render_chat(None, [ChatMessage(role="user", content="Hi")])
     assert default_prompt == "User: Hi\nAssistant: "
     assert default_stop == ["\nUser:"]
+
+
+async def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: the next decode step raises, as a bug in a step would.
+    real_decode = engine._decode
+    calls = {"n": 0}
+
+    def decode_once_broken() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        real_decode()
+
+    monkeypatch.setattr(engine, "_decode", decode_once_broken)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    ids = prompt_ids(engine.tokenizer, "To be")
+    engine.submit(Sequence(ids, SequenceSampler(engine.tokenizer, _params(1), ids), loop, queue, index=0))
+    events = []
+    while not events or not isinstance(events[-1], Failed | Finished):
+        events.append((await asyncio.wait_for(queue.get(), 10))[1])
+    assert isinstance(events[-1], Failed) and events[-1].retryable
+    assert engine.alive
+    # The engine thread survived: the next request is served in full.
+    [(text, reason)] = await _run(engine, ["To be"], [_params(1)])
+    assert reason == "length" and text == "".join(stream_generate(engine.model, engine.tokenizer, "To be", _params(1)))
+    samples = {s.name: s.value for m in engine.metrics.registry.collect() for s in m.samples}
+    assert samples["textgen_running_sequences"] == 0
