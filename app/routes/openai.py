@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -274,7 +274,6 @@ async def completion_chunks(
     """text_completion chunks: text pieces per choice, a finish chunk per choice, [usage], [DONE]."""
     pending: list[list[Token]] = [[] for _ in job.sequences]  # tokens whose logprobs are not sent yet
     offsets = [0] * len(job.sequences)
-    done: list[Done] = []
 
     def chunk(index: int, text: str, finish_reason: str | None) -> bytes:
         lp = None
@@ -288,26 +287,17 @@ async def completion_chunks(
             body["usage"] = None
         return sse.event(None, body)
 
-    try:
-        async for index, event in job.events():
-            if isinstance(event, Token):
-                if event.token_id is not None:
-                    pending[index].append(event)
-                if event.text:
-                    yield chunk(index, event.text, None)
-            elif isinstance(event, Finished):
-                done.append(Done("", event.finish_reason, event.usage))
-                yield chunk(index, "", event.finish_reason)
-            elif isinstance(event, Failed):
-                yield _error_chunk(event.message, event.retryable)
-                return
-        if include_usage:
-            usage = _usage(job, done, n).model_dump()
-            yield sse.event(None, {**meta, "object": "text_completion", "choices": [], "usage": usage})
-        yield DONE
-    except Exception:
-        log.exception("stream of request %s failed", job.id)
-        yield _error_chunk("the stream failed on the server; it has been logged", True)
+    async for piece in _chunks(
+        job,
+        meta,
+        "text_completion",
+        pending,
+        text=lambda index, text: chunk(index, text, None),
+        finish=lambda index, reason: chunk(index, "", reason),
+        n=n,
+        include_usage=include_usage,
+    ):
+        yield piece
 
 
 async def chat_chunks(
@@ -327,25 +317,52 @@ async def chat_chunks(
             body["usage"] = None
         return sse.event(None, body)
 
+    async for piece in _chunks(
+        job,
+        meta,
+        "chat.completion.chunk",
+        pending,
+        text=lambda index, text: chunk(index, {"content": text}, None),
+        finish=lambda index, reason: chunk(index, {}, reason),
+        n=n,
+        include_usage=include_usage,
+        first=[chunk(seq.index, {"role": "assistant", "content": ""}, None) for seq in job.sequences],
+    ):
+        yield piece
+
+
+async def _chunks(
+    job: Job,
+    meta: dict[str, Any],
+    obj: str,
+    pending: list[list[Token]],
+    *,
+    text: Callable[[int, str], bytes],
+    finish: Callable[[int, str], bytes],
+    n: int,
+    include_usage: bool,
+    first: Iterable[bytes] = (),
+) -> AsyncIterator[bytes]:
+    """The stream both OpenAI routes share: chunks as the engine's events come, [usage], [DONE]."""
     done: list[Done] = []
     try:
-        for seq in job.sequences:
-            yield chunk(seq.index, {"role": "assistant", "content": ""}, None)
+        for piece in first:
+            yield piece
         async for index, event in job.events():
             if isinstance(event, Token):
                 if event.token_id is not None:
-                    pending[index].append(event)
+                    pending[index].append(event)  # its logprobs go out with the next chunk
                 if event.text:
-                    yield chunk(index, {"content": event.text}, None)
+                    yield text(index, event.text)
             elif isinstance(event, Finished):
                 done.append(Done("", event.finish_reason, event.usage))
-                yield chunk(index, {}, event.finish_reason)
+                yield finish(index, event.finish_reason)
             elif isinstance(event, Failed):
                 yield _error_chunk(event.message, event.retryable)
                 return
         if include_usage:
             usage = _usage(job, done, n).model_dump()
-            yield sse.event(None, {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+            yield sse.event(None, {**meta, "object": obj, "choices": [], "usage": usage})
         yield DONE
     except Exception:
         log.exception("stream of request %s failed", job.id)
