@@ -178,11 +178,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(models_dir: Path, log_dir: Path, **env: str) -> Server:
-    """`python -m textgen serve` on a free port, with TEXTGEN_* settings from `env`; waits for /readyz."""
+def start_server(models_dir: Path, log_dir: Path, ready: str = "/readyz", **env: str) -> Server:
+    """`python -m textgen serve` on a free port with TEXTGEN_* settings from `env`; waits until `ready` is 200."""
     port = _free_port()
     log_path = log_dir / f"server-{port}.log"
-    environ = {**os.environ, "TEXTGEN_THREADS": "1", **{f"TEXTGEN_{k.upper()}": v for k, v in env.items()}}
+    settings = {"THREADS": "1", "TRAIN_THREADS": "1", **{k.upper(): v for k, v in env.items()}}
+    environ = {**os.environ, **{f"TEXTGEN_{k}": v for k, v in settings.items()}}
     cmd = [sys.executable, "-m", "textgen", "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--models-dir", str(models_dir)]
     with open(log_path, "wb") as out:
@@ -193,7 +194,7 @@ def start_server(models_dir: Path, log_dir: Path, **env: str) -> Server:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{server.url}{ready}", timeout=1).status_code == 200:
                 return server
         except httpx.TransportError:
             pass
@@ -202,14 +203,21 @@ def start_server(models_dir: Path, log_dir: Path, **env: str) -> Server:
     raise RuntimeError(f"server not ready after 60 s:\n{server.log()}")
 
 
-def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
+def stop_servers(servers: list[Server]) -> None:
+    """SIGINT to every server at once (each drains and stops its training worker), then wait for each."""
+    running = [s for s in servers if s.process.poll() is None]
+    for server in running:
         server.process.send_signal(signal.SIGINT)
+    for server in running:
         try:
-            server.process.wait(10)
+            server.process.wait(15)
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait()
+
+
+def stop_server(server: Server) -> None:
+    stop_servers([server])
 
 
 @pytest.fixture(scope="module")

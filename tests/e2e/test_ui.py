@@ -23,16 +23,8 @@ import pytest
 import torch
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.e2e.ui_support import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    CORPUS,
-    SCREENSHOTS,
-    Server,
-    build_models,
-    start_server,
-    stop_servers,
-)
+from tests.app.conftest import Server, start_server, stop_servers
+from tests.e2e.ui_support import CHROMIUM, CHROMIUM_ARGS, CORPUS, SCREENSHOTS, build_models
 
 pytestmark = pytest.mark.slow
 

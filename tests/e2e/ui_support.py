@@ -7,16 +7,9 @@ tokens a second and a training job on the 1-KB corpus takes a few seconds.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import torch
 
 from lm.model import LSTMLanguageModel, ModelConfig
@@ -82,62 +75,3 @@ def build_models(path: Path) -> Path:
         time.sleep(0.01)  # distinct created_at: listings are newest first
     registry.activate(MODELS[0])
     return path
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(models_dir: Path, log_dir: Path, ready: str = "/readyz", **env: str) -> Server:
-    """`python -m textgen serve` on a free port with TEXTGEN_* settings from `env`; waits until `ready` is 200."""
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    settings = {"THREADS": "1", "TRAIN_THREADS": "1", **{k.upper(): v for k, v in env.items()}}
-    environ = {**os.environ, **{f"TEXTGEN_{k}": v for k, v in settings.items()}}
-    cmd = [sys.executable, "-m", "textgen", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--models-dir", str(models_dir)]
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path, env)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}{ready}", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    stop_server(server)
-    raise RuntimeError(f"server not ready after 60 s:\n{server.log()}")
-
-
-def stop_servers(servers: list[Server]) -> None:
-    """SIGINT to every server at once (each drains and stops its training worker), then wait for each."""
-    running = [s for s in servers if s.process.poll() is None]
-    for server in running:
-        server.process.send_signal(signal.SIGINT)
-    for server in running:
-        try:
-            server.process.wait(15)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-
-
-def stop_server(server: Server) -> None:
-    stop_servers([server])
