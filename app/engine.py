@@ -439,8 +439,9 @@ class Engine:
         h = torch.cat([state[0] for state in states], dim=1)  # (layers, k, H)
         c = torch.cat([state[1] for state in states], dim=1)
         ids = torch.tensor([s.prompt_ids[s.prefilled : s.prefilled + n] for s in rows], device=self.device)  # (k, n)
-        for t in range(n):
-            logits = self.step(ids[:, t], h, c)  # type: ignore[misc]  # (k, V); states updated in place
+        for t in range(n - 1):
+            self.step.advance(ids[:, t], h, c)  # type: ignore[union-attr]  # states updated in place
+        logits = self.step(ids[:, n - 1], h, c)  # type: ignore[misc]  # (k, V)
         for i, seq in enumerate(rows):
             seq.prefill_state = h[:, i : i + 1], c[:, i : i + 1]
             seq.prefill_logits = logits[i]

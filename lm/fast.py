@@ -11,16 +11,21 @@ Three kinds, measured against each other in docs/PERFORMANCE.md:
   each nn.LSTM call re-formats its weights for oneDNN, so one step costs about a millisecond at B=1.
 - `fused`: the same fp32 arithmetic in a handful of tensor ops per layer. Layer 0's input projection
   is folded into a (V, 4H) table (the embedding is a lookup, so `W_ih @ emb[t] + b` can be looked up
-  too); each layer is one matmul for the recurrence, one sigmoid over the i/f/o gates and one tanh
-  (gates are reordered i, f, o, g so each nonlinearity covers one contiguous slice).
-- `int8`: `fused` with the recurrent matmuls in int8 x int8 -> int32 (`torch._int_mm`, VNNI on
-  x86): weights quantized per output row (symmetric), the hidden state quantized with the fixed
-  scale 1/127 (|h| <= 1 always: h = o * tanh(c)). Integer accumulation is exact, so a row's
-  state does not depend on the other rows of the batch (the fp32 head, like the reference's matmuls,
-  agrees across batch sizes to rounding only). The embedding table and the output head stay fp32.
+  too); each layer is one matmul for the recurrence and ONE sigmoid over all four gates (gates are
+  reordered i, f, o, g, and g's rows are doubled at build so that tanh(x) = 2 * sigmoid(2x) - 1:
+  torch's tanh kernel costs about six times its sigmoid per element on these CPUs).
+- `int8`: `fused` with the recurrent matmuls in int8 x int8 -> int32: weights quantized per output
+  row (symmetric), the hidden state quantized with the fixed scale 1/127 (|h| <= 1 always:
+  h = o * tanh(c)). A single row goes through `torch._int_mm` (oneDNN's GEMV path); two rows or more
+  through oneDNN's int8 GEMM with weights packed once at build (`onednn::qlinear_pointwise`, the h
+  codes shifted by 128 into uint8), which `_int_mm` would re-pack on every call (a fixed ~0.3 ms).
+  Both give the same exact integer sums, so a row's state does not depend on the other rows of the
+  batch (the fp32 head, like the reference's matmuls, agrees across batch sizes to rounding only).
+  The embedding table and the output head stay fp32.
 
-Prompts are not run here: prefill runs the whole prompt through the model's nn.LSTM in one call
-(fast for sequences), and the step continues from that state.
+Each kind also runs whole prompts (`step.prefill`): `reference` through nn.LSTM in one call per
+power-of-two piece, `fused` layer by layer, `int8` along a wavefront (all layers in one product per
+position), bit for bit the state its decode steps would reach.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class Step(Protocol):
     kind: str
 
     def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor: ...
+
+    def advance(self, tokens: Tensor, h: Tensor, c: Tensor) -> None: ...
 
     def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor: ...
 
@@ -86,6 +93,10 @@ class ReferenceStep:
         c.copy_(c_new)
         return logits[:, 0]
 
+    def advance(self, tokens: Tensor, h: Tensor, c: Tensor) -> None:
+        """The step without needing its logits (the model's forward computes them anyway)."""
+        self(tokens, h, c)
+
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """tokens (T,); h, c (layers, 1, H) updated in place -> logits (V,) of the last position.
@@ -108,9 +119,11 @@ class ReferenceStep:
 
 
 def _reorder_gates(w: Tensor, hidden: int) -> Tensor:
-    """nn.LSTM's gate blocks (i, f, g, o) along dim 0 -> (i, f, o, g)."""
+    """nn.LSTM's gate blocks (i, f, g, o) along dim 0 -> (i, f, o, 2g): the cell applies one sigmoid to
+    all four, and 2 * sigmoid(2x) - 1 = tanh(x). Doubling is exact in floating point, and in int8 it
+    doubles the row's scale and leaves its codes as they were."""
     i, f, g, o = w.split(hidden, dim=0)
-    return torch.cat([i, f, o, g], dim=0)
+    return torch.cat([i, f, o, g * 2], dim=0)
 
 
 def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,14 +138,52 @@ def _quantize_h(x: Tensor) -> Tensor:
     return torch.round(x * H_SCALE).to(torch.int8)
 
 
+class Int8Matrix:
+    """Int8 weight codes w (in, out) and the product x (N, in) -> the exact integer sums of
+    round(127 x) @ w, as fp32 (N, out).
+
+    One row: `torch._int_mm` on a transposed view of row-major codes (oneDNN's GEMV). Several rows:
+    oneDNN's int8 GEMM on weights packed once (`onednn::qlinear_pointwise`, unit scales, the h codes
+    shifted by 128 into uint8 with zero point 128), where `_int_mm` would re-pack the weights on
+    every call. Both paths give the same sums bit for bit (checked here at build; without the packed
+    kernel, or if it disagrees, every product takes `_int_mm`).
+    """
+
+    def __init__(self, codes: Tensor) -> None:
+        """codes (out, in) int8, row-major."""
+        self.t = codes.contiguous().t()  # (in, out): the fast layout for _int_mm
+        self.packed: Tensor | None = None
+        out = codes.shape[0]
+        try:
+            self.packed = torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
+            self._ones, self._zeros = torch.ones(out), torch.zeros(out, dtype=torch.long)
+            probe = torch.linspace(-1, 1, 3 * codes.shape[1]).view(3, -1)  # includes |h| = 1
+            if not torch.equal(self._packed_mm(probe), torch._int_mm(_quantize_h(probe), self.t).float()):
+                log.warning("oneDNN's packed int8 GEMM disagrees with _int_mm here; using _int_mm only")
+                self.packed = None
+        except (AttributeError, RuntimeError):
+            self.packed = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.packed is None or x.shape[0] == 1:
+            return torch._int_mm(_quantize_h(x), self.t).float()
+        return self._packed_mm(x)
+
+    def _packed_mm(self, x: Tensor) -> Tensor:
+        codes = torch.round(x * H_SCALE).add_(128).to(torch.uint8)  # round first: exactly the int8 codes + 128
+        return torch.ops.onednn.qlinear_pointwise(
+            codes, 1.0, 128, self.packed, self._ones, self._zeros, None, 1.0, 0, torch.float32, "none", [], ""
+        )
+
+
 class FusedStep:
     """Hand-fused LSTM cells (fp32 or int8 matmuls) + fp32 output head.
 
     Per layer: gates = base + x_below @ W_ih^T + h @ W_hh^T, where base is layer 0's table row
     (input projection and biases) or the layer's bias. In int8 both products accumulate exactly in
     int32 (one scale per gate row, shared by W_ih and W_hh) and are scaled once, so running a prompt
-    (all positions' input products at once, then the recurrence) gives bit for bit the state that
-    decoding the same tokens one step at a time gives.
+    (all layers at once along a wavefront) gives bit for bit the state that decoding the same tokens
+    one step at a time gives.
     """
 
     def __init__(self, model: LSTMLanguageModel, *, int8: bool) -> None:
@@ -148,12 +199,13 @@ class FusedStep:
             b0 = _reorder_gates((p("bias_ih_l0") + p("bias_hh_l0")).detach().float(), H)  # (4H,)
             # layer 0's input gates for every vocabulary entry: (V, 4H)
             self.table = (model.embedding.weight.detach().float() @ w_ih0.t() + b0).contiguous()
-            # per layer, each (in, 4H); int8: transposed views of row-major (4H, in) codes
-            self.w_hh: list[Tensor] = []
-            self.w_ih: list[Tensor | None] = [None]  # layer 0's input product is in the table
-            self.w_both: list[Tensor] = []  # [W_ih, W_hh] side by side (layer 0: W_hh): decode's one product
+            # fp32: per layer, (in, 4H) matrices; int8: Int8Matrix products of the same shapes
+            self.w_hh: list[Tensor] = []  # fp32 only: the recurrent weights alone (prefill)
+            self.w_ih: list[Tensor | None] = [None]  # fp32 only; layer 0's input product is in the table
+            self.w_both: list[Tensor | Int8Matrix] = []  # [W_ih, W_hh] side by side (layer 0: W_hh)
             self.scale: list[Tensor] = []  # int8 only: (1, 4H) = gate-row scale / 127 (the h code scale)
             self.bias: list[Tensor] = [b0]  # layer 0: unused (in the table)
+            codes: list[Tensor] = []  # int8: each layer's (4H, in + H) codes, for the wavefront matrix
             for layer in range(cfg.layers):
                 w_hh = _reorder_gates(p(f"weight_hh_l{layer}").detach().float(), H)  # (4H, H)
                 w_ih = None
@@ -165,80 +217,86 @@ class FusedStep:
                 if int8:
                     _, scale = _quantize_rows(both)  # one scale per gate row for both products
                     self.scale.append((scale / H_SCALE)[None, :].contiguous())
-                    # transposed views of (4H, in) codes: the layout oneDNN's int8 GEMM is fastest with
-                    self.w_hh.append(_codes(w_hh, scale).t())
-                    self.w_both.append(_codes(both, scale).t())
-                    if w_ih is not None:
-                        self.w_ih.append(_codes(w_ih, scale).t())
+                    codes.append(_codes(both, scale))
+                    self.w_both.append(Int8Matrix(codes[-1]))
                 else:
                     self.w_hh.append(w_hh.t().contiguous())
                     self.w_both.append(both.t().contiguous())
                     if w_ih is not None:
                         self.w_ih.append(w_ih.t().contiguous())
             if int8:
-                self._build_wavefront()
+                self._build_wavefront(codes)
             self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V)
             self.head_b = model.head.bias.detach().float().contiguous()  # (V,)
 
-    def _build_wavefront(self) -> None:
+    def _build_wavefront(self, codes: list[Tensor]) -> None:
         """int8 prefill runs layer l at position t - l, so that one product serves every layer:
         [h_0, ..., h_{L-1}] (1, L*H) @ W (L*H, L*4H), where W's block (j, l) is layer l's W_hh
         (j = l) or W_ih (j = l - 1) and zero elsewhere. The zero blocks add exact integer zeros, so
         each layer's int32 sums are the ones decode computes."""
         L, H = self.layers, self.hidden
-        wave = torch.zeros(L * H, L * 4 * H, dtype=torch.int8)
+        wave = torch.zeros(L * 4 * H, L * H, dtype=torch.int8)  # (out, in), row-major
         for layer in range(L):
-            cols = slice(layer * 4 * H, (layer + 1) * 4 * H)
-            both = self.w_both[layer]  # (in + H, 4H): rows [W_ih^T; W_hh^T] (layer 0: W_hh^T)
-            rows = slice(max(0, layer - 1) * H, (layer + 1) * H)
-            wave[rows, cols] = both
-        self.w_wave = wave.t().contiguous().t()  # (L*H, L*4H) as a transposed view: the fast layout
+            rows = slice(layer * 4 * H, (layer + 1) * 4 * H)
+            cols = slice(max(0, layer - 1) * H, (layer + 1) * H)
+            wave[rows, cols] = codes[layer]  # (4H, in + H): [W_ih | W_hh] (layer 0: W_hh)
+        self.w_wave = wave.t()  # (L*H, L*4H) as a transposed view: the fast layout for one row
         self.scale_wave = torch.cat(self.scale, dim=0)  # (L, 4H)
         self.bias_wave = torch.cat([torch.zeros(1, 4 * H), *self.bias[1:]], dim=0)  # (L, 4H); row 0: the table's
 
     # -- the arithmetic, shared by decode and prefill ----------------------------------------------
 
-    def _product(self, x: Tensor, w: Tensor) -> Tensor:
-        """x (N, in) @ w (in, 4H): int32 (N, 4H) for int8 (exact), fp32 otherwise."""
-        if self.int8:
-            return torch._int_mm(_quantize_h(x), w)
+    def _product(self, x: Tensor, w: Tensor | Int8Matrix) -> Tensor:
+        """x (N, in) @ w (in, 4H) -> fp32 (N, 4H); in int8 the exact integer sums."""
+        if isinstance(w, Int8Matrix):
+            return w(x)
         return x @ w
 
     def _gates(self, layer: int, base: Tensor, acc: Tensor) -> Tensor:
         """base (N, 4H) fp32 + the accumulated products acc (N, 4H)."""
         if self.int8:
-            return torch.addcmul(base, acc.float(), self.scale[layer])
+            return torch.addcmul(base, acc, self.scale[layer])
         return base + acc
 
     def _cell(self, gates: Tensor, h: Tensor, c: Tensor) -> None:
-        """gates (B, 4H) ordered i, f, o, g; h, c (B, H) views of the state, updated in place."""
+        """gates (B, 4H), a fresh tensor ordered i, f, o, 2g; h, c (B, H) views of the state, updated in place.
+
+        tanh(x) = 2 * sigmoid(2x) - 1 both for g (its rows were doubled at build) and for tanh(c).
+        """
         H = self.hidden
-        i, f, o = torch.sigmoid(gates[:, : 3 * H]).chunk(3, dim=1)  # (B, H) each
-        g = torch.tanh(gates[:, 3 * H :])  # (B, H)
+        s = gates.sigmoid_()
+        i, f, o = s[:, : 3 * H].chunk(3, dim=1)  # (B, H) each
+        g = s[:, 3 * H :].mul_(2).sub_(1)  # tanh of g's pre-activation
         c.mul_(f).addcmul_(i, g)  # c = f * c + i * g
-        torch.mul(o, torch.tanh(c), out=h)  # h = o * tanh(c)
+        t = torch.mul(c, 2).sigmoid_().mul_(2).sub_(1)  # tanh(c)
+        torch.mul(o, t, out=h)  # h = o * tanh(c)
 
     # -- decode and prefill ------------------------------------------------------------------------
 
     @torch.inference_mode()
     def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """tokens (B,) int64; h, c (layers, B, H) updated in place -> logits (B, V)."""
+        self.advance(tokens, h, c)
+        return torch.addmm(self.head_b, h[-1], self.head_w)  # (B, V)
+
+    @torch.inference_mode()
+    def advance(self, tokens: Tensor, h: Tensor, c: Tensor) -> None:
+        """The state update alone (prompt positions whose logits nobody reads)."""
         for layer in range(self.layers):
             if layer == 0:
                 acc = self._product(h[0], self.w_both[0])  # (B, 4H): the recurrent product, old h
-                base = self.table[tokens]  # (B, 4H)
+                base = self.table.index_select(0, tokens)  # (B, 4H)
             else:
-                # [new h below, old h] @ [W_ih, W_hh]^T in one product: in int8 the same int32 sums as
-                # prefill's two products (integer addition is exact)
+                # [new h below, old h] @ [W_ih, W_hh]^T in one product: in int8 the same integer sums
+                # as the prefill wavefront's (integer addition is exact)
                 acc = self._product(torch.cat([h[layer - 1], h[layer]], dim=1), self.w_both[layer])
                 base = self.bias[layer]
             self._cell(self._gates(layer, base, acc), h[layer], c[layer])
-        return torch.addmm(self.head_b, h[-1], self.head_w)  # (B, V)
 
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """tokens (T,); h, c (layers, 1, H) updated in place -> logits (V,) of the last position."""
-        if self.int8 and len(tokens) >= self.layers:
+        if self.int8:
             return self._prefill_wavefront(tokens, h, c)
         return self._prefill_layers(tokens, h, c)
 
@@ -254,7 +312,7 @@ class FusedStep:
         position, run the active layers one by one, top layer first (each reads the states as they
         were before this step)."""
         T, L = len(tokens), self.layers
-        table = self.table[tokens]  # (T, 4H): layer 0's input gates incl. biases
+        table = self.table.index_select(0, tokens)  # (T, 4H): layer 0's input gates incl. biases
         base = self.bias_wave.expand(T, -1, -1).clone()  # (T, L, 4H)
         base[:, 0] = table
         hs, cs = h[:, 0], c[:, 0]  # (L, H) views of the state, updated in place
@@ -270,7 +328,7 @@ class FusedStep:
         return torch.addmm(self.head_b, h[-1], self.head_w)[0]  # (V,)
 
     def _prefill_layers(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
-        """Layer by layer: the input product of all T positions in one matmul (layer 0: one table
+        """fp32, layer by layer: the input product of all T positions in one matmul (layer 0: one table
         lookup), then the recurrence, which is sequential in any LSTM. Each position's h is written
         straight into the layer's output rows (the next layer's input), and per-position views come
         from one `split`: a position costs only the ops of the cell itself.
@@ -278,19 +336,17 @@ class FusedStep:
         T = len(tokens)
         below = None  # (T, H): the layer below's outputs
         for layer in range(self.layers):
+            w = self.w_hh[layer]
             if layer == 0:
-                base, inputs = self.table[tokens].split(1), None  # T x (1, 4H): input gates incl. biases
+                base, inputs = self.table.index_select(0, tokens).split(1), None  # T x (1, 4H)
             else:
-                base, inputs = self.bias[layer], self._product(below, self.w_ih[layer]).split(1)  # type: ignore[arg-type]
+                base, inputs = self.bias[layer], (below @ self.w_ih[layer]).split(1)  # type: ignore[operator]
             out = torch.empty(T + 1, self.hidden)  # row 0: the initial h; row t + 1: h after position t
             out[0] = h[layer, 0]
-            rows, cl, w = out.split(1), c[layer], self.w_hh[layer]
+            rows, cl = out.split(1), c[layer]
             for t in range(T):
-                acc = self._product(rows[t], w)  # (1, 4H)
-                if inputs is None:
-                    gates = self._gates(layer, base[t], acc)
-                else:
-                    gates = self._gates(layer, base, acc + inputs[t])
+                acc = rows[t] @ w  # (1, 4H)
+                gates = base[t] + acc if inputs is None else base + (acc + inputs[t])
                 self._cell(gates, rows[t + 1], cl)
             h[layer].copy_(rows[T])
             below = out[1:]
