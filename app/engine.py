@@ -4,11 +4,13 @@ A request becomes a `Sequence` and is submitted to the engine of the model versi
 The engine's thread loops:
 
     admit    take new sequences from the inbox into the waiting line (blocking only when idle)
-    prefill  run waiting prompts through the model, at most `prefill_chunk` tokens per turn, each
-             prompt as one sequence (`step.prefill`: the input products of all positions at once,
-             then the recurrence), starting from the longest cached prefix state
-             (app/prompt_cache.py); a finished prompt takes a state row and its last logits give
-             its first token
+    prefill  hand waiting prompts to the engine's prefill thread, at most `prefill_chunk` tokens
+             per job, each prompt as one sequence (`step.prefill`: all layers along a wavefront)
+             or several together, starting from the longest cached prefix state
+             (app/prompt_cache.py); when a job is done, a finished prompt takes a state row and its
+             last logits give its first token. Prompts run WHILE the running batch decodes: both
+             threads spend most of their time inside torch ops, which release the GIL, so on two
+             cores a new prompt no longer stalls every running stream for its prefill
     step     ONE batched decode step for every running sequence (lm/fast.py: int8, fused fp32 or
              the reference nn.LSTM): last tokens (B,) + state rows (layers, B, H) -> logits (B, V),
              states updated in place; then the whole batch is sampled at once (lm/batch_sampler.py)
@@ -18,8 +20,10 @@ The engine's thread loops:
     drop     finished and cancelled rows leave; the last row moves into the hole, so the running
              sequences always occupy rows 0..B-1 and the step works on views, not gathered copies
 
-Prefill is chunked so that a long prompt cannot stall the running streams for more than one chunk.
-An LSTM's state is a fixed (layers, H) pair per sequence, so there is no KV cache to grow or page.
+Prefill is chunked so that a long prompt cannot hold back the prompts behind it for more than one
+chunk. Only the engine thread touches the waiting line, the state rows and the prompt cache; the
+prefill thread works on the sequences' own prefill states and hands them back. An LSTM's state is
+a fixed (layers, H) pair per sequence, so there is no KV cache to grow or page.
 When nothing runs the thread blocks on its inbox (no busy loop).
 """
 
@@ -32,6 +36,7 @@ import queue
 import threading
 import uuid
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -140,6 +145,13 @@ def _put_all(items: list[tuple[Sequence, Event]]) -> None:
         seq.queue.put_nowait((seq.index, event))
 
 
+class _Wake:
+    """Put in an engine's inbox when its prefill job ends, to wake a thread blocked on the inbox."""
+
+
+WAKE = _Wake()
+
+
 # ---------------------------------------------------------------------------- admission
 
 
@@ -177,7 +189,8 @@ class EngineOptions:
     decode: str = "reference"  # lm.fast.DECODE_KINDS
     stream_interval_s: float = 0.0  # coalesce a stream's text for at most this long; 0 = an event per token
     prompt_cache_bytes: int = 0  # 0 = no prompt-state cache
-    prefill_chunk: int = 256  # prompt tokens run between two decode steps
+    prefill_chunk: int = 256  # prompt tokens per prefill job (in total, over the job's prompts)
+    prefill_thread: bool = False  # prefill on the engine's own prefill thread, beside decoding
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineOptions:
@@ -186,6 +199,7 @@ class EngineOptions:
             stream_interval_s=settings.stream_interval_ms / 1000,
             prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
             prefill_chunk=settings.prefill_chunk,
+            prefill_thread=settings.prefill_thread,
         )
 
 
@@ -269,7 +283,9 @@ class Engine:
             self.cache = PromptCache(
                 budget, layers=cfg.layers, hidden=cfg.hidden_dim, vocab=cfg.vocab_size, device=device
             )
-        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Sequence | _Wake | None] = queue.SimpleQueue()
+        self._prefiller: ThreadPoolExecutor | None = None  # started in the engine thread
+        self._job: tuple[list[Sequence], Future[None]] | None = None  # the prefill job in flight
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # _running[i].slot == i
         self._outbox: list[tuple[Sequence, Event]] = []  # events of this turn, delivered together
@@ -303,7 +319,12 @@ class Engine:
     def _run(self) -> None:
         # OpenMP's thread count is per thread: without this, this thread's kernels would fork the
         # default team (one per core) whatever TEXTGEN_THREADS set on the main thread
-        torch.set_num_threads(torch.get_num_threads())
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        if self.options.prefill_thread:
+            self._prefiller = ThreadPoolExecutor(
+                1, thread_name_prefix=f"prefill-{self.model_id}", initializer=torch.set_num_threads, initargs=(threads,)
+            )
         try:
             self.step = build_step(self.model, self.options.decode)
         except Exception:  # the model's own forward always works: serve slower rather than not at all
@@ -318,8 +339,11 @@ class Engine:
                     log.exception("engine %s: a step failed; failing its sequences", self.model_id)
                     self._fail_all("the server could not continue this generation; retry the request")
                     self._flush()
+            self._wait_for_job()
             self._fail_all("the model version was unloaded; retry the request")
             self._flush()
+        if self._prefiller is not None:
+            self._prefiller.shutdown(wait=True)
         if self.cache is not None:
             self.metrics.prompt_cache_bytes.dec(self.cache.clear())
         log.info("engine %s: stopped", self.model_id)
@@ -336,15 +360,17 @@ class Engine:
             self._flush()
 
     def _admit(self) -> None:
-        """Take new sequences from the inbox, blocking only when there is nothing else to do."""
-        idle = not self._running and not self._waiting
+        """Take new sequences from the inbox, blocking only when there is nothing else to do (a
+        prefill job that ends wakes the thread through the inbox)."""
+        idle = not self._running and (not self._waiting or self._job_running())
         try:
             item = self._inbox.get(block=idle)
             while True:
                 if item is None:
                     self._stopping = True
                     return
-                self._waiting.append(item)
+                if not isinstance(item, _Wake):
+                    self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
@@ -366,13 +392,18 @@ class Engine:
     # -- prefill ----------------------------------------------------------------------------------
 
     def _prefill_waiting(self) -> None:
-        """Advance the prompts of the oldest waiting sequences that fit in free rows, all together.
+        """Collect the prefill job that ended, then hand the oldest waiting sequences that fit in free
+        rows to the prefill thread, all together, as the next job.
 
         One prompt runs alone through `step.prefill` (up to `prefill_chunk` tokens); several run as
         a batch, one decode step per position for all of them (`prefill_chunk` tokens in total per
-        turn), which costs little more than one of them alone. In int8 a row's state does not depend
-        on its batch, so both give the same state.
+        job), which costs far less than running them one by one. In int8 a row's state does not
+        depend on its batch, so both give the same state.
         """
+        if self._job is not None:
+            if not self._job[1].done():
+                return
+            self._collect_job()
         rows = list(itertools.islice(self._waiting, self.states.available))
         for seq in rows:
             if not seq.started:
@@ -382,21 +413,56 @@ class Engine:
             rows.remove(seq)
         if not rows:
             return
-        budget = self.options.prefill_chunk
-        try:
+        if self._prefiller is None:  # no prefill thread: the job runs here, between two decode steps
+            job: Future[None] = Future()
+            try:
+                self._prefill_job(rows, self.options.prefill_chunk)
+                job.set_result(None)
+            except Exception as exc:
+                job.set_exception(exc)
+            self._job = rows, job
+            self._collect_job()
+            return
+        job = self._prefiller.submit(self._prefill_job, rows, self.options.prefill_chunk)
+        job.add_done_callback(lambda _: self._inbox.put(WAKE))
+        self._job = rows, job
+
+    def _prefill_job(self, rows: list[Sequence], budget: int) -> None:
+        """On the prefill thread: advance these prompts; only their own prefill fields change."""
+        with torch.inference_mode():
             if len(rows) == 1:
                 self._prefill_one(rows[0], budget)
             else:
                 self._prefill_batch(rows, budget)
-        except Exception:
-            log.exception("engine %s: prefill failed for %d sequences", self.model_id, len(rows))
+
+    def _job_running(self) -> bool:
+        return self._job is not None and not self._job[1].done()
+
+    def _collect_job(self) -> None:
+        """The job ended: remember each prompt's state, and fully prefilled sequences join the batch.
+        Sequences that left meanwhile (cancelled, or failed by a stop) are passed over."""
+        assert self._job is not None
+        rows, job = self._job
+        self._job = None
+        rows = [seq for seq in rows if not seq.done]
+        if job.exception() is not None:
+            log.error("engine %s: prefill failed for %d sequences", self.model_id, len(rows), exc_info=job.exception())
             for seq in rows:
                 self._leave_waiting(seq)
                 self._outbox.append((seq, Failed("generation failed on the server; it has been logged")))
             return
         for seq in rows:
+            assert seq.prefill_state is not None and seq.prefill_logits is not None
+            h, c = seq.prefill_state
+            self._remember(seq.prompt_ids[: seq.prefilled], h[:, 0], c[:, 0], seq.prefill_logits)
             if seq.prefilled == len(seq.prompt_ids):
                 self._join(seq)
+
+    def _wait_for_job(self) -> None:
+        """Before failing everything on stop: let the job in flight end (it touches only its rows)."""
+        if self._job is not None:
+            self._job[1].exception()  # waits; its failure, if any, is moot now
+            self._job = None
 
     def _leave_waiting(self, seq: Sequence) -> None:
         self.metrics.waiting.dec()
@@ -429,7 +495,6 @@ class Engine:
         x = torch.tensor(ids, dtype=torch.long, device=self.device)  # (T,)
         seq.prefill_logits = self.step.prefill(x, h, c)  # type: ignore[union-attr]  # (V,); built in _run
         seq.prefilled = start + len(ids)
-        self._remember(seq.prompt_ids[: seq.prefilled], h[:, 0], c[:, 0], seq.prefill_logits)
 
     def _prefill_batch(self, rows: list[Sequence], budget: int) -> None:
         """Advance k prompts by the same n positions: n batched steps over (layers, k, H) states."""
@@ -446,7 +511,6 @@ class Engine:
             seq.prefill_state = h[:, i : i + 1], c[:, i : i + 1]
             seq.prefill_logits = logits[i]
             seq.prefilled += n
-            self._remember(seq.prompt_ids[: seq.prefilled], h[:, i], c[:, i], logits[i])
 
     def _zero_state(self) -> State:
         shape = (self.states.h.shape[0], 1, self.states.h.shape[2])  # (layers, 1, H)
@@ -602,7 +666,7 @@ class Engine:
                 break
             if item is None:
                 self._stopping = True  # keep a stop request that was waiting in the inbox
-            else:
+            elif not isinstance(item, _Wake):
                 self._waiting.append(item)
         for seq in self._waiting:
             self.metrics.waiting.dec()

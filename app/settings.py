@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     stream_interval_ms: float = Field(default=20.0, ge=0)  # a stream's text is sent at most this often; 0 = every token
     prompt_cache_mb: float = Field(default=16.0, ge=0)  # prompt-state cache per loaded model version; 0 = off
     prefill_chunk: int = Field(default=256, ge=1)  # prompt tokens run between two decode steps
+    prefill_thread: bool = True  # prompts run on a second engine thread while the batch decodes
     cors_origins: CommaList = []
     log_json: bool = False
     log_level: str = "INFO"

@@ -188,8 +188,9 @@ def main() -> None:
     verdict = (
         f"At {top['clients']} clients: aggregate {top['aggregate']:,.0f} tokens/s against the 15,000 target "
         f"({top['aggregate'] / 15000:.0%}), TTFT p99 {top['ttft_p99'] * 1000:.0f} ms against 100 ms. The server "
-        f"process used {top['server_cores']:.2f} cores of {os.cpu_count()}: the engine thread and the event loop "
-        'share one GIL (docs/PERFORMANCE.md, "Results and what bounds them", says what would close the gap).'
+        f"process used {top['server_cores']:.2f} cores of {os.cpu_count()}: the engine thread, its prefill thread "
+        'and the event loop share one GIL (docs/PERFORMANCE.md, "Results and what bounds them", says what would '
+        "close the gap)."
     )
     profile_text = ""
     if args.profile and PROFILE.exists():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.chat import render_chat
-from app.engine import Engine, Failed, Finished, Sequence, Token
+from app.engine import Engine, EngineOptions, Failed, Finished, Sequence, Token
 from app.metrics import Metrics
 from app.schemas import ChatMessage
 from lm.registry import Registry
@@ -43,8 +43,18 @@ async def _run(engine: Engine, prompts: list[str], params: list[SamplingParams])
     return [(texts[i], reasons[i]) for i in range(len(prompts))]
 
 
+@pytest.fixture(params=[False, True], ids=["inline-prefill", "prefill-thread"])
+def engine(models_dir: Path, request: pytest.FixtureRequest):
+    """The plain engine, with prompts run between decode steps or on its prefill thread."""
+    yield from _engine(models_dir, prefill_thread=request.param)
+
+
 @pytest.fixture
-def engine(models_dir: Path):
+def threaded_engine(models_dir: Path):
+    yield from _engine(models_dir, prefill_thread=True)
+
+
+def _engine(models_dir: Path, *, prefill_thread: bool):
     import torch
 
     checkpoint = Registry(models_dir).load(MODEL_A)
@@ -55,6 +65,7 @@ def engine(models_dir: Path):
         max_running=3,  # fewer slots than sequences: some wait, then join a running batch
         device=torch.device("cpu"),
         metrics=Metrics(),
+        options=EngineOptions(prefill_thread=prefill_thread),
     )
     engine.start()
     yield engine
@@ -140,3 +151,98 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(
     assert reason == "length" and text == "".join(stream_generate(engine.model, engine.tokenizer, "To be", _params(1)))
     samples = {s.name: s.value for m in engine.metrics.registry.collect() for s in m.samples}
     assert samples["textgen_running_sequences"] == 0
+
+
+def _held_prefill(engine: Engine, monkeypatch: pytest.MonkeyPatch, held_prompt: list[int]):
+    """Prefill jobs that contain `held_prompt` wait on the returned event before they run."""
+    import threading
+
+    release = threading.Event()
+    real_job = engine._prefill_job
+
+    def job(rows: list[Sequence], budget: int) -> None:
+        if any(seq.prompt_ids == held_prompt for seq in rows):
+            assert release.wait(10), "the test never released the prefill job"
+        real_job(rows, budget)
+
+    monkeypatch.setattr(engine, "_prefill_job", job)
+    return release
+
+
+async def test_running_streams_keep_decoding_while_a_prompt_is_prefilled(
+    threaded_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts run on the engine's prefill thread: a stream already running gets its tokens while a
+    newcomer's prefill is still in progress, and the newcomer then gets exactly its own text."""
+    engine = threaded_engine
+    loop = asyncio.get_running_loop()
+    tokenizer = engine.tokenizer
+    newcomer = prompt_ids(tokenizer, "Or to take arms against a sea of troubles")
+    release = _held_prefill(engine, monkeypatch, newcomer)
+    running_queue: asyncio.Queue = asyncio.Queue()
+    ids = prompt_ids(tokenizer, "To be")
+    running = Sequence(
+        ids, SequenceSampler(tokenizer, SamplingParams(max_tokens=10**9, seed=1), ids), loop, running_queue
+    )
+    engine.submit(running)
+    await asyncio.wait_for(running_queue.get(), 10)  # it runs
+    new_queue: asyncio.Queue = asyncio.Queue()
+    engine.submit(Sequence(newcomer, SequenceSampler(tokenizer, _params(2), newcomer), loop, new_queue))
+    for _ in range(20):  # the newcomer's prefill is held, and the running stream still advances
+        _, event = await asyncio.wait_for(running_queue.get(), 10)
+        assert isinstance(event, Token)
+    assert new_queue.empty()
+    release.set()
+    text = ""
+    while True:
+        _, event = await asyncio.wait_for(new_queue.get(), 10)
+        assert not isinstance(event, Failed), event
+        if isinstance(event, Finished):
+            break
+        text += event.text
+    prompt = "Or to take arms against a sea of troubles"
+    assert text == "".join(stream_generate(engine.model, tokenizer, prompt, _params(2)))
+    running.cancel()
+
+
+async def test_a_failing_prefill_fails_its_requests_and_the_engine_keeps_serving(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_job = engine._prefill_job
+    calls = {"n": 0}
+
+    def job_once_broken(rows: list[Sequence], budget: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        real_job(rows, budget)
+
+    monkeypatch.setattr(engine, "_prefill_job", job_once_broken)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    ids = prompt_ids(engine.tokenizer, "To be")
+    engine.submit(Sequence(ids, SequenceSampler(engine.tokenizer, _params(1), ids), loop, queue, index=0))
+    _, event = await asyncio.wait_for(queue.get(), 10)
+    assert isinstance(event, Failed) and "failed on the server" in event.message
+    [(text, reason)] = await _run(engine, ["To be"], [_params(1)])
+    assert reason == "length" and text == "".join(stream_generate(engine.model, engine.tokenizer, "To be", _params(1)))
+    samples = {s.name: s.value for m in engine.metrics.registry.collect() for s in m.samples}
+    assert samples["textgen_waiting_sequences"] == 0 and samples["textgen_running_sequences"] == 0
+
+
+async def test_stopping_during_a_prefill_fails_the_prompt_as_retryable(
+    threaded_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = threaded_engine
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    ids = prompt_ids(engine.tokenizer, "To be")
+    release = _held_prefill(engine, monkeypatch, ids)
+    engine.submit(Sequence(ids, SequenceSampler(engine.tokenizer, _params(1), ids), loop, queue))
+    await asyncio.sleep(0.2)  # the job is held in the prefill thread
+    engine.stop()
+    release.set()
+    _, event = await asyncio.wait_for(queue.get(), 10)
+    assert isinstance(event, Failed) and event.retryable and "unloaded" in event.message
+    engine.join(5)
+    assert not engine.alive
