@@ -57,6 +57,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    omp_threads_from_settings()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -68,6 +69,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("textgen: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def omp_threads_from_settings() -> None:
+    """OpenMP sizes its thread team from OMP_NUM_THREADS once, when torch loads, and torch loads after
+    this. So TEXTGEN_THREADS (the service's torch threads) becomes OMP_NUM_THREADS too, unless that
+    is set: otherwise a 1-thread engine still starts a team per core, whose spin-waiting takes the
+    core the event loop needs (docs/PERFORMANCE.md, "Threads")."""
+    threads = os.environ.get("TEXTGEN_THREADS", "").strip()
+    if threads.isdigit() and int(threads) > 0 and "torch" not in sys.modules:
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
 
 
 # -- parser ---------------------------------------------------------------------------------------

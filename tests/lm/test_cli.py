@@ -365,3 +365,30 @@ def test_progress_writes_a_line_every_few_seconds_when_not_a_terminal():
     lines = log.getvalue().splitlines()
     assert [line.split()[3] for line in lines] == ["1/120", "4/120", "6/120"]
     assert "\r" not in log.getvalue()
+
+
+def test_textgen_threads_also_sizes_openmp_for_every_thread(tmp_path):
+    """OpenMP reads OMP_NUM_THREADS once, when torch loads: the CLI sets it from TEXTGEN_THREADS before
+    that, so threads started later (the engine's) get that many too, not one per core."""
+    code = (
+        "import sys, threading\n"
+        "from textgen.cli import main\n"
+        "main(sys.argv[1:])\n"
+        "import torch\n"
+        "seen = []\n"
+        "t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))\n"
+        "t.start(); t.join()\n"
+        "print('threads', seen[0])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(PYTHONPATH=str(REPO), TEXTGEN_THREADS="1")  # torch would take one per core (2 here)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "models", "list", "--models-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "threads 1"
