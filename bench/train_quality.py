@@ -94,6 +94,22 @@ def quality_run(text: str, cfg: TrainConfig, minutes: float, mark_s: float) -> d
     }
 
 
+def verdicts(quality: list[dict], ratio: float) -> list[str]:
+    """The two targets, met or missed, from this run's numbers."""
+    within_10 = [v for q in quality for minute, v in q["marks"].items() if minute <= 10]
+    lines = []
+    if within_10:
+        best = min(within_10)
+        state = "met" if best <= 1.45 else f"missed by {best - 1.45:.4f}"
+        lines.append(f"- Validation loss <= 1.45 nats/char within 10 minutes: best {best:.4f}, **{state}**.")
+    state = "met" if ratio >= 2 else "missed"
+    lines.append(
+        f"- Training throughput >= 2x the plain fp32 loop: {ratio:.2f}x, **{state}** "
+        '(docs/TRAINING.md, "The default recipe", says what bounds it).'
+    )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
@@ -143,6 +159,8 @@ def main() -> None:
         "| --- | --- | --- |",
         f"| plain fp32 `nn.LSTM` loop, same size | {plain:.0f} | 1.00x |",
         f"| textgen (`lm.train`) | {ours:.0f} | {ours / plain:.2f}x |",
+        "",
+        *verdicts(quality, ours / plain),
     ]
     if not args.no_write:
         write_section("Training quality and throughput (`bench/train_quality.py`)", "\n".join(lines))
