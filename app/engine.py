@@ -401,9 +401,11 @@ class Engine:
         depend on its batch, so both give the same state.
         """
         if self._job is not None:
-            if not self._job[1].done():
+            rows, job = self._job
+            if not job.done():
                 return
-            self._collect_job()
+            self._job = None
+            self._collect_job(rows, job.exception())
         rows = list(itertools.islice(self._waiting, self.states.available))
         for seq in rows:
             if not seq.started:
@@ -414,14 +416,12 @@ class Engine:
         if not rows:
             return
         if self._prefiller is None:  # no prefill thread: the job runs here, between two decode steps
-            job: Future[None] = Future()
+            error: BaseException | None = None
             try:
                 self._prefill_job(rows, self.options.prefill_chunk)
-                job.set_result(None)
             except Exception as exc:
-                job.set_exception(exc)
-            self._job = rows, job
-            self._collect_job()
+                error = exc
+            self._collect_job(rows, error)
             return
         job = self._prefiller.submit(self._prefill_job, rows, self.options.prefill_chunk)
         job.add_done_callback(lambda _: self._inbox.put(WAKE))
@@ -438,15 +438,13 @@ class Engine:
     def _job_running(self) -> bool:
         return self._job is not None and not self._job[1].done()
 
-    def _collect_job(self) -> None:
-        """The job ended: remember each prompt's state, and fully prefilled sequences join the batch.
-        Sequences that left meanwhile (cancelled, or failed by a stop) are passed over."""
-        assert self._job is not None
-        rows, job = self._job
-        self._job = None
+    def _collect_job(self, rows: list[Sequence], error: BaseException | None) -> None:
+        """A job ended (with `error` if it raised): remember each prompt's state, and fully prefilled
+        sequences join the batch. Sequences that left meanwhile (cancelled, or failed by a stop) are
+        passed over."""
         rows = [seq for seq in rows if not seq.done]
-        if job.exception() is not None:
-            log.error("engine %s: prefill failed for %d sequences", self.model_id, len(rows), exc_info=job.exception())
+        if error is not None:
+            log.error("engine %s: prefill failed for %d sequences", self.model_id, len(rows), exc_info=error)
             for seq in rows:
                 self._leave_waiting(seq)
                 self._outbox.append((seq, Failed("generation failed on the server; it has been logged")))
