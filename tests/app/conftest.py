@@ -144,15 +144,6 @@ async def client(make_client: ClientFactory) -> httpx.AsyncClient:
 # ---------------------------------------------------------------------------- Redis mode
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server on a free port for the session; each test keeps to a key prefix of its own."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def redis_mode(redis_server: RedisServer) -> dict[str, object]:
     """Settings for make_client(**redis_mode): jobs in Redis (no worker takes them), tiny-a served."""

@@ -40,15 +40,6 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)  # the test machine's cores are shared
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server on a free port for the whole session; each test uses its own key prefix."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def prefix() -> str:
     return f"test-{secrets.token_hex(4)}:"
