@@ -168,25 +168,37 @@ def published_for(models_dir: Path, job_id: str) -> list[str]:
     ]
 
 
-def redis_cluster(root: Path, models_dir: Path, redis: RedisServer) -> Cluster:
-    publish_tiny_model(models_dir, BASE_MODEL)
-    assert RedisPointer(connect_redis(redis.url)).compare_and_set(None, BASE_MODEL)
-    env = {
-        "TEXTGEN_REDIS_URL": redis.url,
-        "TEXTGEN_THREADS": "1",
-        "TEXTGEN_RECONCILE_S": "1",
-        "TEXTGEN_JOB_LEASE_S": "3",
-        "TEXTGEN_MAX_CORPUS_BYTES": "200000",
-    }
-    return Cluster(root, models_dir, env)
+@contextlib.contextmanager
+def redis_cluster(root: Path, models_dir: Path) -> Iterator[tuple[Cluster, RedisServer]]:
+    """A redis-server of its own (the tests kill and restart it) and a cluster on it serving
+    BASE_MODEL; on a failure the processes' logs are printed; everything stops at the end."""
+    redis = RedisServer(root / "redis")
+    redis.start()
+    try:
+        publish_tiny_model(models_dir, BASE_MODEL)
+        assert RedisPointer(connect_redis(redis.url)).compare_and_set(None, BASE_MODEL)
+        env = {
+            "TEXTGEN_REDIS_URL": redis.url,
+            "TEXTGEN_THREADS": "1",
+            "TEXTGEN_RECONCILE_S": "1",
+            "TEXTGEN_JOB_LEASE_S": "3",
+            "TEXTGEN_MAX_CORPUS_BYTES": "200000",
+        }
+        cluster = Cluster(root, models_dir, env)
+        try:
+            yield cluster, redis
+        except BaseException:
+            print(cluster.logs())
+            raise
+        finally:
+            cluster.stop_all()
+    finally:
+        redis.stop()
 
 
 @pytest.mark.redis
 def test_redis_killed_with_jobs_queued_and_running_loses_none_and_publishes_each_once(tmp_path: Path) -> None:
-    redis = RedisServer(tmp_path / "redis")
-    redis.start()
-    cluster = redis_cluster(tmp_path, tmp_path / "models", redis)
-    try:
+    with redis_cluster(tmp_path, tmp_path / "models") as (cluster, redis):
         api = cluster.start_api()
         cluster.start_worker()
         jobs = [submit(api, name=f"outage-{i}", epochs=6, activate=False) for i in range(3)]
@@ -206,12 +218,6 @@ def test_redis_killed_with_jobs_queued_and_running_loses_none_and_publishes_each
             assert published_for(cluster.models_dir, job["id"]) == [f"outage-{i}"]
         listed = httpx.get(f"{api.url}/train", timeout=10).json()["jobs"]
         assert sorted(j["id"] for j in listed) == sorted(j["id"] for j in jobs)
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
-        redis.stop()
 
 
 @pytest.fixture
@@ -238,12 +244,9 @@ def fill(folder: Path, leave_bytes: int) -> None:
 def test_the_disk_filling_up_during_a_checkpoint_write_fails_the_job_and_publishes_nothing(
     tmp_path: Path, small_disk: Path
 ) -> None:
-    redis = RedisServer(tmp_path / "redis")
-    redis.start()
     models = small_disk / "models"
-    cluster = redis_cluster(tmp_path, models, redis)
-    before = {p.name for p in models.iterdir()}
-    try:
+    with redis_cluster(tmp_path, models) as (cluster, redis):
+        before = {p.name for p in models.iterdir()}
         api = cluster.start_api()
         cluster.start_worker()
         fill(small_disk, leave_bytes=0)  # not even room for a corpus: refused before it is queued
@@ -269,20 +272,11 @@ def test_the_disk_filling_up_during_a_checkpoint_write_fails_the_job_and_publish
         (small_disk / "filler").unlink()  # room again: the next job publishes
         again = wait_for_job(api, submit(api, name="room-again", epochs=1)["id"], timeout=90)
         assert again["state"] == "succeeded", again
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
-        redis.stop()
 
 
 @pytest.mark.redis
 def test_a_worker_killed_during_publication_leaves_one_published_active_model(tmp_path: Path) -> None:
-    redis = RedisServer(tmp_path / "redis")
-    redis.start()
-    cluster = redis_cluster(tmp_path, tmp_path / "models", redis)
-    try:
+    with redis_cluster(tmp_path, tmp_path / "models") as (cluster, redis):
         api = cluster.start_api()
         workers = [cluster.start_worker("worker-1"), cluster.start_worker("worker-2")]
         job = submit(api, name="at-publish", epochs=12)  # about 2 s: the worker is known well before the end
@@ -309,9 +303,3 @@ def test_a_worker_killed_during_publication_leaves_one_published_active_model(tm
         while serving(api) != "at-publish" and time.monotonic() < deadline:
             time.sleep(0.1)
         assert serving(api) == "at-publish"
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
-        redis.stop()
