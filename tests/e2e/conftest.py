@@ -5,6 +5,7 @@ Every process gets one torch thread: the test machine's two cores are shared.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -22,9 +23,12 @@ from typing import Any
 import httpx
 import torch
 
+from lm.job_redis import connect_redis
 from lm.model import LSTMLanguageModel, ModelConfig
+from lm.redis_pointer import RedisPointer
 from lm.registry import ActivePointer, Registry
 from lm.tokenizers import fit_tokenizer
+from tests.worker.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = (ROOT / "data" / "shakespeare" / "shakespeare.txt").read_text(encoding="utf-8")[20_000:26_000]
@@ -232,3 +236,41 @@ class SlowStream(threading.Thread):
                     self.started_tokens.set()
                     self.hurry.wait(120)
         self.ended_at = time.monotonic()
+
+
+def published_for(models_dir: Path, job_id: str) -> list[str]:
+    """Every model folder whose checkpoint says it came from `job_id`."""
+    return [
+        config.parent.name
+        for config in models_dir.glob("*/config.json")
+        if json.loads(config.read_text())["training"].get("job_id") == job_id
+    ]
+
+
+@contextlib.contextmanager
+def redis_cluster(root: Path, models_dir: Path) -> Iterator[tuple[Cluster, RedisServer]]:
+    """A redis-server of its own (the tests kill and restart it) and a cluster on it serving
+    BASE_MODEL; on a failure the processes' logs are printed; everything stops at the end."""
+    redis = RedisServer(root / "redis")
+    redis.start()
+    try:
+        publish_tiny_model(models_dir, BASE_MODEL)
+        assert RedisPointer(connect_redis(redis.url)).compare_and_set(None, BASE_MODEL)
+        env = {
+            "TEXTGEN_REDIS_URL": redis.url,
+            "TEXTGEN_THREADS": "1",
+            "TEXTGEN_RECONCILE_S": "1",
+            "TEXTGEN_JOB_LEASE_S": "3",
+            "TEXTGEN_MAX_TOKENS": "100000",
+            "TEXTGEN_MAX_CORPUS_BYTES": "200000",
+        }
+        cluster = Cluster(root, models_dir, env)
+        try:
+            yield cluster, redis
+        except BaseException:
+            print(cluster.logs())
+            raise
+        finally:
+            cluster.stop_all()
+    finally:
+        redis.stop()

@@ -36,16 +36,15 @@ from tests.app.conftest import (
 from tests.e2e.conftest import (
     BASE_MODEL,
     TINY_JOB,
-    Cluster,
     get_job,
     job_events,
-    publish_tiny_model,
+    published_for,
+    redis_cluster,
     serving,
     submit,
     wait_for_event,
     wait_for_job,
 )
-from tests.worker.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -157,43 +156,6 @@ def _activate_quietly(url: str, model_id: str) -> None:
 
 
 # ---------------------------------------------------------------------------- Redis mode: jobs under faults
-
-
-def published_for(models_dir: Path, job_id: str) -> list[str]:
-    """Every model folder whose checkpoint says it came from `job_id`."""
-    return [
-        config.parent.name
-        for config in models_dir.glob("*/config.json")
-        if json.loads(config.read_text())["training"].get("job_id") == job_id
-    ]
-
-
-@contextlib.contextmanager
-def redis_cluster(root: Path, models_dir: Path) -> Iterator[tuple[Cluster, RedisServer]]:
-    """A redis-server of its own (the tests kill and restart it) and a cluster on it serving
-    BASE_MODEL; on a failure the processes' logs are printed; everything stops at the end."""
-    redis = RedisServer(root / "redis")
-    redis.start()
-    try:
-        publish_tiny_model(models_dir, BASE_MODEL)
-        assert RedisPointer(connect_redis(redis.url)).compare_and_set(None, BASE_MODEL)
-        env = {
-            "TEXTGEN_REDIS_URL": redis.url,
-            "TEXTGEN_THREADS": "1",
-            "TEXTGEN_RECONCILE_S": "1",
-            "TEXTGEN_JOB_LEASE_S": "3",
-            "TEXTGEN_MAX_CORPUS_BYTES": "200000",
-        }
-        cluster = Cluster(root, models_dir, env)
-        try:
-            yield cluster, redis
-        except BaseException:
-            print(cluster.logs())
-            raise
-        finally:
-            cluster.stop_all()
-    finally:
-        redis.stop()
 
 
 @pytest.mark.redis

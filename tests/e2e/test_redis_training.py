@@ -6,7 +6,6 @@ idle workers.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -28,6 +27,8 @@ from tests.e2e.conftest import (
     get_job,
     job_events,
     publish_tiny_model,
+    published_for,
+    redis_cluster,
     serving,
     submit,
     wait_for_event,
@@ -57,45 +58,16 @@ class RedisCluster:
 @pytest.fixture(scope="module")
 def rc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
     root = tmp_path_factory.mktemp("redis-e2e")
-    redis = RedisServer(root / "redis")
-    redis.start()
-    models_dir = root / "models"
-    publish_tiny_model(models_dir, BASE_MODEL)
-    assert RedisPointer(connect_redis(redis.url)).compare_and_set(None, BASE_MODEL)
-    env = {
-        "TEXTGEN_REDIS_URL": redis.url,
-        "TEXTGEN_THREADS": "1",
-        "TEXTGEN_RECONCILE_S": "1",
-        "TEXTGEN_JOB_LEASE_S": "3",
-        "TEXTGEN_MAX_TOKENS": "100000",
-        "TEXTGEN_MAX_CORPUS_BYTES": "200000",
-    }
-    cluster = Cluster(root, models_dir, env)
-    try:
+    with redis_cluster(root, root / "models") as (cluster, redis):
         apis = [cluster.start_api("api-1"), cluster.start_api("api-2")]
         workers = [cluster.start_worker("worker-1"), cluster.start_worker("worker-2")]
         yield RedisCluster(cluster, redis, apis, workers)
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
-        redis.stop()
 
 
 @pytest.fixture(autouse=True)
 def _logs_on_failure(rc: RedisCluster) -> Iterator[None]:
     yield
     print(rc.cluster.logs())  # pytest shows a test's captured output only when it fails
-
-
-def published_for(models_dir: Path, job_id: str) -> list[str]:
-    """Every model folder whose checkpoint says it came from `job_id`."""
-    found = []
-    for config in models_dir.glob("*/config.json"):
-        if json.loads(config.read_text())["training"].get("job_id") == job_id:
-            found.append(config.parent.name)
-    return found
 
 
 def test_a_job_swaps_both_replicas_while_a_stream_finishes_on_the_old_version(rc: RedisCluster) -> None:
