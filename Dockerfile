@@ -25,6 +25,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
+# A C++ compiler for the int8 step's native loops (lm/native.py), in this stage only: the runtime
+# image gets the compiled module inside the environment, not the compiler. Debian's g++ of the pinned
+# base image's release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
@@ -39,13 +47,16 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
 
-# The code, then textgen itself (its dependencies are all installed above).
+# The code, then textgen itself (its dependencies are all installed above), then its native int8
+# loops, compiled into the installed package (-P: the installed `lm`, not the copy in /src).
 COPY README.md ./
 COPY lm ./lm
 COPY app ./app
 COPY worker ./worker
 COPY textgen ./textgen
 RUN pip install --no-cache-dir --no-deps . \
+    && python -P -m lm.native build \
+    && python -P -m lm.native check \
     && textgen --version
 
 # ---------------------------------------------------------------------------------------------------

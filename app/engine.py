@@ -191,6 +191,7 @@ class EngineOptions:
     prompt_cache_bytes: int = 0  # 0 = no prompt-state cache
     prefill_chunk: int = 256  # prompt tokens per prefill job (in total, over the job's prompts)
     prefill_thread: bool = False  # prefill on the engine's own prefill thread, beside decoding
+    native_loops: bool = True  # int8: the step's loops in C++ when built (lm/native.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineOptions:
@@ -200,6 +201,7 @@ class EngineOptions:
             prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
             prefill_chunk=settings.prefill_chunk,
             prefill_thread=settings.prefill_thread,
+            native_loops=settings.native,
         )
 
 
@@ -326,11 +328,12 @@ class Engine:
                 1, thread_name_prefix=f"prefill-{self.model_id}", initializer=torch.set_num_threads, initargs=(threads,)
             )
         try:
-            self.step = build_step(self.model, self.options.decode)
+            self.step = build_step(self.model, self.options.decode, native_loops=self.options.native_loops)
         except Exception:  # the model's own forward always works: serve slower rather than not at all
             log.exception("engine %s: could not build the %s decode step", self.model_id, self.options.decode)
             self.step = build_step(self.model, "reference")
-        log.info("engine %s: started on %s, %s decode step", self.model_id, self.device, self.step.kind)
+        kind, loops = self.step.kind, self.step.loops
+        log.info("engine %s: started on %s, %s decode step (%s loops)", self.model_id, self.device, kind, loops)
         with torch.inference_mode():
             while not self._stopping:
                 try:
@@ -502,9 +505,7 @@ class Engine:
         h = torch.cat([state[0] for state in states], dim=1)  # (layers, k, H)
         c = torch.cat([state[1] for state in states], dim=1)
         ids = torch.tensor([s.prompt_ids[s.prefilled : s.prefilled + n] for s in rows], device=self.device)  # (k, n)
-        for t in range(n - 1):
-            self.step.advance(ids[:, t], h, c)  # type: ignore[union-attr]  # states updated in place
-        logits = self.step(ids[:, n - 1], h, c)  # type: ignore[misc]  # (k, V)
+        logits = self.step.steps(ids, h, c)  # type: ignore[union-attr]  # (k, V); states updated in place
         for i, seq in enumerate(rows):
             seq.prefill_state = h[:, i : i + 1], c[:, i : i + 1]
             seq.prefill_logits = logits[i]

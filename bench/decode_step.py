@@ -31,12 +31,19 @@ from results import machine_summary, write_section  # noqa: E402
 from app.engine import Engine, EngineOptions, Finished, Sequence  # noqa: E402
 from app.metrics import Metrics  # noqa: E402
 from lm.batch_sampler import choose_batch  # noqa: E402
-from lm.fast import DECODE_KINDS, build_step  # noqa: E402
+from lm.fast import DECODE_KINDS, Step, build_step  # noqa: E402
 from lm.registry import Registry  # noqa: E402
 from lm.sampler import SamplingParams, SequenceSampler, prompt_ids  # noqa: E402
 
 PROMPT = "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
+# (label, decode kind, native loops): every kind, and int8 with its loops in Python as well as in C++
+VARIANTS = [(kind, kind, True) for kind in DECODE_KINDS] + [("int8, Python loops", "int8", False)]
+
+
+def variant_step(model, label: str) -> Step:
+    _, kind, native_loops = next(v for v in VARIANTS if v[0] == label)
+    return build_step(model, kind, native_loops=native_loops)
 
 
 def plain_loop(model, tokenizer, params: SamplingParams, onednn: bool = True) -> float:
@@ -72,8 +79,8 @@ async def engine_stream(engine: Engine, params: SamplingParams) -> float:
             return (event.usage["completion_tokens"] - 1) / (time.perf_counter() - started)
 
 
-def make_engine(checkpoint, kind: str) -> Engine:
-    options = EngineOptions(decode=kind, stream_interval_s=0.020, prompt_cache_bytes=0)
+def make_engine(checkpoint, kind: str, native_loops: bool) -> Engine:
+    options = EngineOptions(decode=kind, stream_interval_s=0.020, prompt_cache_bytes=0, native_loops=native_loops)
     engine = Engine(
         checkpoint.model,
         checkpoint.tokenizer,
@@ -89,8 +96,8 @@ def make_engine(checkpoint, kind: str) -> Engine:
 
 def single_stream(checkpoint, tokens: int, rounds: int) -> dict[str, list[float]]:
     params = SamplingParams(max_tokens=tokens, temperature=0.8, top_k=40, seed=1)
-    engines = {kind: make_engine(checkpoint, kind) for kind in DECODE_KINDS}
-    runs: dict[str, list[float]] = {"plain": [], "plain, oneDNN off": [], **{k: [] for k in DECODE_KINDS}}
+    engines = {label: make_engine(checkpoint, kind, native) for label, kind, native in VARIANTS}
+    runs: dict[str, list[float]] = {"plain": [], "plain, oneDNN off": [], **{label: [] for label in engines}}
     try:
         for _ in range(rounds):
             runs["plain"].append(plain_loop(checkpoint.model, checkpoint.tokenizer, params))
@@ -109,8 +116,8 @@ def batch_sweep(checkpoint, steps: int) -> dict[str, list[float]]:
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     H, L, V = model.cfg.hidden_dim, model.cfg.layers, model.cfg.vocab_size
     out: dict[str, list[float]] = {}
-    for kind in DECODE_KINDS:
-        step = build_step(model, kind)
+    for kind, _, _ in VARIANTS:
+        step = variant_step(model, kind)
         out[kind] = []
         for B in BATCHES:
             samplers = [
@@ -224,7 +231,8 @@ Single stream, {args.tokens} tokens, temperature 0.8, top-k 40, same seed. `plai
 per-step `nn.LSTM` loop with `SequenceSampler` (torch defaults: oneDNN re-formats the LSTM weights on
 every call); `plain, oneDNN off` is the same loop with `torch.backends.mkldnn` disabled, a stronger
 baseline; the others are textgen's `Engine` (one sequence, 20 ms stream coalescing) with each decode
-step. Target: >= 4x plain.
+step (`int8` with its loops in C++, as served; `int8, Python loops` is `TEXTGEN_NATIVE=false`).
+Target: >= 4x plain.
 
 {chr(10).join(rows)}
 

@@ -25,17 +25,23 @@ Three kinds, measured against each other in docs/PERFORMANCE.md:
 
 Each kind also runs whole prompts (`step.prefill`): `reference` through nn.LSTM in one call per
 power-of-two piece, `fused` layer by layer, `int8` along a wavefront (all layers in one product per
-position), bit for bit the state its decode steps would reach.
+position), bit for bit the state its decode steps would reach; and several prompts together
+(`step.steps`: n batched steps, the head on the last only).
+
+`int8` runs its loops in C++ where this install has built lm/csrc/int8_step.cpp (lm/native.py): the
+same ATen ops in the same order, so the same bits, but one call per step or prompt instead of dozens
+of Python-level dispatches, and with the GIL released for the whole call.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from lm import native
 from lm.errors import ConfigError
 from lm.model import LSTMLanguageModel
 
@@ -47,6 +53,7 @@ H_SCALE = 127.0  # int8 code of h = round(h * 127); |h| <= 1
 
 class Step(Protocol):
     kind: str
+    loops: str  # "C++" or "Python": where the step's loops run (lm/native.py)
 
     def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor: ...
 
@@ -54,9 +61,13 @@ class Step(Protocol):
 
     def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor: ...
 
+    def steps(self, ids: Tensor, h: Tensor, c: Tensor) -> Tensor: ...
 
-def build_step(model: LSTMLanguageModel, kind: str) -> Step:
-    """The decode step of `kind` for `model` (weights are copied: later changes to the model are not seen)."""
+
+def build_step(model: LSTMLanguageModel, kind: str, *, native_loops: bool = True) -> Step:
+    """The decode step of `kind` for `model` (weights are copied: later changes to the model are not seen).
+
+    `native_loops`: int8 runs its loops in C++ when lm/native.py's module is built (False: Python)."""
     if kind not in DECODE_KINDS:
         raise ConfigError(f"decode kind must be one of {', '.join(DECODE_KINDS)}, got {kind!r}", "decode")
     if kind == "reference":
@@ -67,7 +78,7 @@ def build_step(model: LSTMLanguageModel, kind: str) -> Step:
     if next(model.parameters()).device.type != "cpu":
         log.info("the fused steps are CPU kernels; decoding on %s with the reference step", model.head.weight.device)
         return ReferenceStep(model)
-    return FusedStep(model, int8=kind == "int8")
+    return FusedStep(model, int8=kind == "int8", native_loops=native_loops)
 
 
 def int8_available() -> bool:
@@ -82,6 +93,7 @@ class ReferenceStep:
     """The model's own forward, one token per sequence; prompts through nn.LSTM in one call per chunk."""
 
     kind = "reference"
+    loops = "Python"
 
     def __init__(self, model: LSTMLanguageModel) -> None:
         self.model = model
@@ -96,6 +108,10 @@ class ReferenceStep:
     def advance(self, tokens: Tensor, h: Tensor, c: Tensor) -> None:
         """The step without needing its logits (the model's forward computes them anyway)."""
         self(tokens, h, c)
+
+    def steps(self, ids: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        """ids (k, n): n steps of k sequences -> logits (k, V) of the last."""
+        return _steps(self, ids, h, c)
 
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
@@ -116,6 +132,13 @@ class ReferenceStep:
         c.copy_(state[1])
         assert logits is not None, "an empty prompt"
         return logits
+
+
+def _steps(step: Step, ids: Tensor, h: Tensor, c: Tensor) -> Tensor:
+    """ids (k, n) -> n steps of k sequences, the head on the last only -> logits (k, V)."""
+    for t in range(ids.shape[1] - 1):
+        step.advance(ids[:, t], h, c)
+    return step(ids[:, -1], h, c)
 
 
 def _reorder_gates(w: Tensor, hidden: int) -> Tensor:
@@ -186,7 +209,7 @@ class FusedStep:
     one step at a time gives.
     """
 
-    def __init__(self, model: LSTMLanguageModel, *, int8: bool) -> None:
+    def __init__(self, model: LSTMLanguageModel, *, int8: bool, native_loops: bool = True) -> None:
         cfg = model.cfg
         self.kind = "int8" if int8 else "fused"
         self.int8 = int8
@@ -228,6 +251,22 @@ class FusedStep:
                 self._build_wavefront(codes)
             self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V)
             self.head_b = model.head.bias.detach().float().contiguous()  # (V,)
+        # lm/csrc/int8_step.cpp's Int8Step on these same tensors, when built
+        self.native: Any = self._build_native() if int8 and native_loops else None
+        self.loops = "C++" if self.native is not None else "Python"
+
+    def _build_native(self) -> Any:
+        module = native.load()
+        if module is None:
+            log.info("the native int8 step is not built (python -m lm.native build); running its loops in Python")
+            return None
+        w: list[Int8Matrix] = self.w_both  # type: ignore[assignment]  # int8: all Int8Matrix
+        packed = [m.packed for m in w]
+        ones, zeros = (w[0]._ones, w[0]._zeros) if w[0].packed is not None else (torch.ones(1), torch.zeros(1))
+        return module.Int8Step(
+            self.hidden, self.table, self.bias, self.scale, [m.t for m in w], packed, ones, zeros,
+            self.w_wave, self.scale_wave, self.bias_wave, self.head_w, self.head_b,
+        )  # fmt: skip
 
     def _build_wavefront(self, codes: list[Tensor]) -> None:
         """int8 prefill runs layer l at position t - l, so that one product serves every layer:
@@ -276,12 +315,17 @@ class FusedStep:
     @torch.inference_mode()
     def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """tokens (B,) int64; h, c (layers, B, H) updated in place -> logits (B, V)."""
+        if self.native is not None:
+            return self.native.step(tokens, h, c)
         self.advance(tokens, h, c)
         return torch.addmm(self.head_b, h[-1], self.head_w)  # (B, V)
 
     @torch.inference_mode()
     def advance(self, tokens: Tensor, h: Tensor, c: Tensor) -> None:
         """The state update alone (prompt positions whose logits nobody reads)."""
+        if self.native is not None:
+            self.native.advance(tokens, h, c)
+            return
         for layer in range(self.layers):
             if layer == 0:
                 acc = self._product(h[0], self.w_both[0])  # (B, 4H): the recurrent product, old h
@@ -296,9 +340,18 @@ class FusedStep:
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """tokens (T,); h, c (layers, 1, H) updated in place -> logits (V,) of the last position."""
+        if self.native is not None:
+            return self.native.prefill(tokens, h, c)
         if self.int8:
             return self._prefill_wavefront(tokens, h, c)
         return self._prefill_layers(tokens, h, c)
+
+    @torch.inference_mode()
+    def steps(self, ids: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        """ids (k, n): n steps of k sequences, the head on the last only -> logits (k, V)."""
+        if self.native is not None:
+            return self.native.steps(ids, h, c)
+        return _steps(self, ids, h, c)
 
     def _layer_step(self, layer: int, h: Tensor, c: Tensor, base: Tensor) -> None:
         """One position of one layer, exactly as decode computes it; h, c (layers, 1, H)."""

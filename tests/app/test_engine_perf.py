@@ -183,6 +183,16 @@ async def test_every_decode_kind_streams_over_sse(make_client: ClientFactory, de
     assert lines.count("event: done") == 1
 
 
+async def test_native_and_python_loops_give_the_same_seeded_text(make_client: ClientFactory) -> None:
+    """TEXTGEN_NATIVE only moves the int8 step's loops between C++ and Python: the same text either way."""
+    texts = []
+    for native in (True, False):
+        client: httpx.AsyncClient = await make_client(decode="int8", native=native)
+        bodies = [{"prompt": PROMPT * k, "max_tokens": 40, "seed": 7 + k, "temperature": 0.9} for k in (1, 3)]
+        texts.append([(await client.post("/generate", json=body)).json()["text"] for body in bodies])
+    assert texts[0] == texts[1] and all(len(text) > 0 for text in texts[0])
+
+
 def test_the_cache_returns_the_longest_cached_prefix_and_copies_what_it_keeps() -> None:
     cache = PromptCache(1 << 20, layers=2, hidden=4, vocab=5, min_tokens=3)
     ids = list(range(10))

@@ -1,0 +1,85 @@
+"""The int8 step's loops in C++ (lm/csrc/int8_step.cpp): built once per install, loaded if present.
+
+`make install` (so `make run` and `make test`) and the Docker image build it with
+`python -m lm.native`: torch's `cpp_extension` compiles the one source file against the installed
+torch with the system's C++ compiler, about 30 s on 2 cores. The module's name carries a hash of
+the source and of the torch version, so a build left over from another source or another torch is
+never loaded. Without a build (no compiler, or `TEXTGEN_NATIVE=false`) `lm.fast` runs the same
+arithmetic from Python, bit for bit the same results, only slower and holding the GIL between ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_step.cpp"
+BUILD_DIR = Path(__file__).resolve().parent / "_native"  # ignored by git; inside the package when installed
+
+
+def module_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return f"textgen_int8_{digest}"
+
+
+def module_path() -> Path:
+    return BUILD_DIR / f"{module_name()}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the module into BUILD_DIR (ninja skips it when it is up to date) and return its path."""
+    from torch.utils.cpp_extension import load as compile_and_load
+
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    compile_and_load(
+        name=module_name(), sources=[str(SOURCE)], build_directory=str(BUILD_DIR), extra_cflags=["-O2"], verbose=verbose
+    )
+    load.cache_clear()
+    return module_path()
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The built module, or None when this install has no build of the current source."""
+    path = module_path()
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(module_name(), path)
+    if spec is None or spec.loader is None:
+        return None
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError:  # built against a different libtorch than the one loaded
+        log.warning("could not load the native int8 step %s; decoding with the Python loops", path, exc_info=True)
+        return None
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lm.native", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["build", "check"], help="build: compile it; check: exit 1 if not built")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        print(f"built {build(verbose=args.verbose)}")
+        return 0
+    if load() is None:
+        print(f"not built: {module_path()} (run `python -m lm.native build`)", file=sys.stderr)
+        return 1
+    print(f"built: {module_path()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

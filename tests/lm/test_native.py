@@ -1,0 +1,84 @@
+"""The int8 step's C++ loops (lm/csrc/int8_step.cpp) against the same step's Python loops: the same
+bits for decode steps, batched steps and whole prompts, on every path (one row, packed rows, the
+wavefront and its edges)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lm import native
+from lm.fast import FusedStep, build_step
+from lm.model import LSTMLanguageModel, ModelConfig
+from lm.tokenizers import CharTokenizer
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+def test_this_install_has_built_the_native_loops() -> None:
+    """`make install` / `make dev` build them; without a build textgen would quietly run slower."""
+    assert native.load() is not None, f"{native.module_path()} is missing: run `python -m lm.native build`"
+    done = subprocess.run([sys.executable, "-m", "lm.native", "check"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and str(native.module_path()) in done.stdout, done.stderr
+
+
+@pytest.fixture(params=[(16, 2), (48, 3)], ids=["16x2", "48x3"])
+def steps(request: pytest.FixtureRequest, char_tokenizer: CharTokenizer) -> tuple[FusedStep, FusedStep]:
+    """The same int8 step twice, with C++ and with Python loops; sizes with and without a scalar tail."""
+    hidden, layers = request.param
+    torch.manual_seed(5)
+    cfg = ModelConfig(char_tokenizer.vocab_size, embedding_dim=12, hidden_dim=hidden, layers=layers, dropout=0.0)
+    model = LSTMLanguageModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.4)
+    fast, slow = FusedStep(model, int8=True), FusedStep(model, int8=True, native_loops=False)
+    assert (fast.loops, slow.loops) == ("C++", "Python")
+    return fast, slow
+
+
+def _random_state(step: FusedStep, batch: int) -> State:
+    h = torch.rand(step.layers, batch, step.hidden) * 2 - 1  # |h| <= 1, as every real h
+    return h, torch.randn(step.layers, batch, step.hidden)
+
+
+def _run_both(steps: tuple[FusedStep, FusedStep], method: str, tokens: torch.Tensor, batch: int) -> None:
+    fast, slow = steps
+    h, c = _random_state(fast, batch)
+    hf, cf, hs, cs = h.clone(), c.clone(), h.clone(), c.clone()
+    out_fast = getattr(fast, method)(tokens, hf, cf)
+    out_slow = getattr(slow, method)(tokens, hs, cs)
+    assert out_fast is None or torch.equal(out_fast, out_slow), method
+    assert torch.equal(hf, hs) and torch.equal(cf, cs), method
+    assert not torch.equal(hf, h), "the state was updated in place"
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7])
+def test_a_decode_step_is_the_same_bits(steps: tuple[FusedStep, FusedStep], batch: int) -> None:
+    tokens = torch.randint(0, steps[0].table.shape[0], (batch,))
+    _run_both(steps, "__call__", tokens, batch)
+    _run_both(steps, "advance", tokens, batch)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_batched_steps_are_the_same_bits(steps: tuple[FusedStep, FusedStep], k: int) -> None:
+    ids = torch.randint(0, steps[0].table.shape[0], (k, 9))
+    _run_both(steps, "steps", ids, k)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 40])
+def test_a_prompt_is_the_same_bits(steps: tuple[FusedStep, FusedStep], length: int) -> None:
+    """Lengths below the layer count run only the wavefront's edges; 40 runs its middle too."""
+    tokens = torch.randint(0, steps[0].table.shape[0], (length,))
+    _run_both(steps, "prefill", tokens, 1)
+
+
+def test_the_setting_turns_the_native_loops_off(char_tokenizer: CharTokenizer) -> None:
+    cfg = ModelConfig(char_tokenizer.vocab_size, embedding_dim=8, hidden_dim=8, layers=1, dropout=0.0)
+    model = LSTMLanguageModel(cfg).eval()
+    assert build_step(model, "int8").loops == "C++"
+    assert build_step(model, "int8", native_loops=False).loops == "Python"
+    assert build_step(model, "fused").loops == "Python"  # fp32 has no native loops
