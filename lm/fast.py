@@ -264,9 +264,17 @@ class FusedStep:
         packed = [m.packed for m in w]
         ones, zeros = (w[0]._ones, w[0]._zeros) if w[0].packed is not None else (torch.ones(1), torch.zeros(1))
         return module.Int8Step(
-            self.hidden, self.table, self.bias, self.scale, [m.t for m in w], packed, ones, zeros,
-            self.w_wave, self.scale_wave, self.bias_wave, self.head_w, self.head_b,
-        )  # fmt: skip
+            self.hidden,
+            self.table,
+            self.bias,
+            self.scale,
+            [m.t for m in w],
+            packed,
+            ones,
+            zeros,
+            self.head_w,
+            self.head_b,
+        )
 
     def _build_wavefront(self, codes: list[Tensor]) -> None:
         """int8 prefill runs layer l at position t - l, so that one product serves every layer:

@@ -1,125 +1,238 @@
 // The int8 decode step of lm/fast.py (`FusedStep(int8=True)`), with its loops in C++.
 //
-// Every product, sigmoid and update below is the same ATen op, on the same operands and in the same
-// order, as the Python methods it mirrors (named at each function), so the states and logits are the
-// same bit for bit (tests/lm/test_native.py compares them). What changes is who runs the loop: a
-// 200-token prompt is one call here instead of thousands of Python-level op dispatches, and every
-// call runs with the GIL released, so a prompt's prefill on the engine's prefill thread no longer
-// competes with the engine thread and the event loop for the interpreter.
+// The same arithmetic as the Python methods named at each function, to the bit (tests/lm/test_native.py
+// compares them): the int8 products and sigmoids are the same ATen ops, integer sums are exact in any
+// order, and the elementwise steps in between are written out here with the roundings ATen's kernels
+// make (its addcmul is one fused multiply-add). What changes is who runs the loop: a 200-token prompt
+// is one call instead of thousands of Python-level op dispatches, most elementwise ops are fused into
+// one pass, and every call runs with the GIL released, so a prompt's prefill on the engine's prefill
+// thread does not compete with the engine thread and the event loop for the interpreter.
 
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cmath>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
 namespace {
 
-constexpr double kHScale = 127.0;  // lm.fast.H_SCALE: the int8 code of h is round(127 h)
+constexpr float kHScale = 127.0f;  // lm.fast.H_SCALE: the int8 code of h is round(127 h), |h| <= 1
 
-// lm.fast._quantize_h
-at::Tensor quantize_h(const at::Tensor& x) { return at::round(x * kHScale).to(at::kChar); }
+// lm.fast._quantize_h on the row [a, b] (b may be empty): round half to even, as torch.round.
+template <typename Code>
+void quantize(Code* out, const float* a, int64_t na, const float* b, int64_t nb, int offset) {
+  for (int64_t j = 0; j < na; ++j) out[j] = static_cast<Code>(std::nearbyint(a[j] * kHScale) + offset);
+  for (int64_t j = 0; j < nb; ++j) out[na + j] = static_cast<Code>(std::nearbyint(b[j] * kHScale) + offset);
+}
 
-// lm.fast.FusedStep._cell: gates (N, 4H) ordered i, f, o, 2g; h, c (N, H) updated in place.
-void cell(at::Tensor gates, at::Tensor h, at::Tensor c, int64_t H) {
-  at::Tensor s = gates.sigmoid_();
-  at::Tensor i = s.narrow(1, 0, H), f = s.narrow(1, H, H), o = s.narrow(1, 2 * H, H);
-  at::Tensor g = s.narrow(1, 3 * H, H).mul_(2).sub_(1);
-  c.mul_(f).addcmul_(i, g);
-  at::Tensor t = at::mul(c, 2).sigmoid_().mul_(2).sub_(1);
-  at::mul_out(h, o, t);
+// FusedStep._gates (int8): torch.addcmul(base, acc, scale), one fused multiply-add in ATen's kernel.
+template <typename Acc>
+void gates_into(float* out, const float* base, const Acc* acc, const float* scale, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = std::fma(static_cast<float>(acc[j]), scale[j], base[j]);
+}
+
+// FusedStep._cell: gates (N, 4H) contiguous, ordered i, f, o, 2g; row r's h and c at h + r * h_row,
+// c + r * c_row, updated in place. The sigmoids are ATen's (its vectorized exp); the rest is
+//   g = 2 s_g - 1;  c = fma(i, g, c * f)  (addcmul_);  h = o * (2 sigmoid(2c) - 1)
+void cell(at::Tensor& gates, float* h, int64_t h_row, float* c, int64_t c_row, int64_t H) {
+  const int64_t N = gates.size(0);
+  gates.sigmoid_();
+  const float* s = gates.data_ptr<float>();
+  at::Tensor doubled = at::empty({N, H}, gates.options());  // 2c, then sigmoid(2c)
+  float* t = doubled.data_ptr<float>();
+  for (int64_t r = 0; r < N; ++r) {
+    const float* sr = s + r * 4 * H;
+    float* cr = c + r * c_row;
+    float* tr = t + r * H;
+    for (int64_t k = 0; k < H; ++k) {
+      const float g = sr[3 * H + k] * 2.0f - 1.0f;
+      const float cn = std::fma(sr[k], g, cr[k] * sr[H + k]);
+      cr[k] = cn;
+      tr[k] = cn * 2.0f;
+    }
+  }
+  doubled.sigmoid_();
+  for (int64_t r = 0; r < N; ++r) {
+    const float* o = s + r * 4 * H + 2 * H;
+    const float* tr = t + r * H;
+    float* hr = h + r * h_row;
+    for (int64_t k = 0; k < H; ++k) hr[k] = o[k] * (tr[k] * 2.0f - 1.0f);
+  }
+}
+
+void check_state(const at::Tensor& x, int64_t layers, int64_t hidden) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(0) == layers && x.size(2) == hidden,
+              "a state must be fp32 (layers, rows, hidden)");
+  TORCH_CHECK(x.stride(2) == 1, "a state's rows must be contiguous");
 }
 
 class Int8Step {
  public:
-  // The tensors of a built `FusedStep(int8=True)`; `packed[l]` is layer l's oneDNN-packed weights,
-  // or None where the step multiplies with `_int_mm` only.
+  // The tensors of a built `FusedStep(int8=True)`: layer 0's (V, 4H) input table, per layer its bias
+  // (1, 4H), gate scales (1, 4H) and weight codes as a transposed (in, 4H) view, and its oneDNN-packed
+  // weights (None where the step multiplies with `_int_mm` alone); the fp32 head (H, V) and (V,).
   Int8Step(int64_t hidden, at::Tensor table, std::vector<at::Tensor> bias, std::vector<at::Tensor> scale,
            std::vector<at::Tensor> w_t, std::vector<std::optional<at::Tensor>> packed, at::Tensor ones,
-           at::Tensor zeros, at::Tensor w_wave, at::Tensor scale_wave, at::Tensor bias_wave, at::Tensor head_w,
-           at::Tensor head_b)
+           at::Tensor zeros, at::Tensor head_w, at::Tensor head_b)
       : hidden_(hidden),
         layers_(static_cast<int64_t>(w_t.size())),
-        table_(std::move(table)),
+        table_(table.contiguous()),
         bias_(std::move(bias)),
         scale_(std::move(scale)),
         w_t_(std::move(w_t)),
         packed_(std::move(packed)),
         ones_(std::move(ones)),
         zeros_(std::move(zeros)),
-        w_wave_(std::move(w_wave)),
-        scale_wave_(std::move(scale_wave)),
-        bias_wave_(std::move(bias_wave)),
         head_w_(std::move(head_w)),
         head_b_(std::move(head_b)),
         qlinear_(c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_pointwise", "")) {
-    TORCH_CHECK(bias_.size() == w_t_.size() && scale_.size() == w_t_.size() && packed_.size() == w_t_.size(),
+    TORCH_CHECK(layers_ > 0 && bias_.size() == w_t_.size() && scale_.size() == w_t_.size() &&
+                    packed_.size() == w_t_.size(),
                 "one bias, scale and weight per layer");
+    TORCH_CHECK(table_.dim() == 2 && table_.size(1) == 4 * hidden_, "the table must be (V, 4H)");
+    for (int64_t l = 0; l < layers_; ++l) {
+      bias_[l] = bias_[l].contiguous();
+      scale_[l] = scale_[l].contiguous();
+      TORCH_CHECK(scale_[l].numel() == 4 * hidden_ && (l == 0 || bias_[l].numel() == 4 * hidden_));
+    }
   }
 
   // FusedStep.advance: tokens (B,) int64; h, c (layers, B, H) updated in place.
-  void advance(const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) const {
+  void advance(const at::Tensor& tokens, at::Tensor h, at::Tensor c) const {
     c10::InferenceMode guard;
-    advance_(tokens, h, c);
+    check_rows(tokens, h, c);
+    advance_(tokens.data_ptr<int64_t>(), tokens.stride(0), h, c);
   }
 
   // FusedStep.__call__ -> logits (B, V).
-  at::Tensor step(const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) const {
+  at::Tensor step(const at::Tensor& tokens, at::Tensor h, at::Tensor c) const {
     c10::InferenceMode guard;
-    advance_(tokens, h, c);
+    check_rows(tokens, h, c);
+    advance_(tokens.data_ptr<int64_t>(), tokens.stride(0), h, c);
     return at::addmm(head_b_, h[layers_ - 1], head_w_);
   }
 
-  // The engine's batched prefill: ids (k, n) -> n steps of k prompts (all but the last without
-  // the head) -> logits (k, V) of the last position.
-  at::Tensor steps(const at::Tensor& ids, const at::Tensor& h, const at::Tensor& c) const {
+  // FusedStep.steps: ids (k, n) -> n steps of k sequences, the head on the last only -> logits (k, V).
+  at::Tensor steps(const at::Tensor& ids, at::Tensor h, at::Tensor c) const {
     c10::InferenceMode guard;
-    const int64_t n = ids.size(1);
-    TORCH_CHECK(n > 0, "no positions to run");
-    for (int64_t t = 0; t < n; ++t) {
-      advance_(ids.select(1, t), h, c);
+    TORCH_CHECK(ids.dim() == 2 && ids.size(1) > 0, "ids must be (sequences, positions)");
+    check_rows(ids.select(1, 0), h, c);
+    check_tokens(ids);
+    for (int64_t t = 0; t < ids.size(1); ++t) {
+      advance_(ids.data_ptr<int64_t>() + t * ids.stride(1), ids.stride(0), h, c);
     }
     return at::addmm(head_b_, h[layers_ - 1], head_w_);
   }
 
   // FusedStep._prefill_wavefront: tokens (T,); h, c (layers, 1, H) -> logits (V,) of the last position.
-  at::Tensor prefill(const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) const {
+  // Layer l runs position t - l at wave step t, so every layer's product and all the layers' cells of
+  // a step read the states as the step found them: the layers' inputs [h_{l-1}, h_l] are adjacent
+  // rows of h, quantized once per step, and layer l's product takes its slice of those codes.
+  at::Tensor prefill(const at::Tensor& tokens, at::Tensor h, at::Tensor c) const {
     c10::InferenceMode guard;
-    const int64_t T = tokens.size(0), L = layers_;
+    const int64_t T = tokens.size(0), L = layers_, H = hidden_;
     TORCH_CHECK(T > 0, "an empty prompt");
-    at::Tensor table = table_.index_select(0, tokens);  // (T, 4H)
-    at::Tensor base = bias_wave_.expand({T, -1, -1}).clone();  // (T, L, 4H)
-    base.select(1, 0).copy_(table);
-    at::Tensor hs = h.select(1, 0), cs = c.select(1, 0);  // (L, H)
+    check_rows(tokens.narrow(0, 0, 1), h, c);
+    TORCH_CHECK(h.is_contiguous() && c.is_contiguous(), "a prompt's state must be contiguous (layers, 1, H)");
+    check_tokens(tokens);
+    const int64_t* ids = tokens.data_ptr<int64_t>();
+    float* hs = h.data_ptr<float>();
+    float* cs = c.data_ptr<float>();
+    at::Tensor codes = at::empty({1, L * H}, h.options().dtype(at::kChar));
+    at::Tensor gates = at::empty({L, 4 * H}, h.options());
     for (int64_t t = 0; t < T + L - 1; ++t) {
       const int64_t first = std::max<int64_t>(0, t - T + 1), last = std::min<int64_t>(L - 1, t);
-      if (last - first + 1 < L) {  // the wave's edges: the active layers one by one, top first
-        for (int64_t layer = last; layer >= first; --layer) {
-          at::Tensor row_base = layer == 0 ? table.narrow(0, t, 1) : bias_[layer];
-          layer_step_(layer, h, c, row_base);
-        }
-        continue;
+      quantize<int8_t>(codes.data_ptr<int8_t>(), hs, L * H, nullptr, 0, 0);
+      for (int64_t l = first; l <= last; ++l) {
+        const int64_t from = l == 0 ? 0 : (l - 1) * H;
+        at::Tensor acc = at::_int_mm(codes.narrow(1, from, l == 0 ? H : 2 * H), w_t_[l]);  // (1, 4H)
+        const float* base = l == 0 ? table_.data_ptr<float>() + ids[(t - l) * tokens.stride(0)] * 4 * H
+                                   : bias_[l].data_ptr<float>();
+        gates_into(gates.data_ptr<float>() + l * 4 * H, base, acc.data_ptr<int32_t>(), scale_[l].data_ptr<float>(),
+                   4 * H);
       }
-      at::Tensor acc = at::_int_mm(quantize_h(hs.reshape({1, -1})), w_wave_);  // (1, L*4H)
-      at::Tensor gates = at::addcmul(base[t], acc.view({L, -1}).to(at::kFloat), scale_wave_);  // (L, 4H)
-      cell(gates, hs, cs, hidden_);
+      if (last - first + 1 == L) {
+        cell(gates, hs, H, cs, H, H);
+      } else {  // the wave's edges: one cell per active layer, as FusedStep._layer_step (the same roundings)
+        for (int64_t l = last; l >= first; --l) {
+          at::Tensor row = gates.narrow(0, l, 1);
+          cell(row, hs + l * H, H, cs + l * H, H, H);
+        }
+      }
     }
     return at::addmm(head_b_, h[L - 1], head_w_)[0];
   }
 
  private:
-  // Int8Matrix.__call__: x (N, in) -> the exact integer sums as fp32 (N, 4H).
-  at::Tensor product_(int64_t layer, const at::Tensor& x) const {
-    const std::optional<at::Tensor>& packed = packed_[layer];
-    if (!packed.has_value() || x.size(0) == 1) {
-      return at::_int_mm(quantize_h(x), w_t_[layer]).to(at::kFloat);
+  // Token ids index the table directly: each must be in the vocabulary. ids (n,) or (k, n).
+  void check_tokens(const at::Tensor& ids) const {
+    TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() <= 2, "token ids must be int64 (n,) or (k, n)");
+    const at::Tensor rows = ids.dim() == 2 ? ids : ids.unsqueeze(0);
+    const int64_t* p = rows.data_ptr<int64_t>();
+    const int64_t V = table_.size(0);
+    for (int64_t i = 0; i < rows.size(0); ++i) {
+      for (int64_t j = 0; j < rows.size(1); ++j) {
+        const int64_t id = p[i * rows.stride(0) + j * rows.stride(1)];
+        TORCH_CHECK(id >= 0 && id < V, "token id ", id, " is out of the vocabulary (", V, ")");
+      }
     }
-    at::Tensor codes = at::round(x * kHScale).add_(128).to(at::kByte);  // Int8Matrix._packed_mm
+  }
+
+  void check_rows(const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) const {
+    TORCH_CHECK(tokens.dim() == 1, "one token per sequence");
+    check_tokens(tokens);
+    check_state(h, layers_, hidden_);
+    check_state(c, layers_, hidden_);
+    TORCH_CHECK(h.size(1) == tokens.size(0) && c.size(1) == tokens.size(0), "one state row per token");
+  }
+
+  // FusedStep.advance for B rows: per layer [h_{l-1}, h_l] @ [W_ih, W_hh] (layer 0: h_0 @ W_hh) in
+  // int8, then the gates and the cell, h and c (layers, B, H) updated in place.
+  void advance_(const int64_t* ids, int64_t id_stride, at::Tensor& h, at::Tensor& c) const {
+    const int64_t B = h.size(1), H = hidden_;
+    float* hp = h.data_ptr<float>();
+    float* cp = c.data_ptr<float>();
+    const int64_t h_layer = h.stride(0), h_row = h.stride(1), c_layer = c.stride(0), c_row = c.stride(1);
+    at::Tensor gates = at::empty({B, 4 * H}, h.options());
+    for (int64_t l = 0; l < layers_; ++l) {
+      const int64_t in = l == 0 ? H : 2 * H;
+      const bool packed = packed_[l].has_value() && B > 1;
+      at::Tensor codes = at::empty({B, in}, h.options().dtype(packed ? at::kByte : at::kChar));
+      for (int64_t r = 0; r < B; ++r) {
+        const float* below = hp + (l - 1) * h_layer + r * h_row;  // only read when l > 0
+        const float* own = hp + l * h_layer + r * h_row;
+        if (packed) {
+          uint8_t* out = codes.data_ptr<uint8_t>() + r * in;
+          l == 0 ? quantize<uint8_t>(out, own, H, nullptr, 0, 128) : quantize<uint8_t>(out, below, H, own, H, 128);
+        } else {
+          int8_t* out = codes.data_ptr<int8_t>() + r * in;
+          l == 0 ? quantize<int8_t>(out, own, H, nullptr, 0, 0) : quantize<int8_t>(out, below, H, own, H, 0);
+        }
+      }
+      at::Tensor acc = packed ? packed_product_(l, codes) : at::_int_mm(codes, w_t_[l]);  // (B, 4H)
+      for (int64_t r = 0; r < B; ++r) {
+        const float* base = l == 0 ? table_.data_ptr<float>() + ids[r * id_stride] * 4 * H : bias_[l].data_ptr<float>();
+        float* out = gates.data_ptr<float>() + r * 4 * H;
+        if (packed) {
+          gates_into(out, base, acc.data_ptr<float>() + r * 4 * H, scale_[l].data_ptr<float>(), 4 * H);
+        } else {
+          gates_into(out, base, acc.data_ptr<int32_t>() + r * 4 * H, scale_[l].data_ptr<float>(), 4 * H);
+        }
+      }
+      cell(gates, hp + l * h_layer, h_row, cp + l * c_layer, c_row, H);
+    }
+  }
+
+  // Int8Matrix._packed_mm: uint8 codes (h codes + 128, zero point 128) x the packed weights -> the
+  // exact integer sums as fp32 (B, 4H).
+  at::Tensor packed_product_(int64_t layer, const at::Tensor& codes) const {
     torch::jit::Stack stack{codes,
                             1.0,
                             int64_t{128},
-                            *packed,
+                            *packed_[layer],
                             ones_,
                             zeros_,
                             c10::IValue(),
@@ -130,38 +243,14 @@ class Int8Step {
                             c10::List<std::optional<at::Scalar>>(),
                             std::string("")};
     qlinear_.callBoxed(stack);
-    return stack[0].toTensor();
-  }
-
-  // FusedStep._gates (int8) and ._cell for one layer: h, c (layers, N, H).
-  void update_(int64_t layer, const at::Tensor& base, const at::Tensor& acc, const at::Tensor& h,
-               const at::Tensor& c) const {
-    cell(at::addcmul(base, acc, scale_[layer]), h[layer], c[layer], hidden_);
-  }
-
-  void advance_(const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) const {
-    for (int64_t layer = 0; layer < layers_; ++layer) {
-      if (layer == 0) {
-        at::Tensor acc = product_(0, h[0]);
-        update_(0, table_.index_select(0, tokens), acc, h, c);
-      } else {
-        at::Tensor acc = product_(layer, at::cat({h[layer - 1], h[layer]}, 1));
-        update_(layer, bias_[layer], acc, h, c);
-      }
-    }
-  }
-
-  // FusedStep._layer_step: one position of one layer, h, c (layers, 1, H).
-  void layer_step_(int64_t layer, const at::Tensor& h, const at::Tensor& c, const at::Tensor& base) const {
-    at::Tensor x = layer == 0 ? h[0] : at::cat({h[layer - 1], h[layer]}, 1);
-    update_(layer, base, product_(layer, x), h, c);
+    return stack[0].toTensor().contiguous();
   }
 
   int64_t hidden_, layers_;
   at::Tensor table_;
   std::vector<at::Tensor> bias_, scale_, w_t_;
   std::vector<std::optional<at::Tensor>> packed_;
-  at::Tensor ones_, zeros_, w_wave_, scale_wave_, bias_wave_, head_w_, head_b_;
+  at::Tensor ones_, zeros_, head_w_, head_b_;
   c10::OperatorHandle qlinear_;
 };
 
@@ -172,8 +261,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   py::class_<Int8Step>(m, "Int8Step")
       .def(py::init<int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                    at::Tensor, at::Tensor>())
+                    std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
       .def("advance", &Int8Step::advance, release())
       .def("step", &Int8Step::step, release())
       .def("steps", &Int8Step::steps, release())
