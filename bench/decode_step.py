@@ -136,6 +136,28 @@ def batch_sweep(checkpoint, steps: int) -> dict[str, list[float]]:
     return out
 
 
+def prompt_times(checkpoint, runs: int = 15) -> dict[str, list[float]]:
+    """ms per 200-token prompt, per variant: one prompt alone (`prefill`), and 8 prompts together
+    (`steps`, the engine's batched prefill; ms for all 8). Median of `runs`."""
+    model = checkpoint.model
+    H, L, V = model.cfg.hidden_dim, model.cfg.layers, model.cfg.vocab_size
+    ids = torch.randint(0, V, (8, 200), generator=torch.Generator().manual_seed(0))
+    out: dict[str, list[float]] = {}
+    for label, _, _ in VARIANTS:
+        step = variant_step(model, label)
+        times: list[list[float]] = [[], []]
+        with torch.inference_mode():
+            for _ in range(runs if label != "reference" else 3):
+                for i, (call, rows) in enumerate(((step.prefill, ids[0]), (step.steps, ids))):
+                    k = 1 if rows.dim() == 1 else rows.shape[0]
+                    h, c = torch.zeros(L, k, H), torch.zeros(L, k, H)
+                    started = time.perf_counter()
+                    call(rows, h, c)
+                    times[i].append((time.perf_counter() - started) * 1000)
+        out[label] = [statistics.median(t) for t in times]
+    return out
+
+
 def parity(checkpoint) -> tuple[float, float, list[str]]:
     """int8 and fused against the reference on the shipped model: the largest |log p| difference over
     2,000 teacher-forced corpus characters (int8, fused), and for 5 prompts whether 200 greedy
@@ -203,6 +225,7 @@ def main() -> None:
     checkpoint = Registry(ROOT / "models").load(args.model)
     runs = single_stream(checkpoint, args.tokens, args.rounds)
     sweep = batch_sweep(checkpoint, args.sweep_steps)
+    prompts = prompt_times(checkpoint)
     int8_gap, fused_gap, greedy = parity(checkpoint)
     plot(sweep, ROOT / "bench" / "decode_step.png")
 
@@ -222,6 +245,9 @@ def main() -> None:
     sweep_rows = ["| kind | " + " | ".join(f"B={b}" for b in BATCHES) + " |", "|---" * (len(BATCHES) + 1) + "|"]
     for kind, values in sweep.items():
         sweep_rows.append(f"| {kind} | " + " | ".join(f"{v:,.0f}" for v in values) + " |")
+    prompt_rows = ["| step | 1 prompt alone | 8 prompts together |", "| --- | --- | --- |"]
+    for label, (alone, together) in prompts.items():
+        prompt_rows.append(f"| {label} | {alone:.1f} ms | {together:.1f} ms |")
     body = f"""
 Machine: {machine_summary()}; torch {torch.__version__}, {args.threads} torch thread(s); load average at start
 {Path("/proc/loadavg").read_text().split()[0]}.
@@ -241,6 +267,10 @@ Decode step + batched sampling alone, tokens/s by batch size:
 {chr(10).join(sweep_rows)}
 
 ![decode step throughput](decode_step.png)
+
+200-token prompts, ms (median of 15; `prefill` for one prompt, the engine's batched `steps` for 8):
+
+{chr(10).join(prompt_rows)}
 
 Parity with the reference step on this model: largest |log p(int8) - log p(fp32)| over 2,000
 teacher-forced corpus characters **{int8_gap:.4f} nats** (fused fp32: {fused_gap:.1e}); 200 greedy

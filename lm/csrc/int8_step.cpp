@@ -130,22 +130,24 @@ class Int8Step {
   // FusedStep._prefill_wavefront: tokens (T,); h, c (layers, 1, H) -> logits (V,) of the last position.
   // Layer l runs position t - l at wave step t, so every layer's product and all the layers' cells of
   // a step read the states as the step found them: the layers' inputs [h_{l-1}, h_l] are adjacent
-  // rows of h, quantized once per step, and layer l's product takes its slice of those codes.
+  // in the step's codes of h, quantized once per step, and layer l's product takes its slice of them.
   at::Tensor prefill(const at::Tensor& tokens, at::Tensor h, at::Tensor c) const {
     c10::InferenceMode guard;
     const int64_t T = tokens.size(0), L = layers_, H = hidden_;
-    TORCH_CHECK(T > 0, "an empty prompt");
+    TORCH_CHECK(tokens.dim() == 1 && T > 0, "a prompt must be a non-empty (T,) tensor");
     check_rows(tokens.narrow(0, 0, 1), h, c);
-    TORCH_CHECK(h.is_contiguous() && c.is_contiguous(), "a prompt's state must be contiguous (layers, 1, H)");
     check_tokens(tokens);
     const int64_t* ids = tokens.data_ptr<int64_t>();
-    float* hs = h.data_ptr<float>();
+    float* hs = h.data_ptr<float>();  // layer l's row at hs + l * h_layer (a view of a batch's rows is fine)
     float* cs = c.data_ptr<float>();
+    const int64_t h_layer = h.stride(0), c_layer = c.stride(0);
     at::Tensor codes = at::empty({1, L * H}, h.options().dtype(at::kChar));
     at::Tensor gates = at::empty({L, 4 * H}, h.options());
     for (int64_t t = 0; t < T + L - 1; ++t) {
       const int64_t first = std::max<int64_t>(0, t - T + 1), last = std::min<int64_t>(L - 1, t);
-      quantize<int8_t>(codes.data_ptr<int8_t>(), hs, L * H, nullptr, 0, 0);
+      for (int64_t l = 0; l < L; ++l) {
+        quantize<int8_t>(codes.data_ptr<int8_t>() + l * H, hs + l * h_layer, H, nullptr, 0, 0);
+      }
       for (int64_t l = first; l <= last; ++l) {
         const int64_t from = l == 0 ? 0 : (l - 1) * H;
         at::Tensor acc = at::_int_mm(codes.narrow(1, from, l == 0 ? H : 2 * H), w_t_[l]);  // (1, 4H)
@@ -155,11 +157,11 @@ class Int8Step {
                    4 * H);
       }
       if (last - first + 1 == L) {
-        cell(gates, hs, H, cs, H, H);
+        cell(gates, hs, h_layer, cs, c_layer, H);
       } else {  // the wave's edges: one cell per active layer, as FusedStep._layer_step (the same roundings)
         for (int64_t l = last; l >= first; --l) {
           at::Tensor row = gates.narrow(0, l, 1);
-          cell(row, hs + l * H, H, cs + l * H, H, H);
+          cell(row, hs + l * h_layer, h_layer, cs + l * c_layer, c_layer, H);
         }
       }
     }

@@ -184,13 +184,18 @@ async def test_every_decode_kind_streams_over_sse(make_client: ClientFactory, de
 
 
 async def test_native_and_python_loops_give_the_same_seeded_text(make_client: ClientFactory) -> None:
-    """TEXTGEN_NATIVE only moves the int8 step's loops between C++ and Python: the same text either way."""
+    """TEXTGEN_NATIVE only moves the int8 step's loops between C++ and Python: the same text either way,
+    for prompts that arrive together (a batched prefill job of 16 positions, after which the longer
+    prompt goes on alone from its row of the job's state) as for prompts that arrive alone."""
     texts = []
     for native in (True, False):
-        client: httpx.AsyncClient = await make_client(decode="int8", native=native)
+        client: httpx.AsyncClient = await make_client(decode="int8", native=native, prefill_chunk=16)
         bodies = [{"prompt": PROMPT * k, "max_tokens": 40, "seed": 7 + k, "temperature": 0.9} for k in (1, 3)]
-        texts.append([(await client.post("/generate", json=body)).json()["text"] for body in bodies])
+        together = await asyncio.gather(*(client.post("/generate", json=body) for body in bodies))
+        alone = [await client.post("/generate", json=body) for body in bodies]
+        texts.append([response.json()["text"] for response in [*together, *alone]])
     assert texts[0] == texts[1] and all(len(text) > 0 for text in texts[0])
+    assert texts[0][:2] == texts[0][2:]  # and the same as each prompt alone
 
 
 def test_the_cache_returns_the_longest_cached_prefix_and_copies_what_it_keeps() -> None:

@@ -45,35 +45,49 @@ def _random_state(step: FusedStep, batch: int) -> State:
     return h, torch.randn(step.layers, batch, step.hidden)
 
 
-def _run_both(steps: tuple[FusedStep, FusedStep], method: str, tokens: torch.Tensor, batch: int) -> None:
+def _run_both(
+    steps: tuple[FusedStep, FusedStep], method: str, tokens: torch.Tensor, batch: int, *, view: bool = False
+) -> None:
+    """Both loops from the same random state; `view`: the state is rows of a larger batch's state,
+    as the engine's state rows and a prompt's state after a batched prefill job are."""
     fast, slow = steps
     h, c = _random_state(fast, batch)
     hf, cf, hs, cs = h.clone(), c.clone(), h.clone(), c.clone()
+    if view:
+        wide = [torch.zeros(fast.layers, batch + 3, fast.hidden) for _ in range(2)]
+        wide[0][:, 1 : batch + 1], wide[1][:, 1 : batch + 1] = h, c
+        hf, cf = wide[0][:, 1 : batch + 1], wide[1][:, 1 : batch + 1]
     out_fast = getattr(fast, method)(tokens, hf, cf)
     out_slow = getattr(slow, method)(tokens, hs, cs)
     assert out_fast is None or torch.equal(out_fast, out_slow), method
     assert torch.equal(hf, hs) and torch.equal(cf, cs), method
     assert not torch.equal(hf, h), "the state was updated in place"
+    if view:  # and nothing outside its rows
+        assert all(float(w[:, 0].abs().sum() + w[:, batch + 1 :].abs().sum()) == 0 for w in wide)
 
 
+@pytest.mark.parametrize("view", [False, True], ids=["own", "view"])
 @pytest.mark.parametrize("batch", [1, 2, 7])
-def test_a_decode_step_is_the_same_bits(steps: tuple[FusedStep, FusedStep], batch: int) -> None:
+def test_a_decode_step_is_the_same_bits(steps: tuple[FusedStep, FusedStep], batch: int, view: bool) -> None:
     tokens = torch.randint(0, steps[0].table.shape[0], (batch,))
-    _run_both(steps, "__call__", tokens, batch)
-    _run_both(steps, "advance", tokens, batch)
+    _run_both(steps, "__call__", tokens, batch, view=view)
+    _run_both(steps, "advance", tokens, batch, view=view)
 
 
+@pytest.mark.parametrize("view", [False, True], ids=["own", "view"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_batched_steps_are_the_same_bits(steps: tuple[FusedStep, FusedStep], k: int) -> None:
+def test_batched_steps_are_the_same_bits(steps: tuple[FusedStep, FusedStep], k: int, view: bool) -> None:
     ids = torch.randint(0, steps[0].table.shape[0], (k, 9))
-    _run_both(steps, "steps", ids, k)
+    _run_both(steps, "steps", ids, k, view=view)
 
 
+@pytest.mark.parametrize("view", [False, True], ids=["own", "view"])
 @pytest.mark.parametrize("length", [1, 2, 3, 40])
-def test_a_prompt_is_the_same_bits(steps: tuple[FusedStep, FusedStep], length: int) -> None:
-    """Lengths below the layer count run only the wavefront's edges; 40 runs its middle too."""
+def test_a_prompt_is_the_same_bits(steps: tuple[FusedStep, FusedStep], length: int, view: bool) -> None:
+    """Lengths below the layer count run only the wavefront's edges; 40 runs its middle too. A view:
+    the engine continues a long prompt alone from its row of a batched prefill job's state."""
     tokens = torch.randint(0, steps[0].table.shape[0], (length,))
-    _run_both(steps, "prefill", tokens, 1)
+    _run_both(steps, "prefill", tokens, 1, view=view)
 
 
 def test_the_setting_turns_the_native_loops_off(char_tokenizer: CharTokenizer) -> None:
