@@ -25,12 +25,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# A C++ compiler for the int8 step's native loops (lm/native.py), in this stage only: the runtime
-# image gets the compiled module inside the environment, not the compiler. Debian's g++ of the pinned
-# base image's release.
+# A C++ compiler and ninja for the int8 step's native loops (lm/native.py), in this stage only: the
+# runtime image gets the compiled module inside the environment, not the tools. Debian's packages
+# of the pinned base image's release.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ \
+    && apt-get install -y --no-install-recommends g++ ninja-build \
     && rm -rf /var/lib/apt/lists/*
 
 RUN python -m venv /opt/venv

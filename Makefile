@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# The CPU wheel: a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e '.[native]'
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed

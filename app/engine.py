@@ -8,9 +8,10 @@ The engine's thread loops:
              per job, each prompt as one sequence (`step.prefill`: all layers along a wavefront)
              or several together, starting from the longest cached prefix state
              (app/prompt_cache.py); when a job is done, a finished prompt takes a state row and its
-             last logits give its first token. Prompts run WHILE the running batch decodes: both
-             threads spend most of their time inside torch ops, which release the GIL, so on two
-             cores a new prompt no longer stalls every running stream for its prefill
+             last logits give its first token. Prompts run WHILE the running batch decodes: a
+             job and a decode step are each one call into the native int8 loops, which release
+             the GIL (lm/native.py), so on two cores a new prompt does not stall every running
+             stream for its prefill
     step     ONE batched decode step for every running sequence (lm/fast.py: int8, fused fp32 or
              the reference nn.LSTM): last tokens (B,) + state rows (layers, B, H) -> logits (B, V),
              states updated in place; then the whole batch is sampled at once (lm/batch_sampler.py)
