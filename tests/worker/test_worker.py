@@ -215,6 +215,20 @@ def test_a_training_process_killed_by_the_kernel_fails_the_job_with_a_reason(
     assert record.error is not None and "SIGKILL" in record.error and "out of memory" in record.error
 
 
+def test_the_training_process_runs_niced_at_idle_priority(file_store: FileStore, models_dir: Path) -> None:
+    """Serving on the same machine keeps its latency: the job process yields every core at once."""
+    job = file_store.submit(tiny_params(epochs=500), corpus())
+    worker = start_local_worker(models_dir)
+    try:
+        wait_for_event(file_store, job.id, "epoch")
+        child = _only_child(worker.pid)
+        assert os.getpriority(os.PRIO_PROCESS, child) == os.getpriority(os.PRIO_PROCESS, 0) + 10
+        assert os.sched_getscheduler(child) == os.SCHED_IDLE
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=20)
+
+
 def _only_child(pid: int) -> int:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     assert len(children) == 1, children
