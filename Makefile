@@ -22,9 +22,11 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 	touch $@
 
 # The int8 decode step's loops in C++ (lm/native.py): compiled against the installed torch when this
-# source has no build yet (about 30 s); without it textgen runs the same arithmetic from Python.
+# source has no build yet (about 30 s). Without a C++ compiler `make run` still serves, with the same
+# arithmetic from Python (slower); `make test` then fails tests/lm/test_native.py, which says why.
 native: $(VENV)/.installed
-	@$(PY) -m lm.native check 2>/dev/null || $(PY) -m lm.native build
+	@$(PY) -m lm.native check >/dev/null 2>&1 || $(PY) -m lm.native build || \
+		echo "textgen: could not compile lm/csrc/int8_step.cpp (it needs g++); the int8 step will run its loops in Python"
 
 install: $(VENV)/.installed native
 dev: $(VENV)/.dev-installed native

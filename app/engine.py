@@ -335,6 +335,7 @@ class Engine:
             self.step = build_step(self.model, "reference")
         kind, loops = self.step.kind, self.step.loops
         log.info("engine %s: started on %s, %s decode step (%s loops)", self.model_id, self.device, kind, loops)
+        self.metrics.decode_step.info({"kind": kind, "loops": loops})
         with torch.inference_mode():
             while not self._stopping:
                 try:

@@ -51,6 +51,9 @@ class Metrics:
             "textgen_batch_size", "Sequences advanced by one decode step", buckets=BATCH_BUCKETS, registry=r
         )
         self.model = Info("textgen_model", "The active model version", registry=r)
+        self.decode_step = Info(
+            "textgen_decode_step", "The decode step the engines run, and whether its loops run in C++", registry=r
+        )
         self.swaps = Counter("textgen_model_swaps", "Model activations by result", ["result"], registry=r)
         self.dropped = Counter(
             "textgen_requests_dropped", "Generations stopped because the client disconnected", registry=r

@@ -93,7 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
     args = parser.parse_args(argv)
     if args.command == "build":
-        print(f"built {build(verbose=args.verbose)}")
+        try:
+            path = build(verbose=args.verbose)
+        except Exception as error:  # a missing or failing compiler, or ninja: one line unless --verbose
+            if args.verbose:
+                raise
+            last = str(error).strip().splitlines()[-1:] or [type(error).__name__]
+            print(f"could not build {SOURCE.name}: {last[0]} (--verbose shows the compiler's output)", file=sys.stderr)
+            return 1
+        print(f"built {path}")
         return 0
     if load() is None:
         print(f"not built: {module_path()} (run `python -m lm.native build`)", file=sys.stderr)

@@ -198,6 +198,18 @@ async def test_native_and_python_loops_give_the_same_seeded_text(make_client: Cl
     assert texts[0][:2] == texts[0][2:]  # and the same as each prompt alone
 
 
+@pytest.mark.parametrize(
+    ("decode", "native", "loops"), [("int8", True, "C++"), ("int8", False, "Python"), ("fused", True, "Python")]
+)
+async def test_metrics_say_which_decode_step_runs(
+    make_client: ClientFactory, decode: str, native: bool, loops: str
+) -> None:
+    client: httpx.AsyncClient = await make_client(decode=decode, native=native)
+    assert (await client.post("/generate", json={"prompt": "To be", "max_tokens": 2})).status_code == 200
+    metrics = (await client.get("/metrics")).text
+    assert f'textgen_decode_step_info{{kind="{decode}",loops="{loops}"}} 1.0' in metrics
+
+
 def test_the_cache_returns_the_longest_cached_prefix_and_copies_what_it_keeps() -> None:
     cache = PromptCache(1 << 20, layers=2, hidden=4, vocab=5, min_tokens=3)
     ids = list(range(10))
