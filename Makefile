@@ -77,6 +77,7 @@ bench-serve: $(addprefix bench-,$(SERVE_BENCHES))
 
 bench: dev bench-serve
 	$(PY) bench/train_interference.py
+	$(PY) bench/lstm_bound.py
 	$(PY) bench/train_quality.py
 
 clean:
