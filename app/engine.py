@@ -558,7 +558,7 @@ class Engine:
     def _sample(self, batch: list[Sequence], logits: Tensor) -> None:
         """Choose each row's next token (one batched draw), record it, queue its text."""
         rows = logits.detach().to("cpu", torch.float32)  # (B, V): sampling runs on CPU, as in lm.sampler
-        ids = choose_batch([s.sampler for s in batch], rows)
+        ids = choose_batch([s.sampler for s in batch], rows, native_draws=self.options.native_loops)
         t = now()
         self.metrics.generated_tokens.inc(len(batch))
         for i, (seq, token_id) in enumerate(zip(batch, ids, strict=True)):

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     prompt_cache_mb: float = Field(default=16.0, ge=0)  # prompt-state cache per loaded model version; 0 = off
     prefill_chunk: int = Field(default=256, ge=1)  # prompt tokens run between two decode steps
     prefill_thread: bool = True  # prompts run on a second engine thread while the batch decodes
-    native: bool = True  # int8's loops in C++ when built (python -m lm.native build); false = Python
+    native: bool = True  # int8's loops and the sampler's draws in C++ when built (python -m lm.native build)
     cors_origins: CommaList = []
     log_json: bool = False
     log_level: str = "INFO"

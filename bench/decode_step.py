@@ -116,7 +116,7 @@ def batch_sweep(checkpoint, steps: int) -> dict[str, list[float]]:
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     H, L, V = model.cfg.hidden_dim, model.cfg.layers, model.cfg.vocab_size
     out: dict[str, list[float]] = {}
-    for kind, _, _ in VARIANTS:
+    for kind, _, native_loops in VARIANTS:
         step = variant_step(model, kind)
         out[kind] = []
         for B in BATCHES:
@@ -131,7 +131,7 @@ def batch_sweep(checkpoint, steps: int) -> dict[str, list[float]]:
                     if i == 5:
                         started = time.perf_counter()
                     logits = step(tokens, h, c)
-                    tokens = torch.tensor(choose_batch(samplers, logits))
+                    tokens = torch.tensor(choose_batch(samplers, logits, native_draws=native_loops))
             out[kind].append(n * B / (time.perf_counter() - started))
     return out
 

@@ -13,7 +13,8 @@ Why the ids are the same as `SequenceSampler.choose`:
   drop tail tokens whose cumulative mass rounds to 1);
 - `torch.multinomial(probs, 1, generator=g)` on CPU draws q ~ Exp(1) of shape (V,) from g and
   returns argmax(probs / q) (the exponential-race form of the Gumbel-max trick); here each row
-  draws its own q from its own generator in the same way, then one batched argmax.
+  draws its own q from its own generator in the same way, then one batched argmax (in one native
+  call when lm/native.py's module is built: the same ATen draws, without a Python loop over rows).
 One documented difference: top-p sorts all rows at once, and two tokens with exactly equal logits
 may be ranked in the other order than a one-row sort ranks them; the kept set can then differ when
 the top-p threshold falls between the two. tests/lm/test_batch_sampler.py checks equality on many
@@ -27,11 +28,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lm import native
 from lm.sampler import GREEDY_BELOW, SequenceSampler
 
 
-def choose_batch(samplers: Sequence[SequenceSampler], logits: Tensor) -> list[int]:
-    """logits (B, V) -> the next token id of each row, as `samplers[i].choose(logits[i])` would give."""
+def choose_batch(samplers: Sequence[SequenceSampler], logits: Tensor, *, native_draws: bool = True) -> list[int]:
+    """logits (B, V) -> the next token id of each row, as `samplers[i].choose(logits[i])` would give.
+
+    `native_draws`: the rows' random draws in one native call when lm/native.py's module is built."""
     x = logits.detach().to("cpu", torch.float32)  # (B, V)
     ids: list[int] = [0] * len(samplers)
     greedy: list[int] = []
@@ -49,7 +53,8 @@ def choose_batch(samplers: Sequence[SequenceSampler], logits: Tensor) -> list[in
         for i, token in zip(greedy, rows.argmax(dim=1).tolist(), strict=True):
             ids[i] = token
     if sampled:
-        picks = _sample_rows([samplers[i] for i in sampled], x if len(sampled) == len(samplers) else x[sampled])
+        rows = x if len(sampled) == len(samplers) else x[sampled]
+        picks = _sample_rows([samplers[i] for i in sampled], rows, native_draws)
         for i, token in zip(sampled, picks, strict=True):
             ids[i] = token
     return ids
@@ -64,7 +69,7 @@ def _column(values: list[float]) -> Tensor | float:
     return torch.tensor(values, dtype=torch.float32)[:, None]  # (B, 1)
 
 
-def _sample_rows(samplers: list[SequenceSampler], x: Tensor) -> list[int]:
+def _sample_rows(samplers: list[SequenceSampler], x: Tensor, native_draws: bool) -> list[int]:
     """x (B, V) float32 -> one draw per row through temperature, top-k, top-p, min-p."""
     params = [s.params for s in samplers]
     # softmax is shift-invariant; less the row's maximum, no +inf for any temperature > 0 (as SequenceSampler)
@@ -76,10 +81,20 @@ def _sample_rows(samplers: list[SequenceSampler], x: Tensor) -> list[int]:
     if any(p.min_p > 0.0 for p in params):
         x = _min_p(x, [p.min_p for p in params])
     probs = torch.softmax(x, dim=-1)  # (B, V)
+    return draw_rows(probs, [s.generator for s in samplers], native_draws).tolist()
+
+
+def draw_rows(probs: Tensor, generators: list[torch.Generator], native_draws: bool = True) -> Tensor:
+    """probs (B, V) -> (B,) ids: each row's exponential race from its own generator (the draw
+    torch.multinomial makes from it), then one argmax of probs / race. In one native call, with the
+    GIL released, when lm/native.py's module is built (the same ATen draws, so the same ids)."""
+    module = native.load() if native_draws else None
+    if module is not None:
+        return module.draw_rows(probs, generators)
     race = torch.empty_like(probs)
-    for row, sampler in zip(race, samplers, strict=True):
-        row.exponential_(1.0, generator=sampler.generator)  # the draw torch.multinomial makes from g
-    return (probs / race).argmax(dim=1).tolist()
+    for row, generator in zip(race, generators, strict=True):
+        row.exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=1)
 
 
 def _top_k(x: Tensor, ks: list[int]) -> Tensor:

@@ -1,4 +1,5 @@
-// The int8 decode step of lm/fast.py (`FusedStep(int8=True)`), with its loops in C++.
+// The int8 decode step of lm/fast.py (`FusedStep(int8=True)`), with its loops in C++; and, at the end,
+// the per-row draws of lm/batch_sampler.py.
 //
 // The same arithmetic as the Python methods named at each function, to the bit (tests/lm/test_native.py
 // compares them): the int8 products and sigmoids are the same ATen ops, integer sums are exact in any
@@ -256,11 +257,25 @@ class Int8Step {
   c10::OperatorHandle qlinear_;
 };
 
+// lm.batch_sampler._sample_rows' draw: each row's exponential race from its own generator (the draw
+// torch.multinomial makes from it), then one batched argmax of probs / race -> (B,) int64 ids.
+at::Tensor draw_rows(const at::Tensor& probs, const std::vector<at::Generator>& generators) {
+  c10::InferenceMode guard;
+  TORCH_CHECK(probs.dim() == 2 && probs.size(0) == static_cast<int64_t>(generators.size()),
+              "one generator per row of probs (B, V)");
+  at::Tensor race = at::empty_like(probs);
+  for (int64_t r = 0; r < probs.size(0); ++r) {
+    race[r].exponential_(1.0, generators[r]);
+  }
+  return (probs / race).argmax(1);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "textgen's int8 LSTM step with its loops in C++ (lm/native.py)";
+  m.doc() = "textgen's int8 LSTM step with its loops in C++, and the batch sampler's draws (lm/native.py)";
   using release = py::call_guard<py::gil_scoped_release>;
+  m.def("draw_rows", &draw_rows, release());
   py::class_<Int8Step>(m, "Int8Step")
       .def(py::init<int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())

@@ -25,16 +25,20 @@ def _samplers(tokenizer: CharTokenizer, params: list[SamplingParams]) -> list[Se
     return [SequenceSampler(tokenizer, p, [1, 2, 3]) for p in params]
 
 
+@pytest.mark.parametrize("native_draws", [True, False], ids=["native", "python"])
 @pytest.mark.parametrize(
     "rows", [PARAMS, PARAMS[:1], [PARAMS[2]] * 4, [PARAMS[3]] * 5, [PARAMS[4]] * 3, [PARAMS[1]] * 3]
 )
-def test_batch_draws_equal_row_by_row_draws(char_tokenizer: CharTokenizer, rows: list[SamplingParams]) -> None:
+def test_batch_draws_equal_row_by_row_draws(
+    char_tokenizer: CharTokenizer, rows: list[SamplingParams], native_draws: bool
+) -> None:
+    """Both with the draws in one native call (lm/native.py) and with the Python loop over rows."""
     batched, single = _samplers(char_tokenizer, rows), _samplers(char_tokenizer, rows)
     gen = torch.Generator().manual_seed(0)
     V = char_tokenizer.vocab_size
     for step in range(60):
         logits = torch.randn(len(rows), V, generator=gen) * (1 + step % 4)  # (B, V), sharper every few steps
-        got = choose_batch(batched, logits)
+        got = choose_batch(batched, logits, native_draws=native_draws)
         want = [s.choose(row) for s, row in zip(single, logits, strict=True)]
         assert got == want, f"step {step}"
         for a, b, token in zip(batched, single, want, strict=True):
