@@ -28,15 +28,17 @@ power-of-two piece, `fused` layer by layer, `int8` along a wavefront (all layers
 position), bit for bit the state its decode steps would reach; and several prompts together
 (`step.steps`: n batched steps, the head on the last only).
 
-`int8` runs its loops in C++ where this install has built lm/csrc/int8_step.cpp (lm/native.py): the
-same ATen ops in the same order, so the same bits, but one call per step or prompt instead of dozens
-of Python-level dispatches, and with the GIL released for the whole call.
+`int8` runs its loops in C++ (`NativeInt8Step`) where this install has built lm/csrc/int8_step.cpp: the
+same arithmetic to the bit, but one call per step or prompt instead of dozens of Python-level
+dispatches, and with the GIL released for the whole call.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, Protocol
+from types import ModuleType
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +69,8 @@ class Step(Protocol):
 def build_step(model: LSTMLanguageModel, kind: str, *, native_loops: bool = True) -> Step:
     """The decode step of `kind` for `model` (weights are copied: later changes to the model are not seen).
 
-    `native_loops`: int8 runs its loops in C++ when lm/native.py's module is built (False: Python)."""
+    `native_loops`: int8 runs its loops in C++ (`NativeInt8Step`) when lm/native.py's module is built
+    (False: Python)."""
     if kind not in DECODE_KINDS:
         raise ConfigError(f"decode kind must be one of {', '.join(DECODE_KINDS)}, got {kind!r}", "decode")
     if kind == "reference":
@@ -78,7 +81,12 @@ def build_step(model: LSTMLanguageModel, kind: str, *, native_loops: bool = True
     if next(model.parameters()).device.type != "cpu":
         log.info("the fused steps are CPU kernels; decoding on %s with the reference step", model.head.weight.device)
         return ReferenceStep(model)
-    return FusedStep(model, int8=kind == "int8", native_loops=native_loops)
+    if kind == "int8" and native_loops:
+        module = native.load()
+        if module is not None:
+            return NativeInt8Step(model, module)
+        log.info("the native int8 step is not built (python -m lm.native build); running its loops in Python")
+    return FusedStep(model, int8=kind == "int8")
 
 
 def int8_available() -> bool:
@@ -177,9 +185,10 @@ class Int8Matrix:
         self.t = codes.contiguous().t()  # (in, out): the fast layout for _int_mm
         self.packed: Tensor | None = None
         out = codes.shape[0]
+        # the packed GEMM's per-row weight scales and zero points: unit and zero (the sums stay integers)
+        self.w_scales, self.w_zero_points = torch.ones(out), torch.zeros(out, dtype=torch.long)
         try:
             self.packed = torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
-            self._ones, self._zeros = torch.ones(out), torch.zeros(out, dtype=torch.long)
             probe = torch.linspace(-1, 1, 3 * codes.shape[1]).view(3, -1)  # includes |h| = 1
             if not torch.equal(self._packed_mm(probe), torch._int_mm(_quantize_h(probe), self.t).float()):
                 log.warning("oneDNN's packed int8 GEMM disagrees with _int_mm here; using _int_mm only")
@@ -195,7 +204,7 @@ class Int8Matrix:
     def _packed_mm(self, x: Tensor) -> Tensor:
         codes = torch.round(x * H_SCALE).add_(128).to(torch.uint8)  # round first: exactly the int8 codes + 128
         return torch.ops.onednn.qlinear_pointwise(
-            codes, 1.0, 128, self.packed, self._ones, self._zeros, None, 1.0, 0, torch.float32, "none", [], ""
+            codes, 1.0, 128, self.packed, self.w_scales, self.w_zero_points, None, 1.0, 0, torch.float32, "none", [], ""
         )
 
 
@@ -209,7 +218,9 @@ class FusedStep:
     one step at a time gives.
     """
 
-    def __init__(self, model: LSTMLanguageModel, *, int8: bool, native_loops: bool = True) -> None:
+    loops = "Python"
+
+    def __init__(self, model: LSTMLanguageModel, *, int8: bool) -> None:
         cfg = model.cfg
         self.kind = "int8" if int8 else "fused"
         self.int8 = int8
@@ -228,7 +239,6 @@ class FusedStep:
             self.w_both: list[Tensor | Int8Matrix] = []  # [W_ih, W_hh] side by side (layer 0: W_hh)
             self.scale: list[Tensor] = []  # int8 only: (1, 4H) = gate-row scale / 127 (the h code scale)
             self.bias: list[Tensor] = [b0]  # layer 0: unused (in the table)
-            codes: list[Tensor] = []  # int8: each layer's (4H, in + H) codes, for the wavefront matrix
             for layer in range(cfg.layers):
                 w_hh = _reorder_gates(p(f"weight_hh_l{layer}").detach().float(), H)  # (4H, H)
                 w_ih = None
@@ -240,56 +250,32 @@ class FusedStep:
                 if int8:
                     _, scale = _quantize_rows(both)  # one scale per gate row for both products
                     self.scale.append((scale / H_SCALE)[None, :].contiguous())
-                    codes.append(_codes(both, scale))
-                    self.w_both.append(Int8Matrix(codes[-1]))
+                    self.w_both.append(Int8Matrix(_codes(both, scale)))
                 else:
                     self.w_hh.append(w_hh.t().contiguous())
                     self.w_both.append(both.t().contiguous())
                     if w_ih is not None:
                         self.w_ih.append(w_ih.t().contiguous())
-            if int8:
-                self._build_wavefront(codes)
             self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V)
             self.head_b = model.head.bias.detach().float().contiguous()  # (V,)
-        # lm/csrc/int8_step.cpp's Int8Step on these same tensors, when built
-        self.native: Any = self._build_native() if int8 and native_loops else None
-        self.loops = "C++" if self.native is not None else "Python"
 
-    def _build_native(self) -> Any:
-        module = native.load()
-        if module is None:
-            log.info("the native int8 step is not built (python -m lm.native build); running its loops in Python")
-            return None
-        w: list[Int8Matrix] = self.w_both  # type: ignore[assignment]  # int8: all Int8Matrix
-        packed = [m.packed for m in w]
-        ones, zeros = (w[0]._ones, w[0]._zeros) if w[0].packed is not None else (torch.ones(1), torch.zeros(1))
-        return module.Int8Step(
-            self.hidden,
-            self.table,
-            self.bias,
-            self.scale,
-            [m.t for m in w],
-            packed,
-            ones,
-            zeros,
-            self.head_w,
-            self.head_b,
-        )
-
-    def _build_wavefront(self, codes: list[Tensor]) -> None:
+    @functools.cached_property
+    def _wavefront(self) -> tuple[Tensor, Tensor, Tensor]:
         """int8 prefill runs layer l at position t - l, so that one product serves every layer:
         [h_0, ..., h_{L-1}] (1, L*H) @ W (L*H, L*4H), where W's block (j, l) is layer l's W_hh
         (j = l) or W_ih (j = l - 1) and zero elsewhere. The zero blocks add exact integer zeros, so
-        each layer's int32 sums are the ones decode computes."""
+        each layer's int32 sums are the ones decode computes. Built on the first prompt: the native
+        loops multiply each layer's own slice instead and never need it.
+        -> W as a transposed view (the fast layout for one row), scales (L, 4H), biases (L, 4H)."""
         L, H = self.layers, self.hidden
         wave = torch.zeros(L * 4 * H, L * H, dtype=torch.int8)  # (out, in), row-major
-        for layer in range(L):
+        for layer, matrix in enumerate(self.w_both):
             rows = slice(layer * 4 * H, (layer + 1) * 4 * H)
             cols = slice(max(0, layer - 1) * H, (layer + 1) * H)
-            wave[rows, cols] = codes[layer]  # (4H, in + H): [W_ih | W_hh] (layer 0: W_hh)
-        self.w_wave = wave.t()  # (L*H, L*4H) as a transposed view: the fast layout for one row
-        self.scale_wave = torch.cat(self.scale, dim=0)  # (L, 4H)
-        self.bias_wave = torch.cat([torch.zeros(1, 4 * H), *self.bias[1:]], dim=0)  # (L, 4H); row 0: the table's
+            wave[rows, cols] = matrix.t.t()  # type: ignore[union-attr]  # (4H, in + H): [W_ih | W_hh] codes
+        scales = torch.cat(self.scale, dim=0)
+        biases = torch.cat([torch.zeros(1, 4 * H), *self.bias[1:]], dim=0)  # row 0: in the table
+        return wave.t(), scales, biases
 
     # -- the arithmetic, shared by decode and prefill ----------------------------------------------
 
@@ -323,17 +309,12 @@ class FusedStep:
     @torch.inference_mode()
     def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """tokens (B,) int64; h, c (layers, B, H) updated in place -> logits (B, V)."""
-        if self.native is not None:
-            return self.native.step(tokens, h, c)
         self.advance(tokens, h, c)
         return torch.addmm(self.head_b, h[-1], self.head_w)  # (B, V)
 
     @torch.inference_mode()
     def advance(self, tokens: Tensor, h: Tensor, c: Tensor) -> None:
         """The state update alone (prompt positions whose logits nobody reads)."""
-        if self.native is not None:
-            self.native.advance(tokens, h, c)
-            return
         for layer in range(self.layers):
             if layer == 0:
                 acc = self._product(h[0], self.w_both[0])  # (B, 4H): the recurrent product, old h
@@ -348,8 +329,6 @@ class FusedStep:
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """tokens (T,); h, c (layers, 1, H) updated in place -> logits (V,) of the last position."""
-        if self.native is not None:
-            return self.native.prefill(tokens, h, c)
         if self.int8:
             return self._prefill_wavefront(tokens, h, c)
         return self._prefill_layers(tokens, h, c)
@@ -357,8 +336,6 @@ class FusedStep:
     @torch.inference_mode()
     def steps(self, ids: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """ids (k, n): n steps of k sequences, the head on the last only -> logits (k, V)."""
-        if self.native is not None:
-            return self.native.steps(ids, h, c)
         return _steps(self, ids, h, c)
 
     def _layer_step(self, layer: int, h: Tensor, c: Tensor, base: Tensor) -> None:
@@ -373,8 +350,9 @@ class FusedStep:
         position, run the active layers one by one, top layer first (each reads the states as they
         were before this step)."""
         T, L = len(tokens), self.layers
+        w_wave, scale_wave, bias_wave = self._wavefront
         table = self.table.index_select(0, tokens)  # (T, 4H): layer 0's input gates incl. biases
-        base = self.bias_wave.expand(T, -1, -1).clone()  # (T, L, 4H)
+        base = bias_wave.expand(T, -1, -1).clone()  # (T, L, 4H)
         base[:, 0] = table
         hs, cs = h[:, 0], c[:, 0]  # (L, H) views of the state, updated in place
         for t in range(T + L - 1):
@@ -383,8 +361,8 @@ class FusedStep:
                 for layer in reversed(active):
                     self._layer_step(layer, h, c, table[t - layer : t - layer + 1] if layer == 0 else self.bias[layer])
                 continue
-            acc = torch._int_mm(_quantize_h(hs.reshape(1, -1)), self.w_wave)  # (1, L*4H) int32
-            gates = torch.addcmul(base[t], acc.view(L, -1).float(), self.scale_wave)  # (L, 4H)
+            acc = torch._int_mm(_quantize_h(hs.reshape(1, -1)), w_wave)  # (1, L*4H) int32
+            gates = torch.addcmul(base[t], acc.view(L, -1).float(), scale_wave)  # (L, 4H)
             self._cell(gates, hs, cs)
         return torch.addmm(self.head_b, h[-1], self.head_w)[0]  # (V,)
 
@@ -412,6 +390,42 @@ class FusedStep:
             h[layer].copy_(rows[T])
             below = out[1:]
         return torch.addmm(self.head_b, h[-1], self.head_w)[0]  # (V,)
+
+
+class NativeInt8Step(FusedStep):
+    """The int8 step with its loops in C++ (lm/csrc/int8_step.cpp's Int8Step, on this step's own
+    tensors): the same bits as `FusedStep(int8=True)`, one call per step, batch of steps or prompt,
+    with the GIL released for the whole call."""
+
+    loops = "C++"
+
+    def __init__(self, model: LSTMLanguageModel, module: ModuleType) -> None:
+        super().__init__(model, int8=True)
+        w: list[Int8Matrix] = self.w_both  # type: ignore[assignment]  # int8: all Int8Matrix
+        self.native = module.Int8Step(
+            self.hidden,
+            self.table,
+            self.bias,
+            self.scale,
+            [m.t for m in w],
+            [m.packed for m in w],
+            w[0].w_scales,
+            w[0].w_zero_points,
+            self.head_w,
+            self.head_b,
+        )
+
+    def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        return self.native.step(tokens, h, c)
+
+    def advance(self, tokens: Tensor, h: Tensor, c: Tensor) -> None:
+        self.native.advance(tokens, h, c)
+
+    def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        return self.native.prefill(tokens, h, c)
+
+    def steps(self, ids: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        return self.native.steps(ids, h, c)
 
 
 def _codes(w: Tensor, scale: Tensor) -> Tensor:

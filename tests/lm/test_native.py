@@ -35,7 +35,7 @@ def steps(request: pytest.FixtureRequest, char_tokenizer: CharTokenizer) -> tupl
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.4)
-    fast, slow = FusedStep(model, int8=True), FusedStep(model, int8=True, native_loops=False)
+    fast, slow = build_step(model, "int8"), build_step(model, "int8", native_loops=False)  # both FusedStep
     assert (fast.loops, slow.loops) == ("C++", "Python")
     return fast, slow
 
