@@ -104,24 +104,24 @@ class Int8Step {
   // FusedStep.advance: tokens (B,) int64; h, c (layers, B, H) updated in place.
   void advance(const at::Tensor& tokens, at::Tensor h, at::Tensor c) const {
     c10::InferenceMode guard;
-    check_rows(tokens, h, c);
+    check_tokens(tokens, 1);
+    check_rows(tokens.size(0), h, c);
     advance_(tokens.data_ptr<int64_t>(), tokens.stride(0), h, c);
   }
 
   // FusedStep.__call__ -> logits (B, V).
   at::Tensor step(const at::Tensor& tokens, at::Tensor h, at::Tensor c) const {
+    advance(tokens, h, c);
     c10::InferenceMode guard;
-    check_rows(tokens, h, c);
-    advance_(tokens.data_ptr<int64_t>(), tokens.stride(0), h, c);
     return at::addmm(head_b_, h[layers_ - 1], head_w_);
   }
 
   // FusedStep.steps: ids (k, n) -> n steps of k sequences, the head on the last only -> logits (k, V).
   at::Tensor steps(const at::Tensor& ids, at::Tensor h, at::Tensor c) const {
     c10::InferenceMode guard;
-    TORCH_CHECK(ids.dim() == 2 && ids.size(1) > 0, "ids must be (sequences, positions)");
-    check_rows(ids.select(1, 0), h, c);
-    check_tokens(ids);
+    check_tokens(ids, 2);
+    TORCH_CHECK(ids.size(1) > 0, "ids must be (sequences, positions)");
+    check_rows(ids.size(0), h, c);
     for (int64_t t = 0; t < ids.size(1); ++t) {
       advance_(ids.data_ptr<int64_t>() + t * ids.stride(1), ids.stride(0), h, c);
     }
@@ -134,10 +134,10 @@ class Int8Step {
   // in the step's codes of h, quantized once per step, and layer l's product takes its slice of them.
   at::Tensor prefill(const at::Tensor& tokens, at::Tensor h, at::Tensor c) const {
     c10::InferenceMode guard;
+    check_tokens(tokens, 1);
     const int64_t T = tokens.size(0), L = layers_, H = hidden_;
-    TORCH_CHECK(tokens.dim() == 1 && T > 0, "a prompt must be a non-empty (T,) tensor");
-    check_rows(tokens.narrow(0, 0, 1), h, c);
-    check_tokens(tokens);
+    TORCH_CHECK(T > 0, "an empty prompt");
+    check_rows(1, h, c);
     const int64_t* ids = tokens.data_ptr<int64_t>();
     float* hs = h.data_ptr<float>();  // layer l's row at hs + l * h_layer (a view of a batch's rows is fine)
     float* cs = c.data_ptr<float>();
@@ -170,10 +170,10 @@ class Int8Step {
   }
 
  private:
-  // Token ids index the table directly: each must be in the vocabulary. ids (n,) or (k, n).
-  void check_tokens(const at::Tensor& ids) const {
-    TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() <= 2, "token ids must be int64 (n,) or (k, n)");
-    const at::Tensor rows = ids.dim() == 2 ? ids : ids.unsqueeze(0);
+  // Token ids index the table directly: each must be in the vocabulary. ids: dim 1 (n,) or 2 (k, n).
+  void check_tokens(const at::Tensor& ids, int64_t dim) const {
+    TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == dim, "token ids must be int64 with ", dim, " dims");
+    const at::Tensor rows = dim == 2 ? ids : ids.unsqueeze(0);
     const int64_t* p = rows.data_ptr<int64_t>();
     const int64_t V = table_.size(0);
     for (int64_t i = 0; i < rows.size(0); ++i) {
@@ -184,12 +184,11 @@ class Int8Step {
     }
   }
 
-  void check_rows(const at::Tensor& tokens, const at::Tensor& h, const at::Tensor& c) const {
-    TORCH_CHECK(tokens.dim() == 1, "one token per sequence");
-    check_tokens(tokens);
+  // h, c (layers, rows, H) fp32, each row contiguous.
+  void check_rows(int64_t rows, const at::Tensor& h, const at::Tensor& c) const {
     check_state(h, layers_, hidden_);
     check_state(c, layers_, hidden_);
-    TORCH_CHECK(h.size(1) == tokens.size(0) && c.size(1) == tokens.size(0), "one state row per token");
+    TORCH_CHECK(h.size(1) == rows && c.size(1) == rows, "one state row per sequence");
   }
 
   // FusedStep.advance for B rows: per layer [h_{l-1}, h_l] @ [W_ih, W_hh] (layer 0: h_0 @ W_hh) in
