@@ -41,7 +41,9 @@ def supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+@functools.cache
 def module_name() -> str:
+    """A hash of what the build depends on (read once: the source does not change under a process)."""
     key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()
     digest = hashlib.sha256(key).hexdigest()[:12]
     return f"textgen_int8_{digest}"
