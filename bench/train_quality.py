@@ -3,7 +3,13 @@
 On tiny-shakespeare with nanoGPT's split (first 90% train, last 10% validation), this runs
 the default character recipe (`textgen train` defaults) under time budgets and reports the
 validation loss in nats per character; then it measures training tokens/s of textgen's loop
-against a plain fp32 `nn.LSTM` loop of the same size, in the same process, one after the other.
+against a plain fp32 `nn.LSTM` loop of the same size.
+
+Throughput is measured in rounds; each round runs, one after the other and each in a fresh
+process (so that no loop inherits another's allocator state or warm caches): the plain loop,
+textgen's loop, textgen's loop with `nn.LSTM` in place of its own kernel (TEXTGEN_NATIVE=false),
+and the plain loop with the allocator setting textgen's training applies (`keep_freed_memory`).
+The table gives each one's median over the rounds and the median of the per-round ratios.
 
     python bench/train_quality.py                    # a 10- and a 20-minute run, validated every 5 minutes
     python bench/train_quality.py --budgets '' --throughput-steps 40   # throughput only
@@ -13,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
+import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -22,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lm.train import TrainConfig, TrainEvent, train
+from lm.train import TrainConfig, TrainEvent, keep_freed_memory, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -30,8 +39,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 from results import machine_summary, write_section  # noqa: E402
 
 
-def plain_fp32_tokens_per_s(cfg: TrainConfig, vocab: int, data: torch.Tensor, steps: int) -> float:
+def plain_fp32_tokens_per_s(text: str, cfg: TrainConfig, steps: int, tuned_allocator: bool = False) -> float:
     """The reference: Embedding -> nn.LSTM -> Linear in fp32 with plain Adam, no tricks."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if tuned_allocator:
+        keep_freed_memory()
+    vocab = len(set(text)) + 1
+    data = torch.tensor([ord(c) % vocab for c in text[: cfg.batch_size * 4000]]).view(cfg.batch_size, -1)
     torch.manual_seed(0)
     emb = nn.Embedding(vocab, cfg.embedding_dim)
     lstm = nn.LSTM(cfg.embedding_dim, cfg.hidden_dim, cfg.layers, batch_first=True, dropout=cfg.dropout)
@@ -56,7 +71,8 @@ def plain_fp32_tokens_per_s(cfg: TrainConfig, vocab: int, data: torch.Tensor, st
     return tokens / (time.perf_counter() - started)
 
 
-def textgen_tokens_per_s(text: str, cfg: TrainConfig, steps: int) -> float:
+def textgen_tokens_per_s(text: str, cfg: TrainConfig, steps: int, native: bool = True) -> float:
+    os.environ["TEXTGEN_NATIVE"] = "true" if native else "false"
     events: list[TrainEvent] = []
     # warmup_steps=2 mirrors the two untimed warm-up steps of the plain loop
     run = TrainConfig.from_dict({**cfg.to_dict(), "max_steps": steps + 2, "epochs": 1})
@@ -67,6 +83,29 @@ def textgen_tokens_per_s(text: str, cfg: TrainConfig, steps: int) -> float:
     first, last = timed[1], timed[-1]  # skip the first step (allocation warm-up)
     tokens = (last.step - first.step) * cfg.batch_size * cfg.seq_len
     return tokens / (last.elapsed_s - first.elapsed_s)
+
+
+def in_fresh_process(fn, *args):  # noqa: ANN001, ANN201 - a picklable function and its arguments
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+LOOPS = {  # row label -> (function, extra arguments); the first is the reference
+    "plain fp32 `nn.LSTM` loop, same size": (plain_fp32_tokens_per_s, ()),
+    "textgen (`lm.train`)": (textgen_tokens_per_s, ()),
+    "textgen with `nn.LSTM` instead of its own kernel (`TEXTGEN_NATIVE=false`)": (textgen_tokens_per_s, (False,)),
+    "plain fp32 loop with textgen's allocator setting (`keep_freed_memory`)": (plain_fp32_tokens_per_s, (True,)),
+}
+
+
+def throughput_rounds(text: str, cfg: TrainConfig, steps: int, rounds: int) -> dict[str, list[float]]:
+    rates: dict[str, list[float]] = {label: [] for label in LOOPS}
+    for round_ in range(rounds):
+        for label, (fn, extra) in LOOPS.items():
+            rates[label].append(in_fresh_process(fn, text, cfg, steps, *extra))
+        line = ", ".join(f"{label.split(' ')[0]} {r[-1]:.0f}" for label, r in rates.items())
+        print(f"throughput round {round_ + 1}: {line} tok/s", flush=True)
+    return rates
 
 
 def quality_run(text: str, cfg: TrainConfig, minutes: float, mark_s: float) -> dict:
@@ -116,6 +155,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="10,20", help="run budgets in minutes, comma-separated ('' to skip)")
     parser.add_argument("--mark", type=float, default=300, help="validate every this many seconds (default 5 min)")
     parser.add_argument("--throughput-steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (median reported)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
@@ -125,14 +165,19 @@ def main() -> None:
     cfg = TrainConfig(threads=args.threads)
     print(f"recipe: {json.dumps(cfg.to_dict())}", flush=True)
 
+    rates = throughput_rounds(text, cfg, args.throughput_steps, args.rounds)
+    reference = rates[next(iter(LOOPS))]
+    ratios = {label: [r / p for r, p in zip(rs, reference, strict=True)] for label, rs in rates.items()}
+    ratio = statistics.median(ratios["textgen (`lm.train`)"])
+    ours = statistics.median(rates["textgen (`lm.train`)"])
+    print(
+        f"throughput: textgen {ours:.0f} tok/s, plain fp32 {statistics.median(reference):.0f} tok/s, "
+        f"median ratio {ratio:.2f}x",
+        flush=True,
+    )
+
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     quality = [quality_run(text, cfg, minutes, args.mark) for minutes in budgets]
-
-    vocab = len(set(text)) + 1
-    ids = torch.tensor([ord(c) % vocab for c in text[: cfg.batch_size * 4000]]).view(cfg.batch_size, -1)
-    plain = plain_fp32_tokens_per_s(cfg, vocab, ids, args.throughput_steps)
-    ours = textgen_tokens_per_s(text, cfg, args.throughput_steps)
-    print(f"throughput: textgen {ours:.0f} tok/s, plain fp32 {plain:.0f} tok/s, ratio {ours / plain:.2f}x", flush=True)
 
     mark_columns = sorted({m for q in quality for m in q["marks"]})
     lines = [
@@ -155,12 +200,18 @@ def main() -> None:
             for q in quality
         ],
         "",
-        "| training loop | tokens/s | ratio |",
-        "| --- | --- | --- |",
-        f"| plain fp32 `nn.LSTM` loop, same size | {plain:.0f} | 1.00x |",
-        f"| textgen (`lm.train`) | {ours:.0f} | {ours / plain:.2f}x |",
+        f"Throughput: {args.rounds} rounds of {args.throughput_steps} timed steps per loop, each loop in a fresh "
+        "process; medians over the rounds (per-round ratios in brackets).",
         "",
-        *verdicts(quality, ours / plain),
+        "| training loop | tokens/s | ratio to the plain loop |",
+        "| --- | --- | --- |",
+        *[
+            f"| {label} | {statistics.median(rates[label]):.0f} | {statistics.median(ratios[label]):.2f}x "
+            f"({', '.join(f'{r:.2f}' for r in ratios[label])}) |"
+            for label in LOOPS
+        ],
+        "",
+        *verdicts(quality, ratio),
     ]
     if not args.no_write:
         write_section("Training quality and throughput (`bench/train_quality.py`)", "\n".join(lines))

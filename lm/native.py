@@ -24,14 +24,22 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_step.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "int8_step.cpp", CSRC / "lstm_train.cpp")
 BUILD_DIR = Path(__file__).resolve().parent / "_native"  # ignored by git; inside the package when installed
 
 
 # -O3 vectorizes the elementwise loops; x86-64-v3 (AVX2 and FMA, every x86 server CPU since 2013) gives
 # them vector rounding and fused multiply-adds, which are otherwise calls into libm per element. The
-# separate roundings the source writes must stay separate: no contraction into FMAs by the compiler.
-CFLAGS = ["-O3", "-ffp-contract=off", *(["-march=x86-64-v3"] if platform.machine() in ("x86_64", "AMD64") else [])]
+# separate roundings the source writes must stay separate: no contraction into FMAs by the compiler
+# (lstm_train.cpp, which has no bit-exact twin, allows it for itself). -fopenmp makes at::parallel_for
+# split its loops over torch's threads; its GOMP calls bind to the OpenMP runtime torch has loaded.
+CFLAGS = [
+    "-O3",
+    "-ffp-contract=off",
+    *(["-march=x86-64-v3"] if platform.machine() in ("x86_64", "AMD64") else []),
+    *(["-fopenmp"] if platform.system() == "Linux" else []),
+]
 
 
 def supported() -> bool:
@@ -44,9 +52,9 @@ def supported() -> bool:
 @functools.cache
 def module_name() -> str:
     """A hash of what the build depends on (read once: the source does not change under a process)."""
-    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()
+    key = b"".join(source.read_bytes() for source in SOURCES) + torch.__version__.encode() + " ".join(CFLAGS).encode()
     digest = hashlib.sha256(key).hexdigest()[:12]
-    return f"textgen_int8_{digest}"
+    return f"textgen_native_{digest}"
 
 
 def module_path() -> Path:
@@ -59,9 +67,13 @@ def build(verbose: bool = False) -> Path:
 
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     compile_and_load(
-        name=module_name(), sources=[str(SOURCE)], build_directory=str(BUILD_DIR), extra_cflags=CFLAGS, verbose=verbose
+        name=module_name(),
+        sources=[str(source) for source in SOURCES],
+        build_directory=str(BUILD_DIR),
+        extra_cflags=CFLAGS,
+        verbose=verbose,
     )
-    for stale in BUILD_DIR.glob("textgen_int8_*.so"):
+    for stale in BUILD_DIR.glob("textgen_*.so"):
         if stale != module_path():
             stale.unlink()
     load.cache_clear()
@@ -101,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.verbose:
                 raise
             last = str(error).strip().splitlines()[-1:] or [type(error).__name__]
-            print(f"could not build {SOURCE.name}: {last[0]} (--verbose shows the compiler's output)", file=sys.stderr)
+            names = ", ".join(source.name for source in SOURCES)
+            print(f"could not build {names}: {last[0]} (--verbose shows the compiler's output)", file=sys.stderr)
             return 1
         print(f"built {path}")
         return 0

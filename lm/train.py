@@ -7,11 +7,13 @@ autocast). Resumable state is written at each epoch end as safetensors + JSON (n
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -22,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lm import fused_lstm
 from lm.data import batchify, check_text, num_windows, split_corpus, windows
 from lm.errors import ConfigError, CorpusError, TrainingCancelled
 from lm.model import LSTMLanguageModel, ModelConfig, State
@@ -182,6 +185,27 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse in this process instead of returning it.
+
+    A training step allocates and frees the same few hundred MB every step (activations saved for
+    the backward, gradients, products). By default glibc serves blocks over its mmap threshold with
+    fresh pages and gives back the top of the heap when it frees, so every step pays again in page
+    faults: 7,000-38,000 a step for the default recipe, 5-15% of the step (docs/TRAINING.md,
+    "Throughput"). With the threshold at its maximum (32 MB) and trimming off, the pages stay mapped
+    and are reused; the process keeps its peak working set, which a training process does anyway.
+    The same is what jemalloc or tcmalloc would do. No-op (False) off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     """bf16 autocast where the hardware has native bf16 (AVX512-BF16/AMX on CPU, Ampere+ on CUDA)."""
     if precision == "fp32":
@@ -229,6 +253,8 @@ def train(
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     bf16 = use_bf16(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     corpus_sha = sha256_text(text)
     state_path = Path(state_dir) if state_dir else None
     resuming = state_path is not None and (state_path / STATE_JSON).is_file()
@@ -306,6 +332,7 @@ def train(
     model.eval()
     val_loss = evaluate_ids(model, val_data, cfg.seq_len, bf16=False)
     metrics = _metrics(last_train_loss, val_loss, val_chars_per_token, prog, stopped_by)
+    metrics["lstm_kernel"] = loop.kernel
     log.info("training done: %s", json.dumps(metrics))
     return TrainResult(
         model=model.cpu(),
@@ -337,6 +364,8 @@ class _Loop:
         self.cfg, self.model, self.optimizer, self.data = cfg, model, optimizer, data
         self.bf16, self.total_steps, self.prog = bf16, total_steps, prog
         self.on_event, self.should_stop, self.interval_s = on_event, should_stop, interval_s
+        self.forward, self.kernel = fused_lstm.training_forward(model, data.device)
+        log.info("training the LSTM with %s's kernel", self.kernel)
         self.started = time.perf_counter() - prog.elapsed_s
         self.session_start = time.perf_counter()
         self.session_tokens = 0
@@ -386,7 +415,7 @@ class _Loop:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits, state = model(x, state)  # (B, t, V)
+                logits, state = self.forward(x, state)  # (B, t, V)
             loss = nn.functional.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1))
             state = (state[0].detach(), state[1].detach())  # detach: truncated BPTT
             self.optimizer.zero_grad(set_to_none=True)

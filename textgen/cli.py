@@ -244,6 +244,10 @@ def _print_summary(model_id: str, metrics: dict, path: Path, active: bool) -> No
         ("bits/char", _fmt(metrics.get("val_bits_per_char"), ".3f")),
         ("steps", f"{metrics.get('steps', '-')} (stopped by {metrics.get('stopped_by', '-')})"),
         ("time", _duration(metrics.get("elapsed_s"))),
+        (
+            "speed",
+            f"{_fmt(metrics.get('tokens_per_s'), '.0f')} tokens/s ({metrics.get('lstm_kernel', '-')} LSTM kernel)",
+        ),
         ("active", "yes" if active else "no"),
         ("path", str(path)),
     ]

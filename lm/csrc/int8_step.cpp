@@ -271,8 +271,12 @@ at::Tensor draw_rows(const at::Tensor& probs, const std::vector<at::Generator>& 
 
 }  // namespace
 
+void bind_lstm_train(py::module_& m);  // lm/csrc/lstm_train.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "textgen's int8 LSTM step with its loops in C++, and the batch sampler's draws (lm/native.py)";
+  m.doc() = "textgen's int8 LSTM step with its loops in C++, the batch sampler's draws, and the training "
+            "LSTM's recurrence (lm/native.py)";
+  bind_lstm_train(m);
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("draw_rows", &draw_rows, release());
   py::class_<Int8Step>(m, "Int8Step")
