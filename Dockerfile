@@ -25,7 +25,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# A C++ compiler and ninja for the int8 step's native loops (lm/native.py), in this stage only: the
+# A C++ compiler and ninja for textgen's native module (lm/native.py), in this stage only: the
 # runtime image gets the compiled module inside the environment, not the tools. Debian's packages
 # of the pinned base image's release.
 # hadolint ignore=DL3008
@@ -47,8 +47,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
 
-# The code, then textgen itself (its dependencies are all installed above), then its native int8
-# loops, compiled into the installed package (-P: the installed `lm`, not the copy in /src).
+# The code, then textgen itself (its dependencies are all installed above), then its native module,
+# compiled into the installed package (-P: the installed `lm`, not the copy in /src).
 COPY README.md ./
 COPY lm ./lm
 COPY app ./app

@@ -21,12 +21,13 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 	$(PIP) install --quiet -e '.[dev]'
 	touch $@
 
-# The int8 decode step's loops in C++ (lm/native.py): compiled against the installed torch when this
-# source has no build yet (about 30 s). Without a C++ compiler `make run` still serves, with the same
-# arithmetic from Python (slower); `make test` then fails tests/lm/test_native.py, which says why.
+# textgen's native module (lm/native.py: the int8 decode step's loops and the training LSTM kernel):
+# compiled against the installed torch when this source has no build yet (about 30 s). Without a C++
+# compiler `make run` still serves, with the same arithmetic from Python (slower), and training uses
+# nn.LSTM; `make test` then fails tests/lm/test_native.py, which says why.
 native: $(VENV)/.installed
 	@$(PY) -m lm.native check >/dev/null 2>&1 || $(PY) -m lm.native build || \
-		echo "textgen: could not compile lm/csrc/int8_step.cpp (it needs g++); the int8 step will run its loops in Python"
+		echo "textgen: could not compile lm/csrc/*.cpp (it needs g++); decoding will run its loops in Python, training nn.LSTM"
 
 install: $(VENV)/.installed native
 dev: $(VENV)/.dev-installed native

@@ -144,7 +144,7 @@ def verdicts(quality: list[dict], ratio: float) -> list[str]:
     state = "met" if ratio >= 2 else "missed"
     lines.append(
         f"- Training throughput >= 2x the plain fp32 loop: {ratio:.2f}x, **{state}** "
-        '(docs/TRAINING.md, "The default recipe", says what bounds it).'
+        '(docs/TRAINING.md, "The training kernel", says what bounds it).'
     )
     return lines
 

@@ -2,20 +2,20 @@
 
 `LSTMLanguageModel.forward` runs `nn.LSTM`, which on CPU is oneDNN's LSTM kernel. `forward` here
 computes the same function from the same parameters, split the way a training step is best done
-on a CPU (docs/TRAINING.md, "Throughput"):
+on a CPU (docs/TRAINING.md, "The training kernel"):
 
-- each layer's input projection, x W_ih^T + b_ih + b_hh, is one product over the whole window,
-  and so are its weight and input gradients, through autograd's own `linear`;
+- each layer's input projection, x W_ih^T, is one product over the whole window, and so are its
+  weight and input gradients, through autograd's own `linear`;
 - the recurrence runs in C++ (lm/csrc/lstm_train.cpp): one oneDNN product per step on W_hh packed
   once per window, with the step's input projection added in the same call, then one fused pass
-  over the gates with vectorized activations; the backward mirrors it, and W_hh's gradient is one
-  product over the window.
+  over the gates (the bias b_ih + b_hh, in fp32, the vectorized activations, the cell, the
+  output); the backward mirrors it, and W_hh's gradient is one product over the window;
+- dropout (on the embeddings, between layers, before the head, at the model's rates) draws its
+  mask from a hash of a seed and the element's index, so the backward recomputes it.
 
-Under bf16 autocast the products run in bf16 and the cell state, the activations and every
-gradient sum stay in fp32, as in autocast's own LSTM. Dropout between layers and before the head
-is the model's. The parameters, and so the checkpoints, are the model's own: nothing here changes
-what is saved or served. Without the native build (or with `TEXTGEN_NATIVE=false`) training runs
-`nn.LSTM` as before.
+Under bf16 autocast the products run in bf16; the cell state and every gradient sum stay in fp32.
+The parameters, and so the checkpoints, are the model's own: nothing here changes what is saved or
+served. Without the native build (or with `TEXTGEN_NATIVE=false`) training runs `nn.LSTM`.
 """
 
 from __future__ import annotations
@@ -99,6 +99,8 @@ class _Dropout(torch.autograd.Function):
 def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
     if not training or p == 0.0:
         return x
+    if x.numel() >= 2**32:  # past the kernel's 32-bit element counter
+        return F.dropout(x, p, training)
     seed = int(torch.randint(0, 2**62, (1,)).item())  # from torch's generator: seeded runs repeat
     return _Dropout.apply(x, p, seed)
 

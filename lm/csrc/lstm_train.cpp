@@ -1,19 +1,21 @@
 // One LSTM layer's recurrence over a training window, forward and backward (lm/fused_lstm.py's
-// autograd Function calls these; it does the window-wide products itself).
+// autograd Function calls these; it does the window-wide products itself), and the training loop's
+// dropout.
 //
-// Time-major throughout: xproj (T, B, 4H) holds every step's input projection x W_ih^T + b_ih + b_hh,
-// gates ordered i, f, g, o as in nn.LSTM. Each step is one oneDNN product on weights packed once per
-// window (mkldnn::_linear_pointwise, with the step's input projection added in the same call), then
-// one fused pass over the step's gates: the activations, the cell and the output, written once.
-// oneDNN's own LSTM and torch's elementwise ops make several passes per step, and torch's sigmoid and
-// tanh alone cost more than the whole cell pass here (docs/TRAINING.md, "Throughput").
+// Time-major throughout: xproj (T, B, 4H) holds every step's input projection x W_ih^T, gates
+// ordered i, f, g, o as in nn.LSTM; the bias b_ih + b_hh comes separately, in fp32. Each step is one
+// oneDNN product on W_hh packed once per window (mkldnn::_linear_pointwise, with the step's input
+// projection added in the same call), then one fused pass over the step's gates: the bias, the
+// activations, the cell and the output, each element read and written once. torch's sigmoid and
+// tanh alone cost more than the whole cell pass here (docs/TRAINING.md, "The training kernel").
 //
-// The forward keeps what the backward needs: the activated gates, c and tanh(c) of every step
-// (fp32), and the outputs (the products' dtype, bf16 under autocast, which also feed the next step's
-// product). The backward walks the window in reverse: one fused pass turns dh and dc into the four
-// gate gradients, then one product with W_hh (packed transposed) gives the previous step's dh, with
-// that step's output gradient added in the same call. The weight gradient is one product over the
-// whole window, done by the caller.
+// The forward keeps what the backward needs: the activated gates, c and tanh(c) of every step in
+// fp32 (in bf16, a forget gate of 0.9995 would be stored as 1: its gradient f (1 - f) would vanish
+// and the cell gradient would cross the window undamped), and the outputs in the products' dtype,
+// which also feed the next step's product. The backward walks the window in reverse: one fused pass turns dh and dc into the four
+// gate gradients and sums the bias gradient, then one product with W_hh (packed transposed) gives the
+// previous step's dh, with that step's output gradient added in the same call. The weight gradient
+// is one product over the whole window, done by the caller.
 
 // Unlike int8_step.cpp, nothing here must match another implementation to the bit: let the compiler
 // fuse multiplies and adds.
@@ -157,7 +159,7 @@ at::Tensor linear_add(const at::Tensor& x, const at::Tensor& other, const at::Te
 
 // The forward cell of one step at columns [j, j + width of V) of one row.
 template <typename V, typename T>
-inline void cell_forward_at(const T* g, const float* bias, const float* cp, T* a, float* c, T* tc, T* h, int64_t H,
+inline void cell_forward_at(const T* g, const float* bias, const float* cp, float* a, float* c, float* tc, T* h, int64_t H,
                             int64_t j) {
   constexpr bool kCoarse = std::is_same_v<T, at::BFloat16>;
   V i = sigmoid<kCoarse, V>(load<V>(g + j) + load<V>(bias + j));
@@ -178,15 +180,15 @@ inline void cell_forward_at(const T* g, const float* bias, const float* cp, T* a
 // The forward cell of one step, rows [begin, end): gates (B, 4H) before the bias and the activations,
 // c_prev (B, H); writes the activations, c, tanh(c) and h of the step.
 template <typename T>
-void cell_forward(const T* gates, const float* bias, const float* c_prev, T* acts, float* c, T* tc, T* h, int64_t H,
+void cell_forward(const T* gates, const float* bias, const float* c_prev, float* acts, float* c, float* tc, T* h, int64_t H,
                   int64_t begin, int64_t end) {
   constexpr int64_t kWidth = sizeof(V8) / sizeof(float);
   for (int64_t b = begin; b < end; ++b) {
     const T* g = gates + b * 4 * H;
-    T* a = acts + b * 4 * H;
+    float* a = acts + b * 4 * H;
     const float* cp = c_prev + b * H;
     float* cr = c + b * H;
-    T* tr = tc + b * H;
+    float* tr = tc + b * H;
     T* hr = h + b * H;
     int64_t j = 0;
     for (; j + kWidth <= H; j += kWidth) cell_forward_at<V8>(g, bias, cp, a, cr, tr, hr, H, j);
@@ -196,7 +198,7 @@ void cell_forward(const T* gates, const float* bias, const float* c_prev, T* act
 
 // The backward cell at columns [j, j + width of V) of one row; adds the gate gradients to db.
 template <typename V, typename T>
-inline void cell_backward_at(const T* dh, const T* a, const T* tc, const float* cp, float* dc, T* dg, float* db,
+inline void cell_backward_at(const T* dh, const float* a, const float* tc, const float* cp, float* dc, T* dg, float* db,
                              int64_t H, int64_t j) {
   V i = load<V>(a + j), f = load<V>(a + H + j), g = load<V>(a + 2 * H + j), o = load<V>(a + 3 * H + j);
   V t = load<V>(tc + j);
@@ -221,13 +223,13 @@ inline void cell_backward_at(const T* dh, const T* a, const T* tc, const float* 
 // step; dc (B, H) comes in as the next step's cell gradient and leaves as this step's; db (B, 4H)
 // sums each row's gate gradients over the steps (rows are summed at the end: no two threads share one).
 template <typename T>
-void cell_backward(const T* dh, const T* acts, const T* tc, const float* c_prev, float* dc, T* dgates, float* db,
+void cell_backward(const T* dh, const float* acts, const float* tc, const float* c_prev, float* dc, T* dgates, float* db,
                    int64_t H, int64_t begin, int64_t end) {
   constexpr int64_t kWidth = sizeof(V8) / sizeof(float);
   for (int64_t b = begin; b < end; ++b) {
     const T* dhr = dh + b * H;
-    const T* a = acts + b * 4 * H;
-    const T* tr = tc + b * H;
+    const float* a = acts + b * 4 * H;
+    const float* tr = tc + b * H;
     const float* cp = c_prev + b * H;
     float* dcr = dc + b * H;
     T* dg = dgates + b * 4 * H;
@@ -290,7 +292,7 @@ void check_inputs(const at::Tensor& xproj, const at::Tensor& bias, const at::Ten
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / (4 * H)); }
 
 // xproj (T, B, 4H): x W_ih^T of every step, without bias; bias (4H,) = b_ih + b_hh in float32.
-// -> (y (T, B, H), acts (T, B, 4H), c (T, B, H), tanh(c) (T, B, H)): c in float32, the rest in xproj's dtype.
+// -> (y (T, B, H) in xproj's dtype, acts (T, B, 4H), c (T, B, H), tanh(c) (T, B, H) in float32).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& xproj, const at::Tensor& w_packed,
                                                                    const at::Tensor& bias, const at::Tensor& h0,
                                                                    const at::Tensor& c0) {
@@ -298,9 +300,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Ten
   const int64_t T = xproj.size(0), B = xproj.size(1), H = xproj.size(2) / 4;
   const at::ScalarType dtype = xproj.scalar_type();
   at::Tensor y = at::empty({T, B, H}, xproj.options());
-  at::Tensor acts = workspace({T, B, 4 * H}, dtype);
+  at::Tensor acts = workspace({T, B, 4 * H}, at::kFloat);
   at::Tensor c = workspace({T, B, H}, at::kFloat);
-  at::Tensor tc = workspace({T, B, H}, dtype);
+  at::Tensor tc = workspace({T, B, H}, at::kFloat);
   dispatch(dtype, [&](auto zero) {
     using scalar_t = decltype(zero);
     const float* b = bias.data_ptr<float>();
@@ -309,9 +311,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Ten
       TORCH_CHECK(gates.is_contiguous() && gates.scalar_type() == dtype, "unexpected product layout");
       const scalar_t* g = gates.data_ptr<scalar_t>();
       const float* cp = t == 0 ? c0.data_ptr<float>() : c.data_ptr<float>() + (t - 1) * B * H;
-      scalar_t* a = acts.data_ptr<scalar_t>() + t * B * 4 * H;
+      float* a = acts.data_ptr<float>() + t * B * 4 * H;
       float* cn = c.data_ptr<float>() + t * B * H;
-      scalar_t* tn = tc.data_ptr<scalar_t>() + t * B * H;
+      float* tn = tc.data_ptr<float>() + t * B * H;
       scalar_t* h = y.data_ptr<scalar_t>() + t * B * H;
       at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
         cell_forward<scalar_t>(g, b, cp, a, cn, tn, h, H, begin, end);
@@ -334,9 +336,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   const int64_t T = dy.size(0), B = dy.size(1), H = dy.size(2);
   TORCH_CHECK(acts.sizes() == at::IntArrayRef({T, B, 4 * H}) && c.sizes() == dy.sizes() && tc.sizes() == dy.sizes(),
               "saved tensors do not match dy");
-  TORCH_CHECK(acts.scalar_type() == dy.scalar_type() && tc.scalar_type() == dy.scalar_type() &&
-                  c.scalar_type() == at::kFloat,
-              "saved tensors do not match dy's dtype");
+  TORCH_CHECK(acts.scalar_type() == at::kFloat && tc.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
+              "the saved activations and cells must be float32");
   TORCH_CHECK(c0.sizes() == at::IntArrayRef({B, H}) && c0.scalar_type() == at::kFloat && c0.is_contiguous(),
               "c0 must be a contiguous float32 (B, H) tensor");
   at::Tensor dgates = workspace({T, B, 4 * H}, dy.scalar_type());
@@ -349,8 +350,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
     float* dbp = db.data_ptr<float>();
     for (int64_t t = T - 1; t >= 0; --t) {
       const scalar_t* dhp = dh.data_ptr<scalar_t>();
-      const scalar_t* a = acts.data_ptr<scalar_t>() + t * B * 4 * H;
-      const scalar_t* tn = tc.data_ptr<scalar_t>() + t * B * H;
+      const float* a = acts.data_ptr<float>() + t * B * 4 * H;
+      const float* tn = tc.data_ptr<float>() + t * B * H;
       const float* cp = t == 0 ? c0.data_ptr<float>() : c.data_ptr<float>() + (t - 1) * B * H;
       scalar_t* dg = dgates.data_ptr<scalar_t>() + t * B * 4 * H;
       at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {

@@ -4,13 +4,15 @@ autocast to bf16 rounding; its dropout; and training through it."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lm import fused_lstm
 from lm.model import LSTMLanguageModel, ModelConfig
-from lm.train import TrainConfig, train
+from lm.train import TrainConfig, keep_freed_memory, train
 
 CORPUS = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 30
 
@@ -143,3 +145,9 @@ def test_seeded_training_through_the_kernel_repeats_exactly() -> None:
     assert a.metrics["lstm_kernel"] == "textgen"
     for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_training_processes_keep_freed_memory() -> None:
+    """The allocator setting lm.train applies on CPU takes (a wrong mallopt call would return 0)."""
+    assert keep_freed_memory() is True
