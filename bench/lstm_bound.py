@@ -133,7 +133,7 @@ def main() -> None:
             "",
             "The last column is every matrix product a bf16 LSTM kernel must do, through torch's `@`, with "
             "nothing else. textgen's kernel runs its per-step products on W_hh packed once per window for "
-            "oneDNN (faster than `@` on the weight as it is), which is how it can come in under that column. "
+            "oneDNN (faster than `@` on the weight as it is), which is how it can come close to that column. "
             "A training step adds the embedding, the head, the loss and the optimizer (docs/TRAINING.md, "
             "'The training kernel').",
         ]

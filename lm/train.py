@@ -75,7 +75,7 @@ class TrainConfig:
     embedding_dim: int = 128
     hidden_dim: int = 512
     layers: int = 2
-    dropout: float = 0.1  # see docs/TRAINING.md, "The default recipe"
+    dropout: float = 0.2  # see docs/TRAINING.md, "The default recipe"
     tie_weights: bool = False
     seq_len: int = 128
     batch_size: int = 32
