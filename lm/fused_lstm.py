@@ -132,10 +132,9 @@ def enabled() -> bool:
     return os.environ.get("TEXTGEN_NATIVE", "true").strip().lower() not in ("0", "false", "no", "off")
 
 
-@functools.cache
 def _module() -> ModuleType:
-    module = native.load()
-    if module is None or not hasattr(module, "lstm_forward"):
+    module = native.load()  # cached; its name hashes both sources, so a loaded build has the kernel
+    if module is None:
         raise RuntimeError("textgen's native module is not built (python -m lm.native build)")
     return module
 
@@ -158,10 +157,7 @@ def usable(model: nn.Module, device: torch.device) -> bool:
     lstm = model.lstm
     if lstm.bidirectional or lstm.proj_size or not lstm.bias or not lstm.batch_first:
         return False
-    module = native.load()
-    if module is None or not hasattr(module, "lstm_forward"):
-        return False
-    return torch.backends.mkldnn.is_available() and _packing_works()
+    return native.load() is not None and torch.backends.mkldnn.is_available() and _packing_works()
 
 
 def training_forward(model: LSTMLanguageModel, device: torch.device) -> tuple[Forward, str]:
