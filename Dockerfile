@@ -25,7 +25,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# A C++ compiler and ninja for textgen's native module (lm/native.py), in this stage only: the
+# A C++ compiler and ninja for textgen's native module (lm/kernels/native.py), in this stage only: the
 # runtime image gets the compiled module inside the environment, not the tools. Debian's packages
 # of the pinned base image's release.
 # hadolint ignore=DL3008
@@ -51,12 +51,13 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # compiled into the installed package (-P: the installed `lm`, not the copy in /src).
 COPY README.md ./
 COPY lm ./lm
+COPY jobs ./jobs
 COPY app ./app
 COPY worker ./worker
 COPY textgen ./textgen
 RUN pip install --no-cache-dir --no-deps . \
-    && python -P -m lm.native build \
-    && python -P -m lm.native check \
+    && python -P -m lm.kernels.native build \
+    && python -P -m lm.kernels.native check \
     && textgen --version
 
 # ---------------------------------------------------------------------------------------------------

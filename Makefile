@@ -21,13 +21,13 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 	$(PIP) install --quiet -e '.[dev]'
 	touch $@
 
-# textgen's native module (lm/native.py: the int8 decode step's loops and the training LSTM kernel):
+# textgen's native module (lm/kernels/native.py: the int8 decode step's loops and the training LSTM kernel):
 # compiled against the installed torch when this source has no build yet (about 30 s). Without a C++
 # compiler `make run` still serves, with the same arithmetic from Python (slower), and training uses
 # nn.LSTM; `make test` then fails tests/lm/test_native.py, which says why.
 native: $(VENV)/.installed
-	@$(PY) -m lm.native check >/dev/null 2>&1 || $(PY) -m lm.native build || \
-		echo "textgen: could not compile lm/csrc/*.cpp (it needs g++); decoding will run its loops in Python, training nn.LSTM"
+	@$(PY) -m lm.kernels.native check >/dev/null 2>&1 || $(PY) -m lm.kernels.native build || \
+		echo "textgen: could not compile lm/kernels/csrc/*.cpp (it needs g++); decoding will run its loops in Python, training nn.LSTM"
 
 install: $(VENV)/.installed native
 dev: $(VENV)/.dev-installed native
@@ -54,11 +54,12 @@ system-deps:
 test: dev system-deps lint
 	$(PY) -m pytest
 
-LINTED := lm app worker textgen tests bench scripts
+LINTED := lm jobs app worker textgen tests bench scripts
 lint: dev
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: dev
 	$(VENV)/bin/ruff format $(LINTED)
@@ -82,4 +83,4 @@ bench: dev bench-serve
 	$(PY) bench/train_quality.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info lm/_native
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache build *.egg-info lm/kernels/_build

@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from app.engine import Admission
 from app.holder import ModelHolder
 from app.metrics import Metrics
+from app.reconcile import RedisHealth
 from app.settings import Settings
 
 
@@ -32,7 +33,12 @@ def get_admission(request: Request) -> Admission:
     return request.app.state.admission
 
 
+def get_redis_health(request: Request) -> RedisHealth:
+    return request.app.state.redis_health
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 HolderDep = Annotated[ModelHolder, Depends(get_holder)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AdmissionDep = Annotated[Admission, Depends(get_admission)]
+RedisHealthDep = Annotated[RedisHealth, Depends(get_redis_health)]

@@ -10,9 +10,9 @@ The engine's thread loops:
              (app/prompt_cache.py); when a job is done, a finished prompt takes a state row and its
              last logits give its first token. Prompts run WHILE the running batch decodes: a
              job and a decode step are each one call into the native int8 loops, which release
-             the GIL (lm/native.py), so on two cores a new prompt does not stall every running
+             the GIL (lm/kernels/native.py), so on two cores a new prompt does not stall every running
              stream for its prefill
-    step     ONE batched decode step for every running sequence (lm/fast.py: int8, fused fp32 or
+    step     ONE batched decode step for every running sequence (lm/decode/: int8, fused fp32 or
              the reference nn.LSTM): last tokens (B,) + state rows (layers, B, H) -> logits (B, V),
              states updated in place; then the whole batch is sampled at once (lm/batch_sampler.py)
     deliver  the streams' text is coalesced and handed to the event loop every `stream_interval_s`
@@ -47,7 +47,7 @@ from torch import Tensor
 from app.metrics import Metrics, now
 from app.prompt_cache import PromptCache
 from lm.batch_sampler import choose_batch
-from lm.fast import Step, build_step
+from lm.decode import Step, build_step
 from lm.model import LSTMLanguageModel
 from lm.sampler import SequenceSampler
 from lm.tokenizers import Tokenizer
@@ -187,12 +187,12 @@ class EngineOptions:
     """How an engine decodes. The defaults are the plain engine (reference step, an event per token, no
     cache); the service builds its options from the TEXTGEN_* settings (docs/PERFORMANCE.md)."""
 
-    decode: str = "reference"  # lm.fast.DECODE_KINDS
+    decode: str = "reference"  # lm.decode.DECODE_KINDS
     stream_interval_s: float = 0.0  # coalesce a stream's text for at most this long; 0 = an event per token
     prompt_cache_bytes: int = 0  # 0 = no prompt-state cache
     prefill_chunk: int = 256  # prompt tokens per prefill job (in total, over the job's prompts)
     prefill_thread: bool = False  # prefill on the engine's own prefill thread, beside decoding
-    native_loops: bool = True  # int8: the step's loops in C++ when built (lm/native.py)
+    native_loops: bool = True  # int8: the step's loops in C++ when built (lm/kernels/native.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineOptions:

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logging import REQUEST_ID_KEY, request_id_var
+from jobs.errors import StoreUnavailable
 from lm.errors import (
     ActiveModelError,
     CheckpointError,
@@ -130,7 +131,7 @@ def invalid(message: str, param: str | None, request: Request | None = None) -> 
 
 
 def from_domain_error(exc: TextgenError, request: Request | None = None) -> ApiError:
-    """Map an lm/ error onto a status. ModelNotFound and InvalidModelId are both "no such model"."""
+    """Map an lm/ or jobs/ error onto a status. ModelNotFound and InvalidModelId are both "no such model"."""
     if isinstance(exc, ModelNotFound | InvalidModelId):
         return ApiError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, ConfigError):
@@ -139,6 +140,8 @@ def from_domain_error(exc: TextgenError, request: Request | None = None) -> ApiE
         return ApiError(409, str(exc))
     if isinstance(exc, CheckpointError):
         return ApiError(422, f"the checkpoint was refused: {exc}", code="invalid_checkpoint")
+    if isinstance(exc, StoreUnavailable):  # Redis is down: generation on the loaded model is not affected
+        return ApiError(503, str(exc), code="store_unavailable", headers={"Retry-After": "5"})
     return ApiError(400, str(exc))
 
 

@@ -25,7 +25,8 @@ from app.errors import ApiError
 from app.metrics import Metrics
 from app.settings import Settings
 from lm.checkpoint import Checkpoint, validate_model_id
-from lm.errors import CheckpointError, ConfigError
+from lm.devices import resolve_device
+from lm.errors import CheckpointError
 from lm.registry import ModelInfo, Registry
 from lm.sampler import SamplingParams, prompt_ids, stream_generate
 
@@ -72,14 +73,6 @@ class Lease:
         if not self.released:
             self.released = True
             self.holder._unpin(self.loaded)
-
-
-def resolve_device(setting: str) -> torch.device:
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("TEXTGEN_DEVICE=cuda but torch sees no CUDA device", "device")
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 def validate_checkpoint(checkpoint: Checkpoint) -> None:

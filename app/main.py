@@ -1,7 +1,9 @@
 """Build the FastAPI app: `create_app(settings)`.
 
 The lifespan starts loading the active model in the background (so /healthz answers at once and
-/readyz says "loading ..." until it is in) and stops every engine at shutdown.
+/readyz says "loading ..." until it is in), follows the shared active pointer for as long as the
+app runs (app/reconcile.py: hot swap on every replica, whatever routers are mounted), and stops
+every engine at shutdown.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from app.engine import Admission
 from app.errors import BodyLimit, BodyLimitMiddleware, install_error_handlers
 from app.generation import KeyLimits
 from app.holder import ModelHolder
-from app.jobs import JobService, install_job_handlers
 from app.logging import RequestLogMiddleware
 from app.metrics import Metrics, RequestMetricsMiddleware
+from app.reconcile import RedisHealth, following
 from app.routes import generate, health, models, openai, tokenize, train, ui
 from app.settings import Settings
+from app.training import Training
+from jobs.store import Backend, backend_from_settings
+from lm.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +44,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     warn_if_open(settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    backend: Backend = app.state.backend
     loading = asyncio.create_task(holder.load_initial())
     app.state.loading = loading
     try:
-        yield
+        async with following(holder, backend, app.state.redis_health, settings) as reconciler:
+            app.state.reconciler = reconciler
+            yield
     finally:
         loading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loading
         await holder.close()
+        backend.close()
 
 
 async def client_gone(request: object, exc: Exception) -> Response:
@@ -70,15 +79,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Train and serve LSTM language models",
         lifespan=lifespan,
     )
+    backend = backend_from_settings(settings)  # job store and active pointer: Redis, or the models folder
+    registry = Registry(settings.models_dir, backend.pointer)
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.jobs = JobService(settings)  # job store, active pointer (Redis key or models/ACTIVE)
-    app.state.holder = ModelHolder(settings, metrics, registry=app.state.jobs.registry)
+    app.state.backend = backend
+    app.state.redis_health = RedisHealth(backend)
+    app.state.holder = ModelHolder(settings, metrics, registry=registry)
+    app.state.training = Training(settings, backend, registry)
     app.state.admission = Admission(settings.max_running, settings.max_waiting)
     app.state.key_limits = KeyLimits(settings.max_running_per_key)
 
     install_error_handlers(app)
-    install_job_handlers(app)
     app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_middleware(
         BodyLimitMiddleware, default=body_limit(settings), routes={("POST", "/train"): train.body_limit(settings)}

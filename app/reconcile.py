@@ -3,7 +3,8 @@
 A promotion made anywhere (a worker publishing a job's model, `POST /models/{id}/activate` on
 another replica, the CLI) moves the one active pointer. Each replica then swaps the model in
 through the holder (load and validate off the event loop, swap one reference, drain the old
-version). It learns of the move two ways, as docs/DESIGN.md asks:
+version). `create_app` runs this for every app, whatever routers it mounts (`following`). It
+learns of the move two ways:
 
 - the "activated" notice on Redis pub/sub, for a swap within a moment of the publish;
 - a reconcile of the pointer at start and every `reconcile_s` seconds, because pub/sub drops
@@ -15,6 +16,9 @@ the next reconcile follows the newer id.
 
 A checkpoint that fails validation is refused once and remembered: the old model keeps
 serving, and the replica does not reload the broken one every few seconds.
+
+In Redis mode the same loop keeps `RedisHealth` current, which /readyz reports without waiting
+on Redis itself.
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 import redis
 import redis.asyncio
 
 from app.errors import ApiError
 from app.holder import ModelHolder
+from app.settings import Settings
+from jobs.errors import StoreUnavailable
+from jobs.pointer import activated_channel
+from jobs.store import Backend
 from lm.errors import CheckpointError, ModelNotFound, TextgenError
-from lm.jobs import StoreUnavailable
 from lm.registry import ActivePointer
 
 log = logging.getLogger(__name__)
@@ -107,3 +115,65 @@ class Reconciler:
                 await asyncio.sleep(1.0)
             finally:
                 await client.aclose()
+
+
+class RedisHealth:
+    """Whether Redis answered, as last seen; None in embedded mode. /readyz reports it."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.up: bool | None = None  # None: not checked yet
+
+    @property
+    def status(self) -> Literal["up", "down"] | None:
+        if self.backend.redis is None:
+            return None
+        return "up" if self.up else "down"
+
+    async def check(self) -> bool | None:
+        """Ping Redis (Redis mode only) and remember the answer."""
+        if self.backend.redis is None:
+            return None
+        try:
+            await asyncio.to_thread(self.backend.store.ping)
+            self.up = True
+        except StoreUnavailable:
+            self.up = False
+        return self.up
+
+    async def watch(self, interval_s: float) -> None:
+        while True:
+            was = self.up
+            now = await self.check()
+            if now != was:
+                log.log(logging.INFO if now else logging.WARNING, "Redis is %s", "up" if now else "down")
+            await asyncio.sleep(interval_s)
+
+
+@contextlib.asynccontextmanager
+async def following(
+    holder: ModelHolder, backend: Backend, health: RedisHealth, settings: Settings
+) -> AsyncIterator[Reconciler]:
+    """While open: the reconcile loop follows the active pointer, and Redis's health is watched."""
+    await health.check()
+    reconciler = Reconciler(
+        holder,
+        backend.pointer,
+        interval_s=settings.reconcile_s,
+        redis_url=settings.redis_url,
+        channel=activated_channel(settings.redis_prefix) if settings.redis_url else None,
+    )
+
+    async def run() -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(reconciler.run())
+            if backend.redis is not None:
+                tasks.create_task(health.watch(reconciler.interval_s))
+
+    task = asyncio.create_task(run(), name="reconcile-active-model")
+    try:
+        yield reconciler
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

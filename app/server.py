@@ -1,9 +1,6 @@
-"""`textgen serve`: run the app under uvicorn. The CLI calls `serve(host=..., port=..., models_dir=...)`."""
+"""`textgen serve`: run the app under uvicorn. The CLI calls `serve(settings)` with its validated settings."""
 
 from __future__ import annotations
-
-from pathlib import Path
-from typing import Any
 
 import uvicorn
 
@@ -12,10 +9,8 @@ from app.main import create_app
 from app.settings import Settings
 
 
-def serve(host: str | None = None, port: int | None = None, models_dir: Path | str | None = None) -> None:
-    """Serve until interrupted. Arguments override the TEXTGEN_* environment; None keeps it."""
-    overrides: dict[str, Any] = {"host": host, "port": port, "models_dir": models_dir}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+def serve(settings: Settings) -> None:
+    """Serve until interrupted."""
     configure_logging(settings)
     app = create_app(settings)
     uvicorn.run(

@@ -1,7 +1,9 @@
 """The service's settings: one pydantic-settings class, read from `TEXTGEN_*` environment variables.
 
-Every field is documented in docs/API.md ("Settings"). Tests build a `Settings(...)` and pass it
-to `create_app()`; routes read it through `SettingsDep`.
+`Settings` is the job system's settings (jobs/settings.py: the models folder, Redis, job leases,
+training threads, the native kernels, the log level) and the service's own. Every field is
+documented in docs/API.md ("Settings"). Tests build a `Settings(...)` and pass it to
+`create_app()`; routes read it through `SettingsDep`.
 """
 
 from __future__ import annotations
@@ -10,28 +12,23 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
+
+from jobs.settings import JobSettings
 
 CommaList = Annotated[list[str], NoDecode]  # "a,b,c" in the environment, not JSON
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TEXTGEN_", extra="ignore")
-
-    # where and what to serve
-    models_dir: Path = Path("models")
+class Settings(JobSettings):
+    # where and what to serve (the models folder, Redis and the log level: JobSettings)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     default_model: str | None = None  # loaded at start when the registry has no active model
-    redis_url: str | None = None  # unset = embedded mode: jobs run in a local worker process
 
-    # training jobs (docs/TRAINING.md)
-    redis_prefix: str = "textgen:"  # every Redis key and channel starts with this
+    # training jobs (docs/TRAINING.md; the lease, the threads and the Redis prefix: JobSettings)
     data_dir: Path = Path(__file__).resolve().parent.parent / "data"  # shipped corpora, POST /train {"corpus": ...}
     max_corpus_bytes: int = Field(default=50_000_000, ge=1)  # the largest training text POST /train accepts
     max_train_parameters: int = Field(default=100_000_000, ge=1)  # the largest model POST /train may ask for
-    train_threads: int = Field(default=0, ge=0)  # embedded mode: torch threads per job (0 = half the cores)
-    job_lease_s: float = Field(default=30.0, gt=0)  # a job whose worker is silent this long is resumed elsewhere
     reconcile_s: float = Field(default=2.0, gt=0)  # how often a replica checks the active pointer
 
     # auth: Bearer tokens; empty = open (a startup warning says so)
@@ -59,10 +56,8 @@ class Settings(BaseSettings):
     prompt_cache_mb: float = Field(default=16.0, ge=0)  # prompt-state cache per loaded model version; 0 = off
     prefill_chunk: int = Field(default=256, ge=1)  # prompt tokens run between two decode steps
     prefill_thread: bool = True  # prompts run on a second engine thread while the batch decodes
-    native: bool = True  # int8's loops and the sampler's draws in C++ when built (python -m lm.native build)
     cors_origins: CommaList = []
     log_json: bool = False
-    log_level: str = "INFO"
 
     @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
     @classmethod

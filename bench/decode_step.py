@@ -31,7 +31,7 @@ from results import machine_summary, write_section  # noqa: E402
 from app.engine import Engine, EngineOptions, Finished, Sequence  # noqa: E402
 from app.metrics import Metrics  # noqa: E402
 from lm.batch_sampler import choose_batch  # noqa: E402
-from lm.fast import DECODE_KINDS, Step, build_step  # noqa: E402
+from lm.decode import DECODE_KINDS, Step, build_step  # noqa: E402
 from lm.registry import Registry  # noqa: E402
 from lm.sampler import SamplingParams, SequenceSampler, prompt_ids  # noqa: E402
 

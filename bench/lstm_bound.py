@@ -7,7 +7,7 @@ For one training window of the default character recipe (2 x 512 LSTM, embedding
 
 - oneDNN's `nn.LSTM` forward + backward in fp32 (the plain loop's LSTM) and under bf16 autocast
   (textgen's training loop);
-- textgen's own kernel (lm/fused_lstm.py: the same layers through lm/csrc/lstm_train.cpp), under
+- textgen's own kernel (lm/kernels/train_lstm.py: the same layers through lm/kernels/csrc/lstm_train.cpp), under
   bf16 autocast, as the training loop runs it;
 - the bf16 matrix products that any LSTM training kernel must do, and nothing else: the input
   projections and the weight gradients as one large product each over the window, and the
@@ -63,7 +63,7 @@ def onednn_lstm(bf16: bool) -> Callable[[], None]:
 
 
 def textgen_kernel() -> Callable[[], None]:
-    from lm.fused_lstm import _Recurrence
+    from lm.kernels.train_lstm import _Recurrence
 
     torch.manual_seed(0)
     lstm = nn.LSTM(E, H, 2)  # time-major, as the kernel runs it

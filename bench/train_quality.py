@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import platform
 import statistics
 import sys
@@ -72,11 +71,10 @@ def plain_fp32_tokens_per_s(text: str, cfg: TrainConfig, steps: int, tuned_alloc
 
 
 def textgen_tokens_per_s(text: str, cfg: TrainConfig, steps: int, native: bool = True) -> float:
-    os.environ["TEXTGEN_NATIVE"] = "true" if native else "false"
     events: list[TrainEvent] = []
     # warmup_steps=2 mirrors the two untimed warm-up steps of the plain loop
     run = TrainConfig.from_dict({**cfg.to_dict(), "max_steps": steps + 2, "epochs": 1})
-    result = train(text, run, on_event=events.append, progress_interval_s=0.0)
+    result = train(text, run, on_event=events.append, progress_interval_s=0.0, native=native)
     timed = [e for e in events if e.kind == "progress"]
     if len(timed) < 3:
         return result.metrics["tokens_per_s"]

@@ -14,7 +14,7 @@ Why the ids are the same as `SequenceSampler.choose`:
 - `torch.multinomial(probs, 1, generator=g)` on CPU draws q ~ Exp(1) of shape (V,) from g and
   returns argmax(probs / q) (the exponential-race form of the Gumbel-max trick); here each row
   draws its own q from its own generator in the same way, then one batched argmax (in one native
-  call when lm/native.py's module is built: the same ATen draws, without a Python loop over rows).
+  call when lm/kernels/native.py's module is built: the same ATen draws, without a Python loop over rows).
 One documented difference: top-p sorts all rows at once, and two tokens with exactly equal logits
 may be ranked in the other order than a one-row sort ranks them; the kept set can then differ when
 the top-p threshold falls between the two. tests/lm/test_batch_sampler.py checks equality on many
@@ -28,14 +28,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lm import native
+from lm.kernels import native
 from lm.sampler import GREEDY_BELOW, SequenceSampler
 
 
 def choose_batch(samplers: Sequence[SequenceSampler], logits: Tensor, *, native_draws: bool = True) -> list[int]:
     """logits (B, V) -> the next token id of each row, as `samplers[i].choose(logits[i])` would give.
 
-    `native_draws`: the rows' random draws in one native call when lm/native.py's module is built."""
+    `native_draws`: the rows' random draws in one native call when lm/kernels/native.py's module is built."""
     x = logits.detach().to("cpu", torch.float32)  # (B, V)
     ids: list[int] = [0] * len(samplers)
     greedy: list[int] = []
@@ -87,7 +87,7 @@ def _sample_rows(samplers: list[SequenceSampler], x: Tensor, native_draws: bool)
 def draw_rows(probs: Tensor, generators: list[torch.Generator], native_draws: bool = True) -> Tensor:
     """probs (B, V) -> (B,) ids: each row's exponential race from its own generator (the draw
     torch.multinomial makes from it), then one argmax of probs / race. In one native call, with the
-    GIL released, when lm/native.py's module is built (the same ATen draws, so the same ids)."""
+    GIL released, when lm/kernels/native.py's module is built (the same ATen draws, so the same ids)."""
     module = native.load() if native_draws else None
     if module is not None:
         return module.draw_rows(probs, generators)

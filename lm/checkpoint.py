@@ -32,6 +32,7 @@ from torch import Tensor
 
 import lm
 from lm.errors import CheckpointError, ConfigError, InvalidModelId
+from lm.files import fsync
 from lm.model import LSTMLanguageModel, ModelConfig, count_parameters
 from lm.tokenizers import TOKENIZER_FILE, Tokenizer, tokenizer_from_dict
 
@@ -118,7 +119,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(models_dir)
+    fsync(models_dir)  # the rename is durable
     log.info("saved checkpoint %s (%d parameters)", target, config["parameters"])
     return target
 
@@ -184,8 +185,8 @@ def _write_files(folder: Path, model: LSTMLanguageModel, tokenizer: Tokenizer, c
     (folder / CONFIG_FILE).write_text(text, encoding="utf-8")
     for name in (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE):
         (folder / name).chmod(0o644)  # safetensors creates 0600 files; readers may run as another user
-        _fsync_file(folder / name)
-    _fsync_dir(folder)
+        fsync(folder / name)
+    fsync(folder)
 
 
 def _state_to_save(model: LSTMLanguageModel) -> dict[str, Tensor]:
@@ -194,19 +195,6 @@ def _state_to_save(model: LSTMLanguageModel) -> dict[str, Tensor]:
     if model.cfg.tie_weights:
         del state[TIED_KEY]
     return state
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry durable (POSIX: fsync the directory itself)."""
-    _fsync_file(path)
 
 
 # ---------------------------------------------------------------------------- load

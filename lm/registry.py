@@ -34,6 +34,7 @@ from lm.checkpoint import (
     validate_model_id,
 )
 from lm.errors import ActiveModelError, CheckpointError, InvalidModelId, ModelNotFound, PromotionConflict
+from lm.files import atomic_write
 from lm.model import LSTMLanguageModel
 from lm.tokenizers import Tokenizer
 
@@ -99,24 +100,7 @@ class FilePointer:
         return True
 
     def _write(self, model_id: str) -> None:
-        tmp = self.models_dir / f".{ACTIVE_FILE}.tmp-{secrets.token_hex(4)}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(model_id + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.file)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(self.models_dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        atomic_write(self.file, (model_id + "\n").encode("utf-8"))
 
 
 @dataclass

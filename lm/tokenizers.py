@@ -259,6 +259,21 @@ def fit_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokeni
     return tokenizer
 
 
+def planned_vocab_size(kind: str, text: str, vocab_size: int | None = None) -> int:
+    """The vocabulary size `fit_tokenizer(kind, text, vocab_size)` makes, without fitting (a cheap scan).
+
+    char and word: exact (their distinct symbols and <unk>, capped). bpe: the size the trainer is
+    asked for (default 1024); it stops short of it only on a corpus with too few distinct pairs.
+    """
+    if kind == "char":
+        distinct = len(set(text))
+    elif kind == "word":
+        distinct = len(set(WORD_RE.findall(text)))
+    else:
+        return DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size
+    return distinct + 1 if vocab_size is None else min(distinct + 1, vocab_size)
+
+
 def tokenizer_from_dict(d: dict) -> Tokenizer:
     """Rebuild a tokenizer from `to_dict()` output; ValueError when the dict is not one."""
     if not isinstance(d, dict) or d.get("kind") not in _CLASSES:

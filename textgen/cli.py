@@ -1,7 +1,10 @@
-"""The `textgen` command line: train, generate, eval, models, serve.
+"""The `textgen` command line: train, generate, eval, models, serve, worker.
 
-Bad input (a missing corpus, a hyperparameter out of bounds, an unknown model id) ends with one
-`textgen: error: ...` line on stderr and exit status 2, as argparse does for bad flags.
+Every command reads the TEXTGEN_* environment once, through the service's settings class
+(app/settings.py `Settings`, which holds the job system's settings too); its flags override it.
+Bad input (a malformed TEXTGEN_* value, a missing corpus, a hyperparameter out of bounds, an
+unknown model id) ends with one `textgen: error: ...` line on stderr and exit status 2, as
+argparse does for bad flags.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, TextIO
 
+from pydantic import ValidationError
+
+from app.settings import Settings
+from jobs.records import DEFAULT_LEASE_S
+from jobs.redis_client import DEFAULT_PREFIX
 from lm import __version__
 from lm.errors import ConfigError, ModelNotFound, TextgenError
 
@@ -55,13 +63,26 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
 ]
 
 
+# flags that override a setting: settings field -> the flag's name in an error message
+FLAG_SETTINGS = {
+    "models_dir": "--models-dir",
+    "host": "--host",
+    "port": "--port",
+    "redis_url": "--redis-url",
+    "train_threads": "--threads",
+    "job_lease_s": "--lease",
+    "redis_prefix": "--prefix",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     omp_threads_from_settings()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return args.handler(args, argv) or 0
+        settings = load_settings(args)
+        return args.handler(args, settings, argv) or 0
     except TextgenError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message holds
         print(f"textgen: error: {message}", file=sys.stderr)
@@ -71,24 +92,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def load_settings(args: argparse.Namespace) -> Settings:
+    """The TEXTGEN_* environment with the command's flags over it; ConfigError naming what is malformed."""
+    overrides = {field: getattr(args, field) for field in FLAG_SETTINGS if getattr(args, field, None) is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            name = FLAG_SETTINGS[field] if field in overrides else f"TEXTGEN_{field.upper()}"
+            problems.append(f"{name}={error.get('input')!s}: {error['msg']}")
+        raise ConfigError("; ".join(problems), None) from None
+
+
 def omp_threads_from_settings() -> None:
     """OpenMP sizes its thread team from OMP_NUM_THREADS once, when torch loads, and torch loads after
-    this. So TEXTGEN_THREADS (the service's torch threads) becomes OMP_NUM_THREADS too, unless that
-    is set: otherwise a 1-thread engine still starts a team per core, whose spin-waiting takes the
-    core the event loop needs (docs/PERFORMANCE.md, "Threads")."""
-    threads = os.environ.get("TEXTGEN_THREADS", "").strip()
-    if threads.isdigit() and int(threads) > 0 and "torch" not in sys.modules:
-        os.environ.setdefault("OMP_NUM_THREADS", threads)
+    this (building the parser does: `textgen train --help` shows TrainConfig's defaults). So
+    TEXTGEN_THREADS (the service's torch threads) becomes OMP_NUM_THREADS too, unless that is set:
+    otherwise a 1-thread engine still starts a team per core, whose spin-waiting takes the core the
+    event loop needs (docs/PERFORMANCE.md, "Threads"). A malformed environment is left to
+    `load_settings`, which reports it once the flags are parsed."""
+    try:
+        threads = Settings().threads
+    except ValidationError:
+        return
+    if threads and "torch" not in sys.modules:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 # -- parser ---------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    default_dir = os.environ.get("TEXTGEN_MODELS_DIR", "models")
+    """The flags alone: the environment is read once, by `load_settings`, after parsing."""
     parser = argparse.ArgumentParser(prog="textgen", description="Train and serve LSTM language models.")
     parser.add_argument("--version", action="version", version=f"textgen {__version__}")
-    parser.add_argument("--models-dir", type=Path, default=Path(default_dir), help="models folder (%(default)s)")
+    parser.add_argument("--models-dir", type=Path, help="models folder (default: TEXTGEN_MODELS_DIR, else ./models)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library")
     # the subcommands accept --models-dir too; SUPPRESS keeps the global value when they are not given it
     common = argparse.ArgumentParser(add_help=False)
@@ -177,12 +217,22 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _add_worker(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("worker", parents=[common], help="take training jobs from the Redis queue")
-    p.add_argument("--redis-url", default=os.environ.get("TEXTGEN_REDIS_URL"), help="(default: $TEXTGEN_REDIS_URL)")
-    threads = int(os.environ.get("TEXTGEN_TRAIN_THREADS", "0"))
-    p.add_argument("--threads", type=int, default=threads, help="torch threads per job (default: half the cores)")
-    lease = float(os.environ.get("TEXTGEN_JOB_LEASE_S", "30"))
-    p.add_argument("--lease", type=float, default=lease, help="seconds before a silent worker's job moves")
-    p.add_argument("--prefix", default=os.environ.get("TEXTGEN_REDIS_PREFIX", "textgen:"), help="Redis key prefix")
+    p.add_argument("--redis-url", help="(default: TEXTGEN_REDIS_URL)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        dest="train_threads",
+        help="torch threads per job (default: TEXTGEN_TRAIN_THREADS, else half the cores)",
+    )
+    p.add_argument(
+        "--lease",
+        type=float,
+        dest="job_lease_s",
+        help=f"seconds before a silent worker's job moves (default: TEXTGEN_JOB_LEASE_S, else {DEFAULT_LEASE_S:g})",
+    )
+    p.add_argument(
+        "--prefix", dest="redis_prefix", help=f"Redis key prefix (default: TEXTGEN_REDIS_PREFIX, else {DEFAULT_PREFIX})"
+    )
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(handler=cmd_worker)
 
@@ -190,7 +240,7 @@ def _add_worker(sub: Any, common: argparse.ArgumentParser) -> None:
 # -- train ----------------------------------------------------------------------------------------
 
 
-def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_train(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     from lm.checkpoint import validate_model_id
     from lm.data import read_corpus
     from lm.registry import Registry
@@ -198,7 +248,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     cfg = TrainConfig(**{dest: getattr(args, dest) for _, dest, _, _ in TRAIN_FLAGS if hasattr(args, dest)})
     cfg.validate()
-    registry = Registry(args.models_dir)
+    registry = Registry(settings.models_dir)
     # without --name the id comes from the file name: 'Owl Songs.txt' -> 'owl-songs' (or owl-songs-2, ...)
     model_id = validate_model_id(args.name) if args.name else registry.unique_id(args.corpus.stem)
     if args.name and _exists(registry, model_id):
@@ -208,7 +258,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     progress = ProgressBar(sys.stderr)
     try:
-        result = train(text, cfg, on_event=progress, state_dir=args.state_dir, base=base)
+        result = train(text, cfg, on_event=progress, state_dir=args.state_dir, base=base, native=settings.native)
     finally:
         progress.close()
     training = {
@@ -324,7 +374,7 @@ def _duration(seconds: float | None) -> str:
 # -- generate / eval ------------------------------------------------------------------------------
 
 
-def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_generate(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     from lm.registry import Registry
     from lm.sampler import SamplingParams, stream_generate
 
@@ -341,7 +391,7 @@ def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
         seed=args.seed,
     )
     params.validate()
-    ckpt = Registry(args.models_dir).load(args.model)
+    ckpt = Registry(settings.models_dir).load(args.model)
     for piece in stream_generate(ckpt.model, ckpt.tokenizer, args.prompt, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -349,13 +399,13 @@ def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_eval(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     from lm.data import read_corpus
     from lm.registry import Registry
     from lm.train import evaluate
 
     text = read_corpus(args.corpus)
-    ckpt = Registry(args.models_dir).load(args.model)
+    ckpt = Registry(settings.models_dir).load(args.model)
     metrics = evaluate(ckpt.model, ckpt.tokenizer, text)
     result = {key: metrics[key] for key in EVAL_KEYS}
     if args.json:
@@ -373,12 +423,12 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
 # -- models ---------------------------------------------------------------------------------------
 
 
-def cmd_models_list(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_models_list(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     from lm.registry import Registry
 
-    infos = Registry(args.models_dir).list()
+    infos = Registry(settings.models_dir).list()
     if not infos:
-        print(f"no models in {args.models_dir}")
+        print(f"no models in {settings.models_dir}")
         return 0
     header = ("ID", "ACTIVE", "PARAMS", "TOKENIZER", "VAL LOSS", "CREATED")
     rows = [header] + [_model_row(info) for info in infos]
@@ -403,11 +453,11 @@ def _model_row(info: Any) -> tuple[str, ...]:
     )
 
 
-def cmd_models_show(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_models_show(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     from lm.checkpoint import read_config
     from lm.registry import Registry
 
-    registry = Registry(args.models_dir)
+    registry = Registry(settings.models_dir)
     info = registry.get(args.model_id)
     config = read_config(info.path)
     config["active"] = info.active
@@ -415,18 +465,18 @@ def cmd_models_show(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def cmd_models_activate(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_models_activate(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     from lm.registry import Registry
 
-    Registry(args.models_dir).activate(args.model_id)
+    Registry(settings.models_dir).activate(args.model_id)
     print(f"active model: {args.model_id}")
     return 0
 
 
-def cmd_models_delete(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_models_delete(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     from lm.registry import Registry
 
-    Registry(args.models_dir).delete(args.model_id)
+    Registry(settings.models_dir).delete(args.model_id)
     print(f"deleted {args.model_id}")
     return 0
 
@@ -434,23 +484,19 @@ def cmd_models_delete(args: argparse.Namespace, argv: list[str]) -> int:
 # -- serve ----------------------------------------------------------------------------------------
 
 
-def cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_serve(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     from app.server import serve  # lazily: the other commands do not need FastAPI
 
-    serve(host=args.host, port=args.port, models_dir=args.models_dir)
+    serve(settings)
     return 0
 
 
 # -- worker ---------------------------------------------------------------------------------------
 
 
-def cmd_worker(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_worker(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     from worker.main import run  # lazily: only workers need it
 
-    if not args.redis_url:
-        raise ConfigError("textgen worker needs --redis-url or TEXTGEN_REDIS_URL (without Redis, serve runs jobs)")
     if not args.verbose:
         logging.getLogger().setLevel(logging.INFO)  # a worker reports what it does
-    return run(
-        args.redis_url, args.models_dir, threads=args.threads, lease_s=args.lease, prefix=args.prefix, burst=args.burst
-    )
+    return run(settings, burst=args.burst)

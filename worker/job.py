@@ -20,16 +20,18 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
+from jobs.files import corpus_path, remove_job_files, state_path
+from jobs.records import Claim, JobRecord
+from jobs.retry import until_available
+from jobs.store import JobStore, backend_from_spec
 from lm.data import decode_corpus
 from lm.errors import TrainingCancelled
-from lm.jobs import Claim, JobRecord, JobStore, StoreUnavailable, corpus_path, open_store, remove_job_files, state_path
-from lm.registry import ActivePointer, FilePointer, Registry
+from lm.registry import ActivePointer, Registry
 from lm.train import TrainConfig, TrainEvent, train
 from worker.errors import EXIT_FINISHED, EXIT_HANDED_BACK, EXIT_PARENT_GONE, JobFailed, describe_failure
 from worker.progress import Reporter, Stopper
@@ -44,7 +46,8 @@ PR_SET_PDEATHSIG = 1
 def run_job(spec: dict[str, Any]) -> int:
     """Run the job of `spec["claim"]` to its end (or until stopped); returns the exit status."""
     claim = Claim(**spec["claim"])
-    store = open_store(spec["store"])
+    backend = backend_from_spec(spec["store"])
+    store = backend.store
     _limit_resources(spec.get("threads"), spec.get("nice", 0))
     stopper = Stopper(store, claim.job_id, spec["parent_pid"])
     stopper.install()
@@ -53,7 +56,7 @@ def run_job(spec: dict[str, Any]) -> int:
     record = _retry(lambda: store.get(claim.job_id), stopper)
     log.info("job %s: training (attempt %d) on worker %s", claim.job_id, record.attempts, claim.worker)
     try:
-        publication = train_and_publish(record, store, _pointer(store, spec["store"]), stopper)
+        publication = train_and_publish(record, store, backend.pointer, stopper, native=spec.get("native", True))
     except TrainingCancelled:
         if stopper.shutting_down:
             return EXIT_HANDED_BACK
@@ -70,7 +73,9 @@ def run_job(spec: dict[str, Any]) -> int:
     return EXIT_FINISHED
 
 
-def train_and_publish(record: JobRecord, store: JobStore, pointer: ActivePointer, stopper: Stopper) -> Publication:
+def train_and_publish(
+    record: JobRecord, store: JobStore, pointer: ActivePointer, stopper: Stopper, *, native: bool = True
+) -> Publication:
     params, job_id = record.params, record.id
     models_dir = store.models_dir
     registry = Registry(models_dir, pointer)
@@ -89,7 +94,7 @@ def train_and_publish(record: JobRecord, store: JobStore, pointer: ActivePointer
             reporter(event)
 
         state_dir = state_path(models_dir, job_id)
-        result = train(text, cfg, on_event=on_event, should_stop=stopper, state_dir=state_dir, base=base)
+        result = train(text, cfg, on_event=on_event, should_stop=stopper, state_dir=state_dir, base=base, native=native)
         if stopper.cancelled:  # cancelled during the last validation: publish nothing
             raise TrainingCancelled("training was cancelled")
         training = {
@@ -127,25 +132,9 @@ def _end(store: JobStore, claim: Claim, stopper: Stopper, state: str, **values: 
     log.info("job %s %s", claim.job_id, state)
 
 
-def _retry(action: Callable[[], T], stopper: Stopper, backoff_s: float = 0.5) -> T:
+def _retry(action: Callable[[], T], stopper: Stopper) -> T:
     """Run a store call until Redis answers; give up only when the worker that started us is gone."""
-    while True:
-        try:
-            return action()
-        except StoreUnavailable as e:
-            if os.getppid() != stopper.parent_pid:
-                raise
-            log.warning("%s; retrying", e)
-            time.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, 5.0)
-
-
-def _pointer(store: JobStore, spec: dict[str, Any]) -> ActivePointer:
-    if spec["kind"] == "redis":
-        from lm.redis_pointer import RedisPointer
-
-        return RedisPointer(store.redis, prefix=spec.get("prefix", "textgen:"))  # type: ignore[attr-defined]
-    return FilePointer(store.models_dir)
+    return until_available(action, give_up=lambda: os.getppid() != stopper.parent_pid, who=f"job {stopper.job_id}")
 
 
 def _limit_resources(threads: int | None, nice: int) -> None:

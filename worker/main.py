@@ -6,46 +6,48 @@ Run as many as you like; each takes one job at a time. See docs/TRAINING.md.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from lm.job_redis import RedisStore, connect_redis
-from lm.jobs import DEFAULT_LEASE_S
+from jobs.settings import JobSettings
+from jobs.store import backend_from_settings
+from lm.errors import ConfigError
 from worker.runner import Runner, RunnerConfig
 
 log = logging.getLogger(__name__)
 
 
 def run(
-    redis_url: str,
-    models_dir: Path | str,
+    settings: JobSettings,
     *,
-    threads: int = 0,
     nice: int = 10,
-    lease_s: float = DEFAULT_LEASE_S,
     heartbeat_s: float | None = None,
     poll_s: float = 2.0,
     grace_s: float = 30.0,
-    prefix: str = "textgen:",
     name: str | None = None,
     burst: bool = False,
 ) -> int:
     """Consume jobs until SIGTERM/SIGINT (or, with `burst`, until the queue is empty); returns 0.
 
-    A job whose worker is silent for `lease_s` seconds is taken over by another worker, which
-    resumes it from its last saved epoch; `heartbeat_s` (default lease_s / 6) keeps ours alive.
+    A job whose worker is silent for `settings.job_lease_s` seconds is taken over by another worker,
+    which resumes it from its last saved epoch; `heartbeat_s` (default lease / 6) keeps ours alive.
     """
-    store = RedisStore(connect_redis(redis_url), Path(models_dir), prefix=prefix, lease_s=lease_s)
+    if not settings.redis_url:
+        raise ConfigError("textgen worker needs --redis-url or TEXTGEN_REDIS_URL (without Redis, serve runs jobs)")
+    backend = backend_from_settings(settings)
     config = RunnerConfig(
-        threads=threads,
+        threads=settings.train_threads,
         nice=nice,
-        heartbeat_s=heartbeat_s or max(0.2, lease_s / 6),
+        heartbeat_s=heartbeat_s or max(0.2, settings.job_lease_s / 6),
         poll_s=poll_s,
         grace_s=grace_s,
+        native=settings.native,
     )
-    runner = Runner(store, config, name=name)
+    runner = Runner(backend.store, config, name=name)
     runner.install_signal_handlers()
-    log.info("worker %s: queue %s, models in %s", runner.name, _safe_url(redis_url), models_dir)
-    return runner.run(burst=burst)
+    log.info("worker %s: queue %s, models in %s", runner.name, _safe_url(settings.redis_url), settings.models_dir)
+    try:
+        return runner.run(burst=burst)
+    finally:
+        backend.close()
 
 
 def _safe_url(url: str) -> str:

@@ -15,7 +15,8 @@ import time
 from types import FrameType
 from typing import Any
 
-from lm.jobs import JobStore, StoreUnavailable
+from jobs.errors import StoreUnavailable
+from jobs.store import JobStore
 from lm.train import TrainEvent
 
 log = logging.getLogger(__name__)

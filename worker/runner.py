@@ -24,7 +24,11 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TypeVar
 
-from lm.jobs import MAX_ATTEMPTS, Claim, JobRecord, JobStore, StoreUnavailable, remove_job_files, worker_name
+from jobs.errors import StoreUnavailable
+from jobs.files import remove_job_files
+from jobs.records import MAX_ATTEMPTS, Claim, JobRecord, worker_name
+from jobs.retry import until_available
+from jobs.store import JobStore
 from worker.errors import EXIT_FINISHED, EXIT_HANDED_BACK, EXIT_PARENT_GONE, describe_exit
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,7 @@ class RunnerConfig:
     heartbeat_s: float = 5.0  # well under the store's lease
     poll_s: float = 2.0  # how long one claim waits for a job
     grace_s: float = 30.0  # how long a stopping child may take before it is killed
-    retry_s: float = 1.0  # first wait after the store was unreachable
+    native: bool = True  # training through textgen's LSTM kernel when built (TEXTGEN_NATIVE)
 
 
 class Runner:
@@ -86,16 +90,13 @@ class Runner:
     def run(self, burst: bool = False) -> int:
         """Take jobs until stopped (or, with `burst`, until the queue is empty)."""
         log.info("worker %s: waiting for jobs (%d training threads)", self.name, self.threads)
-        backoff = self.config.retry_s
         while not self._check_exit():
             try:
-                claim = self.store.claim(self.name, self.config.poll_s)
-            except StoreUnavailable as e:
-                log.warning("worker %s: %s", self.name, e)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            backoff = self.config.retry_s
+                claim = until_available(
+                    lambda: self.store.claim(self.name, self.config.poll_s), give_up=self._check_exit, who=self.who
+                )
+            except StoreUnavailable:
+                break  # told to stop while the store was unreachable
             if claim is None:
                 if burst:
                     break
@@ -108,6 +109,10 @@ class Runner:
     @property
     def threads(self) -> int:
         return self.config.threads or default_threads()
+
+    @property
+    def who(self) -> str:
+        return f"worker {self.name}"
 
     def process(self, claim: Claim) -> None:
         """Run one claimed job to its end, or hand it back."""
@@ -140,6 +145,7 @@ class Runner:
             "parent_pid": os.getpid(),
             "threads": self.threads,
             "nice": self.config.nice,
+            "native": self.config.native,
         }
         env = dict(os.environ)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -218,14 +224,7 @@ class Runner:
 
     def _until_stored(self, action: Callable[[], T]) -> T:
         """A store call that must happen (the job would be stuck otherwise): wait out an outage."""
-        backoff = self.config.retry_s
-        while True:
-            try:
-                return action()
-            except StoreUnavailable as e:
-                log.warning("worker %s: %s", self.name, e)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+        return until_available(action, who=self.who)
 
 
 _DIED_ADVICE = "it may need more memory than the machine has; lower batch_size, hidden_dim or layers"

@@ -5,9 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.deps import HolderDep, MetricsDep
+from app.deps import HolderDep, MetricsDep, RedisHealthDep
 from app.errors import ApiError, error_response, error_responses
-from app.jobs import JobsDep
 from app.schemas import HealthStatus, ReadyStatus
 
 router = APIRouter(tags=["health"], responses=error_responses(500))
@@ -25,9 +24,10 @@ async def healthz() -> HealthStatus:
     response_model_exclude_none=True,
     responses=error_responses(503),
 )
-async def readyz(request: Request, holder: HolderDep, jobs: JobsDep) -> ReadyStatus | JSONResponse:
+async def readyz(request: Request, holder: HolderDep, redis_health: RedisHealthDep) -> ReadyStatus | JSONResponse:
     """Ready once a model is loaded (503 with the reason until then); in Redis mode, whether Redis is up."""
-    redis = jobs.redis_status  # as last seen: checked every TEXTGEN_RECONCILE_S, so a probe never waits on Redis
+    # as last seen: checked every TEXTGEN_RECONCILE_S, so a probe never waits on Redis
+    redis = redis_health.status
     if holder.active is None:
         reason = holder.not_ready_reason + ("; Redis is down" if redis == "down" else "")
         error = ApiError(503, f"not ready: {reason}", code="model_not_ready")

@@ -26,24 +26,16 @@ from app import sse
 from app.auth import require_admin_key
 from app.deps import SettingsDep
 from app.errors import ApiError, BodyLimit, error_responses
-from app.jobs import JobsDep, JobService, jobs_lifespan
 from app.settings import Settings
 from app.train_schemas import JobState, TrainJobCreate, TrainJobList, TrainJobPublic
+from app.training import Training, TrainingDep, training_lifespan
+from jobs.errors import JobConflict, JobNotFound, StoreUnavailable
+from jobs.files import job_dir
+from jobs.records import FINAL_EVENTS, JobRecord, new_job_id, validate_job_id
 from lm.checkpoint import validate_model_id
 from lm.data import check_text, decode_corpus, read_corpus
 from lm.errors import CorpusError, InvalidModelId, ModelNotFound
-from lm.jobs import (
-    FINAL_EVENTS,
-    JobConflict,
-    JobNotFound,
-    JobRecord,
-    StoreUnavailable,
-    job_dir,
-    new_job_id,
-    planned_parameters,
-    validate_job_id,
-)
-from lm.train import TrainConfig
+from lm.train import TrainConfig, planned_parameters
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +43,7 @@ router = APIRouter(
     prefix="/train",
     tags=["training"],
     dependencies=[Depends(require_admin_key)],
-    lifespan=jobs_lifespan,
+    lifespan=training_lifespan,
     responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 500, 503, 507),
 )
 
@@ -82,23 +74,25 @@ SUBMIT_BODY = {
 
 
 @router.post("", status_code=202, response_model=TrainJobPublic, openapi_extra=SUBMIT_BODY)
-async def create_job(request: Request, response: Response, jobs: JobsDep, settings: SettingsDep) -> TrainJobPublic:
+async def create_job(
+    request: Request, response: Response, training: TrainingDep, settings: SettingsDep
+) -> TrainJobPublic:
     """Queue a training job on a corpus (inline `text`, a shipped `corpus`, or an uploaded `file`)."""
     body, upload = await read_submission(request, settings)
     text, corpus_name = await resolve_corpus(body, upload, settings)
     job_id = new_job_id()
-    params = await asyncio.to_thread(plan_job, body, text, corpus_name, job_id, jobs, settings)
-    record = await asyncio.to_thread(store_job, jobs, params, text, job_id, settings)
-    jobs.ensure_local_worker()
+    params = await asyncio.to_thread(plan_job, body, text, corpus_name, job_id, training, settings)
+    record = await asyncio.to_thread(store_job, training, params, text, job_id, settings)
+    training.ensure_local_worker()
     log.info("queued training job %s for model %s (%d parameters)", job_id, params["name"], params["parameters"])
     response.headers["Location"] = f"/train/{record.id}"
-    return await public(jobs, record)
+    return await public(training, record)
 
 
-def store_job(jobs: JobService, params: dict[str, Any], text: str, job_id: str, settings: Settings) -> JobRecord:
+def store_job(training: Training, params: dict[str, Any], text: str, job_id: str, settings: Settings) -> JobRecord:
     """Queue the job (its corpus goes to models/jobs/<id>/); 507 when the disk is full, with nothing left behind."""
     try:
-        return jobs.store.submit(params, text, job_id)
+        return training.store.submit(params, text, job_id)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -202,16 +196,16 @@ def read_shipped_corpus(name: str, data_dir: Path) -> str:
 
 
 def plan_job(
-    body: TrainJobCreate, text: str, corpus_name: str, job_id: str, jobs: JobService, settings: Settings
+    body: TrainJobCreate, text: str, corpus_name: str, job_id: str, training: Training, settings: Settings
 ) -> dict[str, Any]:
     """The job's params, or a 4xx that says which field is wrong (runs in a thread: it reads the registry)."""
     hyper = body.given()
     cfg = TrainConfig.from_dict(hyper)
     cfg.validate()  # ConfigError -> 422 naming the field
-    base = _base_architecture(body.base_model, jobs)
+    base = _base_architecture(body.base_model, training)
     if base is None:
         _check_long_enough(text, cfg)
-    parameters = planned_parameters(hyper, text, base)
+    parameters = planned_parameters(cfg, text, base)
     if parameters > settings.max_train_parameters:
         raise ApiError(
             422,
@@ -220,7 +214,7 @@ def plan_job(
             param="hidden_dim",
             code="model_too_large",
         )
-    name = _model_name(body.name, corpus_name, job_id, jobs)
+    name = _model_name(body.name, corpus_name, job_id, training)
     return {
         **hyper,
         "name": name,
@@ -232,11 +226,11 @@ def plan_job(
     }
 
 
-def _base_architecture(base_model: str | None, jobs: JobService) -> dict[str, Any] | None:
+def _base_architecture(base_model: str | None, training: Training) -> dict[str, Any] | None:
     if base_model is None:
         return None
     try:
-        return dict(jobs.registry.get(base_model).config["architecture"])
+        return dict(training.registry.get(base_model).config["architecture"])
     except (ModelNotFound, InvalidModelId):
         raise ApiError(422, f"no model named {base_model!r} to fine-tune", param="base_model") from None
 
@@ -255,17 +249,17 @@ def _check_long_enough(text: str, cfg: TrainConfig) -> None:
         )
 
 
-def _model_name(name: str | None, corpus_name: str, job_id: str, jobs: JobService) -> str:
+def _model_name(name: str | None, corpus_name: str, job_id: str, training: Training) -> str:
     """The requested id (409 if a model or an unfinished job has it), else `<corpus>-<job suffix>`."""
     if name is None:
-        return jobs.registry.unique_id(f"{corpus_name}-{job_id[-6:]}")
+        return training.registry.unique_id(f"{corpus_name}-{job_id[-6:]}")
     try:
         validate_model_id(name)
     except InvalidModelId as e:
         raise ApiError(422, str(e), param="name") from None
-    if jobs.registry.path(name).exists():
+    if training.registry.path(name).exists():
         raise ApiError(409, f"a model named {name!r} already exists; choose another name", param="name")
-    for record in jobs.store.list_jobs(limit=1000):
+    for record in training.store.list_jobs(limit=1000):
         if not record.final and record.params.get("name") == name:
             raise ApiError(409, f"job {record.id} is already training a model named {name!r}", param="name")
     return name
@@ -274,77 +268,77 @@ def _model_name(name: str | None, corpus_name: str, job_id: str, jobs: JobServic
 # ---------------------------------------------------------------------------- read and cancel
 
 
-async def public(jobs: JobService, record: JobRecord) -> TrainJobPublic:
-    position = await asyncio.to_thread(jobs.store.queue_position, record.id) if record.state == "queued" else None
+async def public(training: Training, record: JobRecord) -> TrainJobPublic:
+    position = await asyncio.to_thread(training.store.queue_position, record.id) if record.state == "queued" else None
     fields = {name: getattr(record, name) for name in TrainJobPublic.model_fields if hasattr(record, name)}
     return TrainJobPublic(**fields, queue_position=position)
 
 
-async def get_record(jobs: JobService, job_id: str) -> JobRecord:
+async def get_record(training: Training, job_id: str) -> JobRecord:
     try:
-        return await asyncio.to_thread(jobs.store.get, validate_job_id(job_id))
+        return await asyncio.to_thread(training.store.get, validate_job_id(job_id))
     except JobNotFound as e:
         raise ApiError(404, str(e), param="id", code="job_not_found") from None
 
 
 @router.get("", response_model=TrainJobList)
 async def list_jobs(
-    jobs: JobsDep,
+    training: TrainingDep,
     status: JobState | None = Query(None, description="only jobs in this state"),
     limit: int = Query(100, ge=1, le=1000),
 ) -> TrainJobList:
     """Training jobs, newest first."""
-    records = await asyncio.to_thread(jobs.store.list_jobs, status, limit)
-    return TrainJobList(jobs=[await public(jobs, r) for r in records])
+    records = await asyncio.to_thread(training.store.list_jobs, status, limit)
+    return TrainJobList(jobs=[await public(training, r) for r in records])
 
 
 @router.get("/{job_id}", response_model=TrainJobPublic)
-async def get_job(job_id: str, jobs: JobsDep) -> TrainJobPublic:
+async def get_job(job_id: str, training: TrainingDep) -> TrainJobPublic:
     """One job: state, progress, metrics, the published model, or why it failed."""
-    return await public(jobs, await get_record(jobs, job_id))
+    return await public(training, await get_record(training, job_id))
 
 
 @router.delete("/{job_id}", response_model=TrainJobPublic)
-async def cancel_job(job_id: str, jobs: JobsDep, response: Response) -> TrainJobPublic:
+async def cancel_job(job_id: str, training: TrainingDep, response: Response) -> TrainJobPublic:
     """Cancel a queued job at once, or ask a running one to stop (within seconds; it publishes nothing)."""
-    await get_record(jobs, job_id)  # 404 first
+    await get_record(training, job_id)  # 404 first
     try:
-        record = await asyncio.to_thread(jobs.store.cancel, job_id)
+        record = await asyncio.to_thread(training.store.cancel, job_id)
     except JobConflict as e:
         raise ApiError(409, str(e), code="job_finished") from None
     if not record.final:
         response.status_code = 202  # the worker stops it within seconds
-    return await public(jobs, record)
+    return await public(training, record)
 
 
 # ---------------------------------------------------------------------------- events
 
 
 @router.get("/{job_id}/events", response_class=Response, responses={200: {"content": {"text/event-stream": {}}}})
-async def job_events(job_id: str, request: Request, jobs: JobsDep, settings: SettingsDep) -> sse.EventStream:
+async def job_events(job_id: str, request: Request, training: TrainingDep, settings: SettingsDep) -> sse.EventStream:
     """Server-Sent Events: queue position, progress, epochs, checkpoints, then one done/failed/cancelled."""
-    await get_record(jobs, job_id)
+    await get_record(training, job_id)
     last_id = request.headers.get("last-event-id")
-    return sse.EventStream(follow_job(jobs, job_id, last_id), keepalive_s=settings.keepalive_s)
+    return sse.EventStream(follow_job(training, job_id, last_id), keepalive_s=settings.keepalive_s)
 
 
-async def follow_job(jobs: JobService, job_id: str, after: str | None) -> AsyncIterator[bytes]:
+async def follow_job(training: Training, job_id: str, after: str | None) -> AsyncIterator[bytes]:
     """The job's events from `after` on; while queued, its queue position whenever it changes."""
     position: int | None = None
     try:
         while True:
-            for event in await asyncio.to_thread(jobs.store.events, job_id, after):
+            for event in await asyncio.to_thread(training.store.events, job_id, after):
                 after = event.id
                 yield _frame(event.kind, event.data, event.id)
                 if event.kind in FINAL_EVENTS.values():
                     return
-            record = await asyncio.to_thread(jobs.store.get, job_id)
+            record = await asyncio.to_thread(training.store.get, job_id)
             if record.state == "queued":
-                now = await asyncio.to_thread(jobs.store.queue_position, job_id)
+                now = await asyncio.to_thread(training.store.queue_position, job_id)
                 if now != position:
                     position = now
                     yield _frame("queued", {"state": "queued", "position": now})
-            elif record.final and not await asyncio.to_thread(jobs.store.events, job_id, after):
+            elif record.final and not await asyncio.to_thread(training.store.events, job_id, after):
                 yield _frame(FINAL_EVENTS[record.state], {"state": record.state, "error": record.error})
                 return
             await asyncio.sleep(EVENT_POLL_S)

@@ -30,22 +30,12 @@ from app.settings import Settings
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import Registry
 from lm.tokenizers import fit_tokenizer
-from tests.worker.redis_server import RedisServer
+from tests.corpora import HAMLET, SONNET_18, first_lines
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CORPUS = """\
-Shall I compare thee to a summer's day?
-Thou art more lovely and more temperate:
-Rough winds do shake the darling buds of May,
-And summer's lease hath all too short a date;
-To be, or not to be, that is the question:
-Whether 'tis nobler in the mind to suffer
-The slings and arrows of outrageous fortune,
-Or to take arms against a sea of troubles
-And by opposing end them. To die: to sleep;
-QA: User Assistant System 0123456789 ?!
-"""
+CORPUS = first_lines(SONNET_18, 4) + first_lines(HAMLET, 5) + "QA: User Assistant System 0123456789 ?!\n"
 MODEL_A = "tiny-a"
 MODEL_B = "tiny-b"
 MODEL_NAN = "tiny-nan"

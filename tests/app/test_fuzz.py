@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
 from app.main import create_app
 from app.settings import Settings
 from tests.app.conftest import MODEL_A
-from tests.worker.redis_server import RedisServer
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 

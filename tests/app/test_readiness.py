@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.app.conftest import MODEL_A, MODEL_B, ClientFactory
-from tests.worker.redis_server import RedisServer
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 

@@ -23,12 +23,12 @@ from typing import Any
 import httpx
 import torch
 
-from lm.job_redis import connect_redis
+from jobs.pointer import RedisPointer
+from jobs.redis_client import connect_redis
 from lm.model import LSTMLanguageModel, ModelConfig
-from lm.redis_pointer import RedisPointer
 from lm.registry import ActivePointer, Registry
 from lm.tokenizers import fit_tokenizer
-from tests.worker.redis_server import RedisServer
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = (ROOT / "data" / "shakespeare" / "shakespeare.txt").read_text(encoding="utf-8")[20_000:26_000]

@@ -138,7 +138,7 @@ def test_dockerignore_sends_the_code_models_and_corpora_and_keeps_venv_caches_an
         ".pytest_cache/v/cache/nodeids",
         ".mypy_cache/3.11/lm/model.data.json",
         "lm/__pycache__/model.cpython-311.pyc",
-        "lm/_native/int8_step.o",  # the image compiles its own, against its own torch
+        "lm/kernels/_build/int8_step.o",  # the image compiles its own, against its own torch
         "models/jobs/job-1/corpus.txt",
         "models/.tmp-1a2b/model.safetensors",
         "models/.lock",

@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from jobs.pointer import RedisPointer
+from jobs.redis_client import connect_redis
 from lm.checkpoint import CONFIG_FILE, MODEL_FILE
-from lm.job_redis import connect_redis
-from lm.redis_pointer import RedisPointer
 from lm.tokenizers import TOKENIZER_FILE
 from tests.app.conftest import (
     MODEL_A,

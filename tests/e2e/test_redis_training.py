@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lm.job_redis import connect_redis
-from lm.redis_pointer import RedisPointer
+from jobs.pointer import RedisPointer
+from jobs.redis_client import connect_redis
 from tests.e2e.conftest import (
     BASE_MODEL,
     TEXT,
@@ -35,7 +35,7 @@ from tests.e2e.conftest import (
     wait_for_job,
     wait_serving,
 )
-from tests.worker.redis_server import RedisServer
+from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 

@@ -15,6 +15,7 @@ import torch
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import Registry
 from lm.tokenizers import fit_tokenizer
+from tests.corpora import HAMLET, SONNET_18, first_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "test-output" / "ui"
@@ -30,23 +31,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-CORPUS = """\
-Shall I compare thee to a summer's day?
-Thou art more lovely and more temperate:
-Rough winds do shake the darling buds of May,
-And summer's lease hath all too short a date;
-Sometime too hot the eye of heaven shines,
-And often is his gold complexion dimm'd;
-To be, or not to be, that is the question:
-Whether 'tis nobler in the mind to suffer
-The slings and arrows of outrageous fortune,
-Or to take arms against a sea of troubles
-And by opposing end them. To die: to sleep;
-No more; and by a sleep to say we end
-The heart-ache and the thousand natural shocks
-That flesh is heir to, 'tis a consummation
-Devoutly to be wish'd. To die, to sleep;
-"""
+CORPUS = first_lines(SONNET_18, 6) + first_lines(HAMLET, 9)
 MODELS = ("tiny-a", "tiny-b", "tiny-c")  # tiny-a is active
 TRAINING = {"recipe": {"note": "random weights for tests"}, "corpus_sha256": "0" * 64, "corpus_bytes": len(CORPUS)}
 

@@ -32,7 +32,7 @@ def _samplers(tokenizer: CharTokenizer, params: list[SamplingParams]) -> list[Se
 def test_batch_draws_equal_row_by_row_draws(
     char_tokenizer: CharTokenizer, rows: list[SamplingParams], native_draws: bool
 ) -> None:
-    """Both with the draws in one native call (lm/native.py) and with the Python loop over rows."""
+    """Both with the draws in one native call (lm/kernels/native.py) and with the Python loop over rows."""
     batched, single = _samplers(char_tokenizer, rows), _samplers(char_tokenizer, rows)
     gen = torch.Generator().manual_seed(0)
     V = char_tokenizer.vocab_size

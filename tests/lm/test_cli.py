@@ -293,6 +293,46 @@ def test_bad_input_exits_2_with_one_error_line(args, fragment, trained, corpus, 
     assert sorted(p.name for p in models.iterdir()) == before  # nothing was written
 
 
+@pytest.mark.parametrize("command", [["models"], ["train", "corpus.txt"], ["worker"], ["serve"], ["generate", "hi"]])
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("TEXTGEN_TRAIN_THREADS", "abc", "valid integer"),
+        ("TEXTGEN_JOB_LEASE_S", "-1", "greater than 0"),
+        ("TEXTGEN_NATIVE", "sometimes", "valid boolean"),
+        ("TEXTGEN_THREADS", "0", "greater than or equal to 1"),
+        ("TEXTGEN_MAX_TOKENS", "many", "valid integer"),
+    ],
+)
+def test_a_malformed_setting_ends_every_command_with_one_line_naming_it(
+    command, variable, value, fragment, tmp_path, monkeypatch, capsys
+):
+    """Every command reads the TEXTGEN_* environment through the one settings class, and refuses a bad value
+    the same way, before it does anything."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, value)
+    assert main(command) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    [line] = err.splitlines()
+    assert line.startswith(f"textgen: error: {variable}={value}: ") and fragment in line
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_a_flag_that_overrides_a_setting_is_named_when_it_is_out_of_bounds(capsys):
+    assert main(["worker", "--redis-url", "redis://127.0.0.1:1", "--threads", "-2"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("textgen: error: --threads=-2: ") and "greater than or equal to 0" in line
+
+
+def test_textgen_native_false_trains_through_nn_lstm(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TEXTGEN_NATIVE", "false")
+    assert main(["--models-dir", str(tmp_path), "train", str(corpus), *TINY, "--name", "plain"]) == 0
+    assert "(nn.LSTM LSTM kernel)" in capsys.readouterr().out
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["metrics"]["lstm_kernel"] == "nn.LSTM"
+
+
 def test_flags_argparse_cannot_parse_exit_2_with_usage(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "corpus.txt", "--layers", "two"])

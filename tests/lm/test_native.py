@@ -1,4 +1,4 @@
-"""The int8 step's C++ loops (lm/csrc/int8_step.cpp) against the same step's Python loops: the same
+"""The int8 step's C++ loops (lm/kernels/csrc/int8_step.cpp) against the same step's Python loops: the same
 bits for decode steps, batched steps and whole prompts, on every path (one row, packed rows, the
 wavefront and its edges)."""
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from lm import native
-from lm.fast import FusedStep, build_step
+from lm.decode import FusedStep, build_step
+from lm.kernels import native
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.tokenizers import CharTokenizer
 
@@ -20,8 +20,10 @@ State = tuple[torch.Tensor, torch.Tensor]
 
 def test_this_install_has_built_the_native_loops() -> None:
     """`make install` / `make dev` build them; without a build textgen would quietly run slower."""
-    assert native.load() is not None, f"{native.module_path()} is missing: run `python -m lm.native build`"
-    done = subprocess.run([sys.executable, "-m", "lm.native", "check"], capture_output=True, text=True, check=False)
+    assert native.load() is not None, f"{native.module_path()} is missing: run `python -m lm.kernels.native build`"
+    done = subprocess.run(
+        [sys.executable, "-m", "lm.kernels.native", "check"], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0 and str(native.module_path()) in done.stdout, done.stderr
 
 

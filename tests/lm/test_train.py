@@ -11,8 +11,10 @@ import torch
 
 from lm.data import batchify, decode_corpus, read_corpus, split_corpus, windows
 from lm.errors import ConfigError, CorpusError, TrainingCancelled
+from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import Registry
-from lm.train import STATE_JSON, TrainConfig, TrainEvent, evaluate, lr_at, train
+from lm.tokenizers import fit_tokenizer
+from lm.train import STATE_JSON, TrainConfig, TrainEvent, evaluate, lr_at, planned_parameters, train
 
 from .conftest import CHINESE_CORPUS, TINY_CORPUS
 
@@ -258,3 +260,36 @@ def test_validation_every_so_many_seconds() -> None:
     assert len(marks) >= 2
     assert all(e.val_loss is not None and math.isfinite(e.val_loss) for e in marks)
     assert [round(e.elapsed_s / 0.5) for e in marks] == sorted(round(e.elapsed_s / 0.5) for e in marks)
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "data" / "shakespeare" / "shakespeare.txt"
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        {},  # every size from TrainConfig's defaults
+        {"embedding_dim": 24, "hidden_dim": 32, "layers": 3},
+        {"embedding_dim": 16, "hidden_dim": 16, "layers": 1, "tie_weights": True, "vocab_size": 300},
+    ],
+    ids=["defaults", "explicit", "tied-and-capped"],
+)
+@pytest.mark.parametrize("tokenizer", ["char", "word", "bpe"])
+def test_planned_parameters_equal_the_built_models_parameter_count(tokenizer: str, sizes: dict) -> None:
+    text = SHIPPED.read_text(encoding="utf-8")[:300_000]  # enough pairs for bpe to reach its 1024 tokens
+    cfg = TrainConfig(tokenizer=tokenizer, **sizes)
+    fitted = fit_tokenizer(tokenizer, text, cfg.vocab_size)
+    built = LSTMLanguageModel(cfg.model_config(fitted.vocab_size))
+    assert planned_parameters(cfg, text) == sum(p.numel() for p in set(built.parameters()))
+
+
+def test_the_default_recipe_plans_the_shipped_models_size() -> None:
+    """shakespeare-char was trained by the default recipe on the shipped corpus: the plan is its size."""
+    shipped = json.loads((SHIPPED.parents[2] / "models" / "shakespeare-char" / "config.json").read_text())
+    assert planned_parameters(TrainConfig(), SHIPPED.read_text(encoding="utf-8")) == shipped["parameters"] == 3_469_908
+
+
+def test_planned_parameters_of_a_fine_tune_follow_the_base_architecture() -> None:
+    base = {"vocab_size": 70, "embedding_dim": 12, "hidden_dim": 20, "layers": 2, "dropout": 0.1, "tie_weights": False}
+    built = LSTMLanguageModel(ModelConfig.from_dict(base))
+    assert planned_parameters(TrainConfig(), "any text", base) == sum(p.numel() for p in built.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -14,16 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.job_files import FileStore
-from lm.job_redis import RedisStore
-from lm.jobs import JobEvent, JobStore, corpus_path, state_path
+from jobs.file_store import FileStore
+from jobs.files import corpus_path, state_path
+from jobs.pointer import RedisPointer
+from jobs.records import JobEvent
+from jobs.redis_store import RedisStore
+from jobs.store import JobStore
 from lm.model import LSTMLanguageModel, ModelConfig
-from lm.redis_pointer import RedisPointer
 from lm.registry import Registry
 from lm.tokenizers import fit_tokenizer
 from lm.train import STATE_JSON, TrainConfig, TrainEvent, train
-from tests.worker.conftest import ROOT, corpus, tiny_params
-from tests.worker.redis_server import RedisServer
+from tests.jobs.conftest import ROOT, corpus, tiny_params
+from tests.redis_server import RedisServer
 from worker.errors import EXIT_HANDED_BACK, JobFailed, describe_exit, describe_failure
 from worker.progress import Stopper
 from worker.publish import save_model
@@ -78,6 +81,18 @@ def test_a_job_trains_publishes_and_activates_its_model(file_store: FileStore, m
     epoch = next(e for e in file_store.events(job.id) if e.kind == "epoch")
     assert epoch.data["val_loss"] > 0 and isinstance(epoch.data["sample"], str) and epoch.data["sample"]
     assert not corpus_path(models_dir, job.id).exists() and not state_path(models_dir, job.id).exists()
+
+
+@pytest.mark.parametrize(("native", "kernel"), [(True, "textgen"), (False, "nn.LSTM")])
+def test_the_native_setting_reaches_the_jobs_training_process(
+    native: bool, kernel: str, file_store: FileStore, models_dir: Path
+) -> None:
+    """TEXTGEN_NATIVE travels in the job's spec to its own process (not through the environment)."""
+    job = file_store.submit(tiny_params(), corpus())
+    Runner(file_store, dataclasses.replace(FAST, native=native)).run(burst=True)
+    record = file_store.get(job.id)
+    assert record.state == "succeeded" and record.metrics is not None
+    assert record.metrics["lstm_kernel"] == kernel
 
 
 def test_a_corpus_shorter_than_one_batch_fails_and_says_what_to_do(file_store: FileStore, models_dir: Path) -> None:

@@ -1,11 +1,12 @@
-"""The int8 step's loops in C++ (lm/csrc/int8_step.cpp): built once per install, loaded if present.
+"""textgen's native module (csrc/int8_step.cpp, csrc/lstm_train.cpp): built once per install, loaded if present.
 
 `make install` (so `make run` and `make test`) and the Docker image build it with
-`python -m lm.native`: torch's `cpp_extension` compiles the one source file against the installed
-torch with the system's C++ compiler, about 30 s on 2 cores. The module's name carries a hash of
-the source and of the torch version, so a build left over from another source or another torch is
-never loaded. Without a build (no compiler, or `TEXTGEN_NATIVE=false`) `lm.fast` runs the same
-arithmetic from Python, bit for bit the same results, only slower and holding the GIL between ops.
+`python -m lm.kernels.native build`: torch's `cpp_extension` compiles the sources against the
+installed torch with the system's C++ compiler, about 30 s on 2 cores. The module's name carries a
+hash of the sources, the flags and the torch version, so a build left over from another source or
+another torch is never loaded. Without a build (no compiler, or `TEXTGEN_NATIVE=false`) lm/decode/
+runs the int8 step's loops from Python, bit for bit the same results, only slower and holding the
+GIL between ops, and training runs nn.LSTM.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "int8_step.cpp", CSRC / "lstm_train.cpp")
-BUILD_DIR = Path(__file__).resolve().parent / "_native"  # ignored by git; inside the package when installed
+BUILD_DIR = Path(__file__).resolve().parent / "_build"  # ignored by git; inside the package when installed
 
 
 # -O3 vectorizes the elementwise loops; x86-64-v3 (AVX2 and FMA, every x86 server CPU since 2013) gives
@@ -87,7 +88,7 @@ def load() -> ModuleType | None:
     if not path.exists():
         return None
     if not supported():
-        log.warning("this CPU lacks AVX2/FMA, which the native int8 step was compiled for; using the Python loops")
+        log.warning("this CPU lacks AVX2/FMA, which the native module was compiled for; running without it")
         return None
     spec = importlib.util.spec_from_file_location(module_name(), path)
     if spec is None or spec.loader is None:
@@ -96,13 +97,13 @@ def load() -> ModuleType | None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except ImportError:  # built against a different libtorch than the one loaded
-        log.warning("could not load the native int8 step %s; decoding with the Python loops", path, exc_info=True)
+        log.warning("could not load the native module %s; running without it", path, exc_info=True)
         return None
     return module
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lm.native", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lm.kernels.native", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["build", "check"], help="build: compile it; check: exit 1 if not built")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
     args = parser.parse_args(argv)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built {path}")
         return 0
     if load() is None:
-        print(f"not built: {module_path()} (run `python -m lm.native build`)", file=sys.stderr)
+        print(f"not built: {module_path()} (run `python -m lm.kernels.native build`)", file=sys.stderr)
         return 1
     print(f"built: {module_path()}")
     return 0

@@ -1,4 +1,4 @@
-// The int8 decode step of lm/fast.py (`FusedStep(int8=True)`), with its loops in C++; and, at the end,
+// The int8 decode step of lm/decode/fused.py (`FusedStep(int8=True)`), with its loops in C++; and, at the end,
 // the per-row draws of lm/batch_sampler.py.
 //
 // The same arithmetic as the Python methods named at each function, to the bit (tests/lm/test_native.py
@@ -20,9 +20,9 @@
 
 namespace {
 
-constexpr float kHScale = 127.0f;  // lm.fast.H_SCALE: the int8 code of h is round(127 h), |h| <= 1
+constexpr float kHScale = 127.0f;  // lm.decode.quantize.H_SCALE: the int8 code of h is round(127 h), |h| <= 1
 
-// lm.fast._quantize_h on the row [a, b] (b may be empty): round half to even, as torch.round.
+// lm.decode.quantize.quantize_h on the row [a, b] (b may be empty): round half to even, as torch.round.
 template <typename Code>
 void quantize(Code* out, const float* a, int64_t na, const float* b, int64_t nb, int offset) {
   for (int64_t j = 0; j < na; ++j) out[j] = static_cast<Code>(std::nearbyint(a[j] * kHScale) + offset);
@@ -271,11 +271,11 @@ at::Tensor draw_rows(const at::Tensor& probs, const std::vector<at::Generator>& 
 
 }  // namespace
 
-void bind_lstm_train(py::module_& m);  // lm/csrc/lstm_train.cpp
+void bind_lstm_train(py::module_& m);  // lm/kernels/csrc/lstm_train.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "textgen's int8 LSTM step with its loops in C++, the batch sampler's draws, and the training "
-            "LSTM's recurrence (lm/native.py)";
+            "LSTM's recurrence (lm/kernels/native.py)";
   bind_lstm_train(m);
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("draw_rows", &draw_rows, release());

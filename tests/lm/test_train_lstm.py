@@ -1,4 +1,4 @@
-"""The training loop's LSTM kernel (lm/fused_lstm.py, lm/csrc/lstm_train.cpp) against nn.LSTM: the same
+"""The training loop's LSTM kernel (lm/kernels/train_lstm.py, lm/kernels/csrc/lstm_train.cpp) against nn.LSTM: the same
 function and the same gradients from the same parameters, in fp32 to float rounding and under bf16
 autocast to bf16 rounding; its dropout; and training through it."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm import fused_lstm
+from lm.kernels import train_lstm
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.train import TrainConfig, keep_freed_memory, train
 
@@ -42,7 +42,7 @@ def _run(model: LSTMLanguageModel, forward, ids: torch.Tensor, state, bf16: bool
 
 
 def _fused(model: LSTMLanguageModel):  # noqa: ANN202
-    return lambda ids, state: fused_lstm.forward(model, ids, state)
+    return lambda ids, state: train_lstm.forward(model, ids, state)
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_two_windows_in_flight_keep_their_own_saved_tensors() -> None:
 
     def grads_of(*batches: torch.Tensor) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        losses = [F.cross_entropy(fused_lstm.forward(model, ids)[0].flatten(0, 1), ids.flatten()) for ids in batches]
+        losses = [F.cross_entropy(train_lstm.forward(model, ids)[0].flatten(0, 1), ids.flatten()) for ids in batches]
         sum(losses).backward()
         return {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -105,21 +105,21 @@ def test_two_windows_in_flight_keep_their_own_saved_tensors() -> None:
 def test_dropout_drops_p_and_scales_the_rest(p: float) -> None:
     x = torch.ones(64, 32, 100, requires_grad=True)
     torch.manual_seed(0)
-    out = fused_lstm._dropout(x, p, training=True)
+    out = train_lstm._dropout(x, p, training=True)
     dropped = (out == 0).float().mean().item()
     assert abs(dropped - p) < 0.01
     assert torch.all((out == 0) | (out == torch.tensor(1 / (1 - p))))
     out.sum().backward()
     assert torch.equal(x.grad, out.detach())  # the backward applies the forward's own mask
     torch.manual_seed(0)
-    assert torch.equal(fused_lstm._dropout(x, p, training=True), out)  # seeded: the same mask
-    assert not torch.equal(fused_lstm._dropout(x, p, training=True), out)  # next draw: another mask
-    assert fused_lstm._dropout(x, p, training=False) is x
+    assert torch.equal(train_lstm._dropout(x, p, training=True), out)  # seeded: the same mask
+    assert not torch.equal(train_lstm._dropout(x, p, training=True), out)  # next draw: another mask
+    assert train_lstm._dropout(x, p, training=False) is x
 
 
 def test_dropout_keeps_bf16_and_odd_sizes() -> None:
     x = torch.randn(7, 3, 13).to(torch.bfloat16)  # 273 elements: vector body and scalar tail
-    out = fused_lstm._dropout(x, 0.3, training=True)
+    out = train_lstm._dropout(x, 0.3, training=True)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     kept = out != 0
     torch.testing.assert_close(out[kept], (x[kept].float() / 0.7).to(torch.bfloat16))
@@ -133,10 +133,9 @@ def test_training_runs_through_the_kernel_and_learns() -> None:
     assert last < first
 
 
-def test_the_setting_trains_with_nn_lstm_instead(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TEXTGEN_NATIVE", "false")
+def test_native_false_trains_with_nn_lstm_instead() -> None:
     cfg = TrainConfig(hidden_dim=16, embedding_dim=8, seq_len=16, batch_size=2, max_steps=3, seed=1)
-    assert train(CORPUS, cfg).metrics["lstm_kernel"] == "nn.LSTM"
+    assert train(CORPUS, cfg, native=False).metrics["lstm_kernel"] == "nn.LSTM"
 
 
 def test_seeded_training_through_the_kernel_repeats_exactly() -> None:

@@ -7,23 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from lm.job_redis import RedisStore, connect_redis
-from lm.jobs import (
-    JobConflict,
-    JobNotFound,
-    JobStore,
-    StoreUnavailable,
-    corpus_path,
-    planned_parameters,
-    validate_job_id,
-)
-from lm.model import LSTMLanguageModel, ModelConfig, count_parameters
-from lm.redis_pointer import RedisPointer
-from lm.tokenizers import fit_tokenizer
-from tests.worker.conftest import corpus, tiny_params
-from tests.worker.redis_server import RedisServer
+from jobs.errors import JobConflict, JobNotFound, StoreUnavailable
+from jobs.files import corpus_path
+from jobs.pointer import RedisPointer
+from jobs.records import validate_job_id
+from jobs.redis_client import connect_redis
+from jobs.redis_store import RedisStore
+from jobs.store import JobStore
+from tests.jobs.conftest import corpus, tiny_params
+from tests.redis_server import RedisServer
 
 
 def test_submit_queues_the_job_and_keeps_the_corpus_in_the_models_folder(store: JobStore, models_dir: Path) -> None:
@@ -146,24 +139,6 @@ def test_set_once_keeps_the_first_value(store: JobStore) -> None:
     job = store.submit(tiny_params(), corpus())
     assert store.set_once(job.id, "active_at_start", "") == ""
     assert store.set_once(job.id, "active_at_start", "other") == ""
-
-
-@pytest.mark.parametrize(
-    ("params", "tie"),
-    [
-        ({"tokenizer": "char", "embedding_dim": 16, "hidden_dim": 24, "layers": 2}, False),
-        ({"tokenizer": "char", "embedding_dim": 16, "hidden_dim": 16, "layers": 1, "tie_weights": True}, True),
-        ({"tokenizer": "word", "embedding_dim": 8, "hidden_dim": 8, "layers": 3, "vocab_size": 50}, False),
-    ],
-)
-def test_planned_parameters_match_the_model_that_is_trained(params: dict, tie: bool) -> None:
-    text = corpus()
-    tokenizer = fit_tokenizer(params["tokenizer"], text, params.get("vocab_size"))
-    cfg = ModelConfig(
-        tokenizer.vocab_size, params["embedding_dim"], params["hidden_dim"], params["layers"], tie_weights=tie
-    )
-    torch.manual_seed(0)
-    assert planned_parameters(params, text) == count_parameters(LSTMLanguageModel(cfg))
 
 
 # ---------------------------------------------------------------------------- Redis only

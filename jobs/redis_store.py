@@ -6,56 +6,31 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
-from lm.jobs import (
+from jobs import records
+from jobs.errors import JobNotFound, StoreUnavailable
+from jobs.files import remove_job_files, write_corpus
+from jobs.records import (
     DEFAULT_LEASE_S,
     FINAL_EVENTS,
-    FINAL_STATES,
+    Changes,
     Claim,
-    JobConflict,
     JobEvent,
-    JobNotFound,
     JobRecord,
-    StoreUnavailable,
     final_event_data,
-    lease_expired,
     new_job_id,
-    remove_job_files,
     utc_now,
     validate_job_id,
-    write_corpus,
 )
+from jobs.redis_client import DEFAULT_PREFIX, client_url, redis_errors
 
 log = logging.getLogger(__name__)
-
-
-def connect_redis(url: str, *, socket_timeout: float = 10.0) -> Any:
-    """A client that fails fast while Redis is down (StoreUnavailable upstream) and reconnects by itself."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=2.0,
-        socket_timeout=socket_timeout,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-        health_check_interval=15,
-    )
-
-
-@contextlib.contextmanager
-def redis_errors() -> Iterator[None]:
-    """Turn a lost connection into StoreUnavailable, a retryable error the API answers with 503."""
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise StoreUnavailable(f"Redis is unreachable ({e}); retry in a few seconds") from None
 
 
 # A running job's heartbeat: only while this worker still owns the queue entry (another worker
@@ -102,7 +77,7 @@ class RedisStore:
         client: Any,
         models_dir: Path,
         *,
-        prefix: str = "textgen:",
+        prefix: str = DEFAULT_PREFIX,
         lease_s: float = DEFAULT_LEASE_S,
         events_maxlen: int = 5000,
     ) -> None:
@@ -117,11 +92,9 @@ class RedisStore:
         self._group_ready = False
 
     def spec(self) -> dict[str, Any]:
-        kwargs = self.redis.connection_pool.connection_kwargs
-        url = _redis_url(kwargs)
         return {
             "kind": "redis",
-            "url": url,
+            "url": client_url(self.redis),
             "prefix": self.prefix,
             "models_dir": str(self.models_dir),
             "lease_s": self.lease_s,
@@ -150,7 +123,7 @@ class RedisStore:
     # -- encoding
 
     @staticmethod
-    def _encode(values: dict[str, Any]) -> dict[str, str]:
+    def _encode(values: Changes) -> dict[str, str]:
         return {k: (v if k in _RAW_FIELDS else json.dumps(v, ensure_ascii=False)) for k, v in values.items()}
 
     @staticmethod
@@ -209,16 +182,12 @@ class RedisStore:
             if not raw:
                 raise JobNotFound(f"no training job {job_id!r}")
             record = self._decode(raw)
-            if record.final:
-                raise JobConflict(f"job {job_id} has already {record.state}; there is nothing to cancel")
+            changes = records.cancel(record, now, self.lease_s)
             pipe.multi()
-            values: dict[str, Any] = {"cancel_requested": True}
-            if record.state == "queued" or lease_expired(record, now, self.lease_s * 2):
-                values.update(state="cancelled", finished=utc_now(), worker=None)
+            if changes.get("state") == "cancelled":
                 pipe.zrem(f"{self.prefix}jobs:queued", job_id)
-            pipe.hset(key, mapping=self._encode(values))
-            for name, value in values.items():
-                setattr(record, name, value)
+            pipe.hset(key, mapping=self._encode(changes))
+            record.apply(changes)
             return record
 
         with redis_errors():
@@ -277,8 +246,16 @@ class RedisStore:
     def _owner_check(self, claim: Claim) -> bool:
         return bool(self._owns(keys=[self.queue_key], args=[self.GROUP, claim.worker, claim.token]))
 
-    def start(self, claim: Claim) -> JobRecord | None:
-        """queued/running -> running; None (and the entry acknowledged) when the job ended meanwhile."""
+    def _transition(
+        self,
+        claim: Claim,
+        transition: Callable[[JobRecord], Changes | None],
+        queue_side: Callable[[Any, JobRecord], object],
+    ) -> tuple[bool, JobRecord | None]:
+        """Apply `transition` to the claimed job, and `queue_side` (the queue's part of the move) in the
+        same transaction, while this worker owns the job's queue entry.
+
+        -> (whether it owned the entry, the changed record or None when the transition did not apply)."""
         key = self._job_key(claim.job_id)
 
         def txn(pipe: Any) -> JobRecord | None:
@@ -286,23 +263,28 @@ class RedisStore:
             if not raw:
                 return None
             record = self._decode(raw)
-            if record.final:
+            changes = transition(record)
+            if changes is None:
                 return None
-            record.state, record.attempts, record.worker = "running", record.attempts + 1, claim.worker
-            record.started = record.started or utc_now()
-            record.heartbeat_at = time.time()
+            record.apply(changes)
             pipe.multi()
-            pipe.hset(
-                key, mapping=self._encode(_pick(record, "state", "attempts", "worker", "started", "heartbeat_at"))
-            )
-            pipe.zrem(f"{self.prefix}jobs:queued", claim.job_id)
+            pipe.hset(key, mapping=self._encode(changes))
+            queue_side(pipe, record)
             return record
 
         with redis_errors():
             if not self._owner_check(claim):
-                return None
-            record = self.redis.transaction(txn, key, value_from_callable=True)
-        if record is None:
+                return False, None
+            return True, self.redis.transaction(txn, key, value_from_callable=True)
+
+    def start(self, claim: Claim) -> JobRecord | None:
+        """queued/running -> running; None (and the entry acknowledged) when the job ended meanwhile."""
+        owned, record = self._transition(
+            claim,
+            lambda r: records.start(r, claim.worker, time.time()),
+            lambda pipe, r: pipe.zrem(f"{self.prefix}jobs:queued", claim.job_id),
+        )
+        if owned and record is None:
             self._ack(claim.token)
         return record
 
@@ -342,60 +324,32 @@ class RedisStore:
 
     def finish(self, claim: Claim, state: str, **values: Any) -> bool:
         """running -> final, the entry acknowledged, atomically; then the final event."""
-        assert state in FINAL_STATES
-        key = self._job_key(claim.job_id)
 
-        def txn(pipe: Any) -> JobRecord | None:
-            raw = pipe.hgetall(key)
-            if not raw:
-                return None
-            record = self._decode(raw)
-            if record.final:
-                return None
-            record.state, record.finished, record.worker = state, utc_now(), None
-            for name, value in values.items():
-                setattr(record, name, value)
-            pipe.multi()
-            pipe.hset(key, mapping=self._encode(_pick(record, "state", "finished", "worker", *values)))
+        def done(pipe: Any, record: JobRecord) -> None:
             pipe.zrem(f"{self.prefix}jobs:queued", claim.job_id)
             pipe.xack(self.queue_key, self.GROUP, claim.token)
             pipe.xdel(self.queue_key, claim.token)
-            return record
 
-        with redis_errors():
-            if not self._owner_check(claim):
-                return False
-            record = self.redis.transaction(txn, key, value_from_callable=True)
+        owned, record = self._transition(claim, lambda r: records.finish(r, state, values), done)
         if record is None:
-            self._ack(claim.token)
+            if owned:
+                self._ack(claim.token)
             return False
         self.append_event(claim.job_id, FINAL_EVENTS[state], final_event_data(record))
         return True
 
     def hand_back(self, claim: Claim, reason: str) -> bool:
         """running -> queued; the entry is made to look long idle so the next free worker claims it at once."""
-        key = self._job_key(claim.job_id)
 
-        def txn(pipe: Any) -> bool:
-            raw = pipe.hgetall(key)
-            if not raw or self._decode(raw).final:
-                return False
-            record = self._decode(raw)
-            pipe.multi()
-            values = {"state": "queued", "worker": None, "heartbeat_at": None, "attempts": max(0, record.attempts - 1)}
-            pipe.hset(key, mapping=self._encode(values))
+        def requeue(pipe: Any, record: JobRecord) -> None:
             pipe.zadd(f"{self.prefix}jobs:queued", {claim.job_id: _created_score(record)})
             idle_ms = int(max(self.lease_s, 1.0) * 1000) * 1000
             pipe.xclaim(self.queue_key, self.GROUP, self.HANDED_BACK, 0, [claim.token], idle=idle_ms, justid=True)
-            return True
 
-        with redis_errors():
-            if not self._owner_check(claim):
-                return False
-            done = self.redis.transaction(txn, key, value_from_callable=True)
-        if done:
+        _, record = self._transition(claim, records.hand_back, requeue)
+        if record is not None:
             self.append_event(claim.job_id, "requeued", {"state": "queued", "reason": reason})
-        return bool(done)
+        return record is not None
 
     def release(self, worker: str) -> None:
         """Forget the consumer name of a worker that exits, unless it still holds an entry (never lose a job)."""
@@ -406,23 +360,8 @@ class RedisStore:
                 self.redis.xgroup_delconsumer(self.queue_key, self.GROUP, worker)
 
 
-def _pick(record: JobRecord, *names: str) -> dict[str, Any]:
-    return {name: getattr(record, name) for name in names}
-
-
 def _created_score(record: JobRecord) -> float:
     try:
         return datetime.fromisoformat(record.created.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return time.time()
-
-
-def _redis_url(kwargs: dict[str, Any]) -> str:
-    """Rebuild a redis:// URL from a client's connection kwargs (for a job's child process)."""
-    if kwargs.get("path"):
-        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
-    auth = ""
-    if kwargs.get("password"):
-        user = kwargs.get("username") or ""
-        auth = f"{user}:{kwargs['password']}@"
-    return f"redis://{auth}{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

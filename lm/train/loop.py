@@ -2,7 +2,7 @@
 
 Shaped after pytorch/examples word_language_model (carry the hidden state, detach between
 windows) and nanoGPT's train.py (AdamW, warmup + cosine decay, gradient clipping, bf16
-autocast). Resumable state is written at each epoch end as safetensors + JSON (no pickle).
+autocast). Resumable state is written at each epoch end (lm/train/state.py).
 """
 
 from __future__ import annotations
@@ -12,122 +12,30 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lm import fused_lstm
 from lm.data import batchify, check_text, num_windows, split_corpus, windows
+from lm.devices import resolve_device
 from lm.errors import ConfigError, CorpusError, TrainingCancelled
-from lm.model import LSTMLanguageModel, ModelConfig, State
+from lm.kernels import train_lstm
+from lm.model import LSTMLanguageModel, State
 from lm.tokenizers import Tokenizer, fit_tokenizer, load_tokenizer
+from lm.train.config import TrainConfig
+from lm.train.evaluate import evaluate_ids, sample_text
+from lm.train.state import STATE_JSON, STATE_TOKENIZER, Progress, load_state, save_state
 
 if TYPE_CHECKING:
     from lm.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
-
-TOKENIZERS = ("char", "word", "bpe")
-PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
-
-# Inclusive bounds of every numeric hyperparameter: shared by the CLI and the HTTP schema.
-BOUNDS: dict[str, tuple[float, float]] = {
-    "vocab_size": (16, 100_000),
-    "embedding_dim": (4, 4096),
-    "hidden_dim": (4, 4096),
-    "layers": (1, 8),
-    "dropout": (0.0, 0.9),
-    "seq_len": (2, 2048),
-    "batch_size": (1, 2048),
-    "lr": (1e-6, 1.0),
-    "weight_decay": (0.0, 1.0),
-    "grad_clip": (0.0, 100.0),
-    "warmup_steps": (0, 100_000),
-    "epochs": (1, 10_000),
-    "max_steps": (1, 100_000_000),
-    "time_budget_s": (1.0, 30 * 24 * 3600.0),
-    "patience": (1, 1000),
-    "val_fraction": (0.001, 0.5),
-    "seed": (0, 2**63 - 1),
-    "threads": (1, 256),
-}
-
-STATE_TENSORS = "train_state.safetensors"
-STATE_JSON = "train_state.json"
-STATE_TOKENIZER = "tokenizer.json"
-
-
-@dataclass
-class TrainConfig:
-    """Every field is a `textgen train` flag and a `POST /train` field. The default is the char recipe."""
-
-    tokenizer: str = "char"
-    vocab_size: int | None = None  # None: char and word keep every symbol; bpe defaults to 1024
-    embedding_dim: int = 128
-    hidden_dim: int = 512
-    layers: int = 2
-    dropout: float = 0.2  # see docs/TRAINING.md, "The default recipe"
-    tie_weights: bool = False
-    seq_len: int = 128
-    batch_size: int = 32
-    lr: float = 6e-3  # chosen by the sweep in docs/TRAINING.md, "The default recipe"
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    warmup_steps: int = 100
-    epochs: int = 10
-    max_steps: int | None = None
-    time_budget_s: float | None = None
-    patience: int | None = None  # early stopping: epochs without a better validation loss
-    val_fraction: float = 0.1
-    seed: int = 1337
-    threads: int | None = None
-    precision: str = "auto"
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.tokenizer not in TOKENIZERS:
-            raise ConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}", "tokenizer")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}", "precision")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}", "device")
-        for name, (lo, hi) in BOUNDS.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"{name} must be a number, got {value!r}", name)
-            if not lo <= value <= hi:
-                raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}", name)
-        if self.tie_weights and self.embedding_dim != self.hidden_dim:
-            raise ConfigError("tie_weights needs embedding_dim equal to hidden_dim", "tie_weights")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(
-            vocab_size=vocab_size,
-            embedding_dim=self.embedding_dim,
-            hidden_dim=self.hidden_dim,
-            layers=self.layers,
-            dropout=self.dropout,
-            tie_weights=self.tie_weights,
-        )
 
 
 @dataclass
@@ -160,29 +68,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass
-class _Progress:
-    """Everything the loop carries that a resume must restore."""
-
-    epoch: int = 0  # completed epochs
-    step: int = 0
-    tokens: int = 0
-    elapsed_s: float = 0.0
-    best_val: float | None = None
-    bad_epochs: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA device is available", "device")
-    return torch.device(device)
 
 
 def keep_freed_memory() -> bool:
@@ -241,11 +128,13 @@ def train(
     base: Checkpoint | None = None,
     progress_interval_s: float = 2.0,
     val_every_s: float | None = None,
+    native: bool = True,
 ) -> TrainResult:
     """Train a model on `text`. Resumes from `state_dir` when it holds a saved epoch state.
 
     `val_every_s` adds "validation" events every so many seconds of training, besides the
-    per-epoch ones (useful when one epoch is long).
+    per-epoch ones (useful when one epoch is long). `native` (the `TEXTGEN_NATIVE` setting) lets the
+    LSTM train through textgen's own kernel (lm/kernels/train_lstm.py); False trains nn.LSTM.
     """
     cfg.validate()
     check_text(text)
@@ -284,17 +173,19 @@ def train(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay, fused=device.type == "cpu"
     )
-    prog = _Progress()
+    prog = Progress()
     best_weights: dict[str, Tensor] | None = None
     if resuming:
         assert state_path is not None
-        prog, best_weights = _load_state(state_path, cfg, corpus_sha, model, optimizer)
+        prog, best_weights = load_state(state_path, cfg, corpus_sha, model, optimizer)
 
     steps_per_epoch = num_windows(train_data, cfg.seq_len)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    loop = _Loop(cfg, model, optimizer, train_data, bf16, total_steps, prog, on_event, should_stop, progress_interval_s)
+    loop = _Loop(
+        cfg, model, optimizer, train_data, bf16, total_steps, prog, on_event, should_stop, progress_interval_s, native
+    )
     if val_every_s:
         loop.validate_every(val_every_s, val_data)
 
@@ -318,7 +209,7 @@ def train(
         prog.history.append({"epoch": prog.epoch, "step": prog.step, "train_loss": epoch_loss, "val_loss": val})
         loop.emit("epoch", train_loss=epoch_loss, val_loss=val, sample=sample_text(model, tokenizer, cfg.seed))
         if state_path is not None:
-            _save_state(state_path, cfg, corpus_sha, tokenizer, model, optimizer, prog, best_weights)
+            save_state(state_path, cfg, corpus_sha, tokenizer, model, optimizer, prog, best_weights)
             loop.emit("state_saved", train_loss=epoch_loss, val_loss=val)
         if stop_reason is not None:
             stopped_by = stop_reason
@@ -331,8 +222,7 @@ def train(
         model.load_state_dict(best_weights)  # early stopping keeps the best epoch's weights
     model.eval()
     val_loss = evaluate_ids(model, val_data, cfg.seq_len, bf16=False)
-    metrics = _metrics(last_train_loss, val_loss, val_chars_per_token, prog, stopped_by)
-    metrics["lstm_kernel"] = loop.kernel
+    metrics = _metrics(last_train_loss, val_loss, val_chars_per_token, prog, stopped_by, loop.kernel)
     log.info("training done: %s", json.dumps(metrics))
     return TrainResult(
         model=model.cpu(),
@@ -356,15 +246,16 @@ class _Loop:
         data: Tensor,
         bf16: bool,
         total_steps: int,
-        prog: _Progress,
+        prog: Progress,
         on_event: Callable[[TrainEvent], None] | None,
         should_stop: Callable[[], bool] | None,
         interval_s: float,
+        native: bool,
     ) -> None:
         self.cfg, self.model, self.optimizer, self.data = cfg, model, optimizer, data
         self.bf16, self.total_steps, self.prog = bf16, total_steps, prog
         self.on_event, self.should_stop, self.interval_s = on_event, should_stop, interval_s
-        self.forward, self.kernel = fused_lstm.training_forward(model, data.device)
+        self.forward, self.kernel = train_lstm.training_forward(model, data.device, native=native)
         log.info("training the LSTM with %s's kernel", self.kernel)
         self.started = time.perf_counter() - prog.elapsed_s
         self.session_start = time.perf_counter()
@@ -474,57 +365,6 @@ class _Loop:
         )
 
 
-@torch.inference_mode()
-def evaluate_ids(model: LSTMLanguageModel, data: Tensor, seq_len: int, *, bf16: bool = False) -> float:
-    """Mean cross-entropy (nats per token) over batchified `data`, carrying the state across windows."""
-    was_training = model.training
-    model.eval()
-    state: State | None = None
-    total, count = 0.0, 0
-    for x, y in windows(data, max(seq_len, 256)):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, state = model(x, state)
-        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-        total += loss.item()
-        count += y.numel()
-    model.train(was_training)
-    return total / max(1, count)
-
-
-def evaluate(
-    model: LSTMLanguageModel, tokenizer: Tokenizer, text: str, *, seq_len: int = 256, batch_size: int = 16
-) -> dict[str, float | int]:
-    """Loss, perplexity and bits per character of `model` on `text` (the whole text is scored)."""
-    check_text(text, "evaluation text")
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    if len(ids) < 2:
-        raise CorpusError("evaluation text is too short: it needs at least 2 tokens")
-    streams = max(1, min(batch_size, (len(ids) - 1) // 2))
-    data = batchify(ids, streams).to(next(model.parameters()).device)
-    loss = evaluate_ids(model, data, seq_len)
-    tokens = streams * (data.size(1) - 1)
-    chars = tokens * len(text) / len(ids)
-    return {
-        "tokens": tokens,
-        "chars": round(chars),
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "bits_per_char": loss * tokens / (chars * math.log(2)),
-    }
-
-
-def sample_text(model: LSTMLanguageModel, tokenizer: Tokenizer, seed: int, max_tokens: int = 160) -> str:
-    """A short seeded sample for progress reports (each epoch's `sample`)."""
-    from lm.sampler import SamplingParams, generate  # sampler imports train's siblings only
-
-    was_training = model.training
-    model.eval()
-    try:
-        return generate(model, tokenizer, "", SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=seed))
-    finally:
-        model.train(was_training)
-
-
 def _adopt_architecture(cfg: TrainConfig, base: Checkpoint) -> TrainConfig:
     """Fine-tuning keeps the base model's architecture and tokenizer."""
     arch = base.model.cfg
@@ -552,7 +392,7 @@ def _check_corpus_size(n_train: int, n_val: int, cfg: TrainConfig) -> None:
 
 
 def _metrics(
-    train_loss: float | None, val_loss: float, chars_per_token: float, prog: _Progress, stopped_by: str
+    train_loss: float | None, val_loss: float, chars_per_token: float, prog: Progress, stopped_by: str, kernel: str
 ) -> dict[str, Any]:
     bits_per_token = val_loss / math.log(2)
     return {
@@ -567,72 +407,5 @@ def _metrics(
         "elapsed_s": prog.elapsed_s,
         "tokens_per_s": prog.tokens / prog.elapsed_s if prog.elapsed_s > 0 else 0.0,
         "stopped_by": stopped_by,
+        "lstm_kernel": kernel,
     }
-
-
-# --- resumable state: safetensors for tensors, JSON for the rest (no pickle) ---
-
-
-def _save_state(
-    path: Path,
-    cfg: TrainConfig,
-    corpus_sha: str,
-    tokenizer: Tokenizer,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    prog: _Progress,
-    best: dict[str, Tensor] | None,
-) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    opt_state = optimizer.state_dict()
-    tensors: dict[str, Tensor] = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for idx, slots in opt_state["state"].items():
-        for key, value in slots.items():
-            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    if best is not None:
-        tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best.items()})
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {
-        "config": cfg.to_dict(),
-        "corpus_sha256": corpus_sha,
-        "progress": asdict(prog),
-        "param_groups": opt_state["param_groups"],
-    }
-    # Tied weights share storage; safetensors wants distinct tensors.
-    tensors = {k: v.clone() for k, v in tensors.items()}
-    _atomic_write(path / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
-    _atomic_write(path / STATE_TOKENIZER, lambda p: tokenizer.save(p))
-    _atomic_write(path / STATE_JSON, lambda p: p.write_text(json.dumps(meta, indent=1)))
-
-
-def _atomic_write(target: Path, write: Callable[[Path], Any]) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-
-
-def _load_state(
-    path: Path, cfg: TrainConfig, corpus_sha: str, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[_Progress, dict[str, Tensor] | None]:
-    meta = json.loads((path / STATE_JSON).read_text())
-    if meta["corpus_sha256"] != corpus_sha:
-        raise CorpusError(f"the saved training state in {path} was made from a different corpus")
-    saved = TrainConfig.from_dict(meta["config"])
-    shape_keys = ("embedding_dim", "hidden_dim", "layers", "tie_weights", "seq_len", "batch_size", "tokenizer")
-    if any(getattr(saved, k) != getattr(cfg, k) for k in shape_keys):
-        raise ConfigError(f"the saved training state in {path} was made with other hyperparameters")
-    tensors = load_file(str(path / STATE_TENSORS))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    opt_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, slot = key.split(".", 2)
-            opt_state["state"].setdefault(int(idx), {})[slot] = value
-    optimizer.load_state_dict(opt_state)
-    torch.set_rng_state(tensors["rng.torch"])
-    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-    prog = _Progress(**meta["progress"])
-    log.info("resuming from %s at epoch %d, step %d", path, prog.epoch, prog.step)
-    return prog, best

@@ -11,27 +11,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lm.jobs import (
+from jobs import records
+from jobs.errors import JobNotFound
+from jobs.files import JOBS_DIR, remove_job_files, write_corpus
+from jobs.records import (
     DEFAULT_LEASE_S,
     FINAL_EVENTS,
-    FINAL_STATES,
     JOB_ID_RE,
-    JOBS_DIR,
+    Changes,
     Claim,
-    JobConflict,
     JobEvent,
-    JobNotFound,
     JobRecord,
-    atomic_write_bytes,
     claimable,
     final_event_data,
-    lease_expired,
     new_job_id,
-    remove_job_files,
     utc_now,
     validate_job_id,
-    write_corpus,
 )
+from lm.files import atomic_write
 
 
 class FileStore:
@@ -77,16 +74,17 @@ class FileStore:
 
     def _write(self, record: JobRecord) -> None:
         text = json.dumps(record.to_dict(), ensure_ascii=False, indent=1)
-        atomic_write_bytes(self._dir(record.id) / self.RECORD, text.encode("utf-8"))
+        atomic_write(self._dir(record.id) / self.RECORD, text.encode("utf-8"))
 
-    def _modify(self, job_id: str, change: Callable[[JobRecord], bool]) -> tuple[bool, JobRecord]:
-        """Apply `change` under the job's lock; it returns False to leave the record as it was."""
+    def _modify(self, job_id: str, change: Callable[[JobRecord], Changes | None]) -> tuple[bool, JobRecord]:
+        """Apply the fields `change` returns under the job's lock; None leaves the record as it was."""
         with self._locked(self._dir(job_id) / ".lock"):
             record = self._read(job_id)
-            changed = change(record)
-            if changed:
+            changes = change(record)
+            if changes is not None:
+                record.apply(changes)
                 self._write(record)
-        return changed, record
+        return changes is not None, record
 
     # -- the API's side
 
@@ -124,16 +122,7 @@ class FileStore:
     def cancel(self, job_id: str) -> JobRecord:
         """A queued job (or one whose worker is gone) is cancelled at once; a running one is asked to stop."""
         now = time.time()
-
-        def change(r: JobRecord) -> bool:
-            if r.final:
-                raise JobConflict(f"job {job_id} has already {r.state}; there is nothing to cancel")
-            if r.state == "queued" or lease_expired(r, now, self.lease_s * 2):
-                r.state, r.finished, r.worker = "cancelled", utc_now(), None
-            r.cancel_requested = True
-            return True
-
-        _, record = self._modify(job_id, change)
+        _, record = self._modify(job_id, lambda r: records.cancel(r, now, self.lease_s))
         if record.state == "cancelled":
             remove_job_files(self.models_dir, job_id)
             self.append_event(job_id, "cancelled", final_event_data(record))
@@ -207,61 +196,40 @@ class FileStore:
             for record in candidates:
                 token = secrets.token_hex(8)
 
-                def take(r: JobRecord, token: str = token) -> bool:
-                    if not claimable(r, time.time(), self.lease_s):
-                        return False
-                    r.worker, r.heartbeat_at = f"{worker}/{token}", time.time()
-                    return True
+                def take(r: JobRecord, holder: str = _holder(Claim(record.id, token, worker))) -> Changes | None:
+                    now = time.time()
+                    return {"worker": holder, "heartbeat_at": now} if claimable(r, now, self.lease_s) else None
 
                 taken, _ = self._modify(record.id, take)
                 if taken:
                     return Claim(job_id=record.id, token=token, worker=worker)
         return None
 
-    def _holds(self, r: JobRecord, claim: Claim) -> bool:
-        return r.worker == f"{claim.worker}/{claim.token}"
+    def _held(
+        self, claim: Claim, transition: Callable[[JobRecord], Changes | None]
+    ) -> Callable[[JobRecord], Changes | None]:
+        """`transition`, only while this claim holds the job (a file claim lives in the record's `worker`)."""
+        return lambda r: transition(r) if r.worker == _holder(claim) else None
 
     def start(self, claim: Claim) -> JobRecord | None:
         """queued/running -> running under this claim; None when the job ended meanwhile (cancelled)."""
-
-        def change(r: JobRecord) -> bool:
-            if r.final or not self._holds(r, claim):
-                return False
-            r.state, r.attempts = "running", r.attempts + 1
-            r.started = r.started or utc_now()
-            return True
-
-        started, record = self._modify(claim.job_id, change)
+        started, record = self._modify(
+            claim.job_id, self._held(claim, lambda r: records.start(r, _holder(claim), time.time()))
+        )
         return record if started else None
 
     def heartbeat(self, claim: Claim) -> bool:
-        def change(r: JobRecord) -> bool:
-            if not self._holds(r, claim) or r.final:
-                return False
-            r.heartbeat_at = time.time()
-            return True
-
-        held, _ = self._modify(claim.job_id, change)
+        held, _ = self._modify(
+            claim.job_id, self._held(claim, lambda r: None if r.final else {"heartbeat_at": time.time()})
+        )
         return held
 
     def update(self, job_id: str, **values: Any) -> None:
-        def change(r: JobRecord) -> bool:
-            for name, value in values.items():
-                setattr(r, name, value)
-            return True
-
-        self._modify(job_id, change)
+        self._modify(job_id, lambda r: values)
 
     def set_once(self, job_id: str, name: str, value: Any) -> Any:
         """Set a field that is still None; returns the field's value afterwards."""
-
-        def change(r: JobRecord) -> bool:
-            if getattr(r, name) is not None:
-                return False
-            setattr(r, name, value)
-            return True
-
-        _, record = self._modify(job_id, change)
+        _, record = self._modify(job_id, lambda r: {name: value} if getattr(r, name) is None else None)
         return getattr(record, name)
 
     def append_event(self, job_id: str, kind: str, data: dict[str, Any]) -> str:
@@ -276,32 +244,14 @@ class FileStore:
 
     def finish(self, claim: Claim, state: str, **values: Any) -> bool:
         """running -> a final state, with the final event; False when this claim no longer holds the job."""
-        assert state in FINAL_STATES
-
-        def change(r: JobRecord) -> bool:
-            if r.final or not self._holds(r, claim):
-                return False
-            r.state, r.finished, r.worker = state, utc_now(), None
-            for name, value in values.items():
-                setattr(r, name, value)
-            return True
-
-        done, record = self._modify(claim.job_id, change)
+        done, record = self._modify(claim.job_id, self._held(claim, lambda r: records.finish(r, state, values)))
         if done:
             self.append_event(claim.job_id, FINAL_EVENTS[state], final_event_data(record))
         return done
 
     def hand_back(self, claim: Claim, reason: str) -> bool:
         """running -> queued, to be resumed by the next free worker; the start does not count as an attempt."""
-
-        def change(r: JobRecord) -> bool:
-            if r.final or not self._holds(r, claim):
-                return False
-            r.state, r.worker, r.heartbeat_at = "queued", None, None
-            r.attempts = max(0, r.attempts - 1)
-            return True
-
-        done, _ = self._modify(claim.job_id, change)
+        done, _ = self._modify(claim.job_id, self._held(claim, records.hand_back))
         if done:
             self.append_event(claim.job_id, "requeued", {"state": "queued", "reason": reason})
         return done
@@ -309,3 +259,8 @@ class FileStore:
     def release(self, worker: str) -> None:
         """Nothing to forget: a file claim lives in the job's record and ends with it."""
         return None
+
+
+def _holder(claim: Claim) -> str:
+    """What a file claim writes in the record's `worker`: the worker and the hold's own token."""
+    return f"{claim.worker}/{claim.token}"

@@ -1,4 +1,4 @@
-// One LSTM layer's recurrence over a training window, forward and backward (lm/fused_lstm.py's
+// One LSTM layer's recurrence over a training window, forward and backward (lm/kernels/train_lstm.py's
 // autograd Function calls these; it does the window-wide products itself), and the training loop's
 // dropout.
 //
@@ -424,7 +424,7 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed) {
 
 void bind_lstm_train(py::module_& m) {
   using release = py::call_guard<py::gil_scoped_release>;
-  m.def("lstm_forward", &forward, release(), "one LSTM layer's forward over a window (lm/fused_lstm.py)");
-  m.def("lstm_backward", &backward, release(), "one LSTM layer's backward over a window (lm/fused_lstm.py)");
-  m.def("dropout", &dropout, release(), "x * keep / (1 - p), keep a function of (seed, index) (lm/fused_lstm.py)");
+  m.def("lstm_forward", &forward, release(), "one LSTM layer's forward over a window (lm/kernels/train_lstm.py)");
+  m.def("lstm_backward", &backward, release(), "one LSTM layer's backward over a window (lm/kernels/train_lstm.py)");
+  m.def("dropout", &dropout, release(), "x * keep / (1 - p), keep a function of (seed, index) (lm/kernels/train_lstm.py)");
 }

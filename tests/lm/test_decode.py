@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lm.decode import build_step, int8_available
 from lm.errors import ConfigError
-from lm.fast import build_step, int8_available
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.sampler import prompt_ids
 from lm.tokenizers import CharTokenizer

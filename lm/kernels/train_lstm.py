@@ -6,7 +6,7 @@ on a CPU (docs/TRAINING.md, "The training kernel"):
 
 - each layer's input projection, x W_ih^T, is one product over the whole window, and so are its
   weight and input gradients, through autograd's own `linear`;
-- the recurrence runs in C++ (lm/csrc/lstm_train.cpp): one oneDNN product per step on W_hh packed
+- the recurrence runs in C++ (lm/kernels/csrc/lstm_train.cpp): one oneDNN product per step on W_hh packed
   once per window, with the step's input projection added in the same call, then one fused pass
   over the gates (the bias b_ih + b_hh, in fp32, the vectorized activations, the cell, the
   output); the backward mirrors it, and W_hh's gradient is one product over the window;
@@ -15,14 +15,13 @@ on a CPU (docs/TRAINING.md, "The training kernel"):
 
 Under bf16 autocast the products run in bf16; the cell state and every gradient sum stay in fp32.
 The parameters, and so the checkpoints, are the model's own: nothing here changes what is saved or
-served. Without the native build (or with `TEXTGEN_NATIVE=false`) training runs `nn.LSTM`.
+served. Without the native build (or with `native=False`: `TEXTGEN_NATIVE=false`) training runs `nn.LSTM`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lm import native
+from lm.kernels import native
 from lm.model import LSTMLanguageModel, State
 
 log = logging.getLogger(__name__)
@@ -127,15 +126,10 @@ def forward(model: LSTMLanguageModel, ids: Tensor, state: State | None = None) -
     return logits, (torch.stack(h_last), torch.stack(c_last))
 
 
-def enabled() -> bool:
-    """`TEXTGEN_NATIVE` (default true) turns textgen's native kernels on, here and in serving."""
-    return os.environ.get("TEXTGEN_NATIVE", "true").strip().lower() not in ("0", "false", "no", "off")
-
-
 def _module() -> ModuleType:
     module = native.load()  # cached; its name hashes both sources, so a loaded build has the kernel
     if module is None:
-        raise RuntimeError("textgen's native module is not built (python -m lm.native build)")
+        raise RuntimeError("textgen's native module is not built (python -m lm.kernels.native build)")
     return module
 
 
@@ -152,7 +146,7 @@ def _packing_works() -> bool:
 
 def usable(model: nn.Module, device: torch.device) -> bool:
     """Whether `forward` can train this model here: a CPU, the native build, oneDNN, a plain nn.LSTM."""
-    if not (device.type == "cpu" and isinstance(model, LSTMLanguageModel) and enabled()):
+    if not (device.type == "cpu" and isinstance(model, LSTMLanguageModel)):
         return False
     lstm = model.lstm
     if lstm.bidirectional or lstm.proj_size or not lstm.bias or not lstm.batch_first:
@@ -160,8 +154,10 @@ def usable(model: nn.Module, device: torch.device) -> bool:
     return native.load() is not None and torch.backends.mkldnn.is_available() and _packing_works()
 
 
-def training_forward(model: LSTMLanguageModel, device: torch.device) -> tuple[Forward, str]:
-    """The forward a training step runs, and its name for logs and benchmarks."""
-    if usable(model, device):
+def training_forward(model: LSTMLanguageModel, device: torch.device, *, native: bool = True) -> tuple[Forward, str]:
+    """The forward a training step runs, and its name for logs and benchmarks.
+
+    `native` (the `TEXTGEN_NATIVE` setting, default true) allows textgen's kernel; False trains nn.LSTM."""
+    if native and usable(model, device):
         return functools.partial(forward, model), "textgen"
     return model, "nn.LSTM"

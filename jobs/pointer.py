@@ -1,10 +1,11 @@
 """The active model pointer in Redis mode: one key, compare-and-set in Lua, an "activated" notice.
 
 Every replica of the API and every worker shares this key, so a promotion made anywhere (a
-finished job, `POST /models/{id}/activate` on any replica, the CLI) is seen everywhere. The
-compare-and-set and the pub/sub notice happen in one script: a notice is sent exactly when
-the pointer moved. Pub/sub drops messages sent while a subscriber is away, so replicas also
-reconcile with `get()` at start and every few seconds (app/reconcile.py).
+finished job, `POST /models/{id}/activate` on any replica) is seen everywhere. The compare-and-set
+and the pub/sub notice happen in one script: a notice is sent exactly when the pointer moved.
+Pub/sub drops messages sent while a subscriber is away, so replicas also reconcile with `get()`
+at start and every few seconds (app/reconcile.py). The embedded mode's pointer is the file
+models/ACTIVE (lm/registry.py `FilePointer`); both implement lm.registry.ActivePointer.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from jobs.errors import StoreUnavailable
+from jobs.redis_client import DEFAULT_PREFIX, redis_errors
 from lm.checkpoint import validate_model_id
 from lm.errors import InvalidModelId
-from lm.job_redis import redis_errors
-from lm.jobs import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,18 @@ return 1
 """
 
 
+def activated_channel(prefix: str = DEFAULT_PREFIX) -> str:
+    """The pub/sub channel of the "activated" notices."""
+    return f"{prefix}activated"
+
+
 class RedisPointer:
     """lm.registry.ActivePointer backed by the Redis key `<prefix>active_model`."""
 
-    def __init__(self, client: Any, *, prefix: str = "textgen:") -> None:
+    def __init__(self, client: Any, *, prefix: str = DEFAULT_PREFIX) -> None:
         self.redis = client
         self.key = f"{prefix}active_model"
-        self.channel = f"{prefix}activated"
+        self.channel = activated_channel(prefix)
         self._cas = client.register_script(_COMPARE_AND_SET)
         self._last: str | None = None  # what get() answers while Redis is down
 

@@ -1,0 +1,52 @@
+"""Each job's bulky files, kept in the shared models folder (never in Redis):
+
+    models/jobs/<job_id>/
+        corpus.txt       the training text, written by the API at submit time
+        state/           per-epoch resumable training state (lm/train/state.py)
+        job.json         the record (FileStore only)
+        events.jsonl     the event log (FileStore only)
+
+The model a job publishes has an id fixed at submit time (`params["name"]`), and the training
+section of its config.json carries the job id: publication is idempotent, so a job that is run
+twice (its first worker was killed after publishing) still publishes exactly one model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from jobs.records import validate_job_id
+from lm.files import atomic_write
+
+JOBS_DIR = "jobs"
+CORPUS_FILE = "corpus.txt"
+STATE_DIR = "state"
+
+
+def job_dir(models_dir: Path, job_id: str) -> Path:
+    return Path(models_dir) / JOBS_DIR / validate_job_id(job_id)
+
+
+def corpus_path(models_dir: Path, job_id: str) -> Path:
+    return job_dir(models_dir, job_id) / CORPUS_FILE
+
+
+def state_path(models_dir: Path, job_id: str) -> Path:
+    return job_dir(models_dir, job_id) / STATE_DIR
+
+
+def write_corpus(models_dir: Path, job_id: str, text: str) -> Path:
+    """models/jobs/<id>/corpus.txt, written beside and renamed, so a worker never reads half of it."""
+    folder = job_dir(models_dir, job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / CORPUS_FILE
+    atomic_write(target, text.encode("utf-8"))
+    return target
+
+
+def remove_job_files(models_dir: Path, job_id: str) -> None:
+    """Free the corpus and the training state of a finished job (the record and events stay)."""
+    folder = job_dir(models_dir, job_id)
+    (folder / CORPUS_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder / STATE_DIR, ignore_errors=True)

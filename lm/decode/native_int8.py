@@ -1,0 +1,47 @@
+"""The int8 decode step with its loops in C++ (lm/kernels/csrc/int8_step.cpp), built by lm/kernels/native.py."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from torch import Tensor
+
+from lm.decode.fused import FusedStep
+from lm.decode.quantize import Int8Matrix
+from lm.model import LSTMLanguageModel
+
+
+class NativeInt8Step(FusedStep):
+    """The int8 step with its loops in C++ (lm/kernels/csrc/int8_step.cpp's Int8Step, on this step's own
+    tensors): the same bits as `FusedStep(int8=True)`, one call per step, batch of steps or prompt,
+    with the GIL released for the whole call."""
+
+    loops = "C++"
+
+    def __init__(self, model: LSTMLanguageModel, module: ModuleType) -> None:
+        super().__init__(model, int8=True)
+        w: list[Int8Matrix] = self.w_both  # type: ignore[assignment]  # int8: all Int8Matrix
+        self.native = module.Int8Step(
+            self.hidden,
+            self.table,
+            self.bias,
+            self.scale,
+            [m.t for m in w],
+            [m.packed for m in w],
+            w[0].w_scales,
+            w[0].w_zero_points,
+            self.head_w,
+            self.head_b,
+        )
+
+    def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        return self.native.step(tokens, h, c)
+
+    def advance(self, tokens: Tensor, h: Tensor, c: Tensor) -> None:
+        self.native.advance(tokens, h, c)
+
+    def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        return self.native.prefill(tokens, h, c)
+
+    def steps(self, ids: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        return self.native.steps(ids, h, c)

@@ -1,0 +1,122 @@
+"""The training recipe: `TrainConfig`, the bounds of its fields, and the size of the model it plans.
+
+Every field is a `textgen train` flag and a `POST /train` field; this is the one place their
+defaults live (the CLI's help, the HTTP schema and the parameter estimate all read them here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from lm.devices import DEVICES
+from lm.errors import ConfigError
+from lm.model import LSTMLanguageModel, ModelConfig, count_parameters
+from lm.tokenizers import KINDS, planned_vocab_size
+
+TOKENIZERS = KINDS
+PRECISIONS = ("auto", "bf16", "fp32")
+
+# Inclusive bounds of every numeric hyperparameter: shared by the CLI and the HTTP schema.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "vocab_size": (16, 100_000),
+    "embedding_dim": (4, 4096),
+    "hidden_dim": (4, 4096),
+    "layers": (1, 8),
+    "dropout": (0.0, 0.9),
+    "seq_len": (2, 2048),
+    "batch_size": (1, 2048),
+    "lr": (1e-6, 1.0),
+    "weight_decay": (0.0, 1.0),
+    "grad_clip": (0.0, 100.0),
+    "warmup_steps": (0, 100_000),
+    "epochs": (1, 10_000),
+    "max_steps": (1, 100_000_000),
+    "time_budget_s": (1.0, 30 * 24 * 3600.0),
+    "patience": (1, 1000),
+    "val_fraction": (0.001, 0.5),
+    "seed": (0, 2**63 - 1),
+    "threads": (1, 256),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every field is a `textgen train` flag and a `POST /train` field. The default is the char recipe."""
+
+    tokenizer: str = "char"
+    vocab_size: int | None = None  # None: char and word keep every symbol; bpe defaults to 1024
+    embedding_dim: int = 128
+    hidden_dim: int = 512
+    layers: int = 2
+    dropout: float = 0.2  # see docs/TRAINING.md, "The default recipe"
+    tie_weights: bool = False
+    seq_len: int = 128
+    batch_size: int = 32
+    lr: float = 6e-3  # chosen by the sweep in docs/TRAINING.md, "The default recipe"
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    epochs: int = 10
+    max_steps: int | None = None
+    time_budget_s: float | None = None
+    patience: int | None = None  # early stopping: epochs without a better validation loss
+    val_fraction: float = 0.1
+    seed: int = 1337
+    threads: int | None = None
+    precision: str = "auto"
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}", "tokenizer")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}", "precision")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}", "device")
+        for name, (lo, hi) in BOUNDS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} must be a number, got {value!r}", name)
+            if not lo <= value <= hi:
+                raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}", name)
+        if self.tie_weights and self.embedding_dim != self.hidden_dim:
+            raise ConfigError("tie_weights needs embedding_dim equal to hidden_dim", "tie_weights")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=vocab_size,
+            embedding_dim=self.embedding_dim,
+            hidden_dim=self.hidden_dim,
+            layers=self.layers,
+            dropout=self.dropout,
+            tie_weights=self.tie_weights,
+        )
+
+
+def planned_parameters(cfg: TrainConfig, text: str, base_architecture: dict[str, Any] | None = None) -> int:
+    """The parameter count of the model `train(text, cfg)` builds, without training or fitting anything.
+
+    The model is built from `cfg` (or, for a fine-tune, from the base model's architecture) on the
+    meta device, which allocates nothing, and its parameters are counted: the same count as the
+    trained model's, for every tokenizer and size (lm/tokenizers.py `planned_vocab_size`: exact for
+    char and word; bpe plans the vocab_size it asks for, which a corpus with enough distinct pairs reaches).
+    """
+    if base_architecture is not None:
+        model_cfg = ModelConfig.from_dict(base_architecture)
+    else:
+        model_cfg = cfg.model_config(planned_vocab_size(cfg.tokenizer, text, cfg.vocab_size))
+    with torch.device("meta"):
+        return count_parameters(LSTMLanguageModel(model_cfg))
