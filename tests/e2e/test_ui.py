@@ -325,8 +325,8 @@ def test_a_training_job_draws_its_loss_curve_and_its_model_can_be_tried(registry
     chart = page.locator("#loss-chart")
     seen: list[tuple[int, int]] = []  # (train points, validation points) as the page showed them
     deadline = time.monotonic() + 60
-    while page.get_attribute("#job", "data-state") != "succeeded" and time.monotonic() < deadline:
-        assert page.get_attribute("#job", "data-state") in ("queued", "running")
+    while (state := page.get_attribute("#job", "data-state")) != "succeeded" and time.monotonic() < deadline:
+        assert state in ("queued", "running")  # read once: the job may succeed between two reads
         points = (int(chart.get_attribute("data-train-points")), int(chart.get_attribute("data-val-points")))
         if points != (0, 0) and points not in seen:
             seen.append(points)
