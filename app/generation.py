@@ -1,8 +1,8 @@
 """From a validated request to sequences in an engine, and back: the glue every generation route shares.
 
-`start_job()` pins a model version, checks the limits that depend on settings (max_tokens cap,
-prompt length, the admission bound -> 429), and submits one `Sequence` per (prompt, choice).
-The `Job` it returns must be closed exactly once, in a `finally` (or by `EventStream`'s
+`start_generation()` pins a model version, checks the limits that depend on settings (max_tokens
+cap, prompt length, the admission bound -> 429), and submits one `Sequence` per (prompt, choice).
+The `Generation` it returns must be closed exactly once, in a `finally` (or by `EventStream`'s
 `on_close`): that cancels what still runs, frees the admission slots and releases the lease.
 """
 
@@ -18,11 +18,12 @@ from typing import TypeVar
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from app.engine import Admission, Event, Failed, Finished, Overloaded, Sequence, Token
+from app.engine import Admission, Event, Failed, Finished, KeyLimits, Overloaded, Sequence, Token
 from app.errors import ApiError, invalid
 from app.holder import Lease, ModelHolder
 from app.metrics import Metrics
 from app.settings import Settings
+from app.sse import wait_for_disconnect
 from lm.errors import ConfigError
 from lm.sampler import SamplingParams, SequenceSampler, prompt_ids
 from lm.tokenizers import Tokenizer
@@ -33,7 +34,7 @@ T = TypeVar("T")
 
 
 @dataclass
-class Completion:
+class SequenceResult:
     """What one sequence produced, for a non-streaming answer."""
 
     text: str
@@ -42,41 +43,8 @@ class Completion:
     tokens: list[Token] = field(default_factory=list)  # the generated tokens, with logprobs when asked
 
 
-class KeyLimits:
-    """Sequences admitted per API key (TEXTGEN_MAX_RUNNING_PER_KEY), so one client cannot take every slot.
-
-    Keys are known by their digest (app/auth.py: `key_id`). Without keys (an open server) there is
-    no client identity to count by, and only the process-wide Admission bound applies. Only the
-    event loop calls it, so a plain dict is enough.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit  # 0 = no limit
-        self.admitted: dict[str, int] = {}
-
-    def applies(self, key: str | None) -> bool:
-        return key is not None and self.limit > 0
-
-    def acquire(self, key: str | None, n: int) -> None:
-        if key is None or not self.applies(key):
-            return
-        have = self.admitted.get(key, 0)
-        if have + n > self.limit:
-            raise Overloaded(f"this API key has {have} sequences running or waiting (limit {self.limit})")
-        self.admitted[key] = have + n
-
-    def release(self, key: str | None, n: int) -> None:
-        if key is None or key not in self.admitted:
-            return
-        left = self.admitted[key] - n
-        if left > 0:
-            self.admitted[key] = left
-        else:
-            del self.admitted[key]
-
-
 @dataclass(eq=False)
-class Job:
+class Generation:
     """One request's sequences, all on one pinned model version."""
 
     lease: Lease
@@ -106,18 +74,18 @@ class Job:
             if isinstance(event, Finished | Failed):
                 remaining -= 1
 
-    async def collect(self) -> list[Completion]:
+    async def collect(self) -> list[SequenceResult]:
         """Wait for every sequence; the completions in sequence order. A failed one raises ApiError."""
         texts: list[list[str]] = [[] for _ in self.sequences]
         tokens: list[list[Token]] = [[] for _ in self.sequences]
-        done: dict[int, Completion] = {}
+        done: dict[int, SequenceResult] = {}
         async for index, event in self.events():
             if isinstance(event, Token):
                 texts[index].append(event.text)
                 if event.token_id is not None:
                     tokens[index].append(event)
             elif isinstance(event, Finished):
-                done[index] = Completion("".join(texts[index]), event.finish_reason, event.usage, tokens[index])
+                done[index] = SequenceResult("".join(texts[index]), event.finish_reason, event.usage, tokens[index])
             else:
                 raise ApiError(503 if event.retryable else 500, event.message)
         return [done[i] for i in range(len(self.sequences))]
@@ -159,7 +127,7 @@ def check_prompt(prompt: str, settings: Settings, request: Request, param: str =
         raise invalid(message, param, request)
 
 
-async def start_job(
+async def start_generation(
     *,
     request: Request,
     holder: ModelHolder,
@@ -171,7 +139,7 @@ async def start_job(
     lease: Lease | None = None,
     logprobs: int | None = None,
     prompt_param: str = "prompt",
-) -> Job:
+) -> Generation:
     """Check limits, pin the model (or take over `lease`), submit one sequence per (prompt, params).
 
     ApiError 404 (unknown model), 422/400 (limits), 429 (overload, or the key's own limit), 503 (no model loaded).
@@ -208,7 +176,7 @@ async def start_job(
             sampler = SequenceSampler(tokenizer, p, ids)
             sequences.append(Sequence(ids, sampler, loop, queue, index=i, logprobs=logprobs))
         _admit(admission, key_limits, key, len(sequences), holder.metrics, settings)
-        job = Job(lease, sequences, queue, admission, holder.metrics, key_limits=key_limits, key=key)
+        generation = Generation(lease, sequences, queue, admission, holder.metrics, key_limits=key_limits, key=key)
     except BaseException:
         lease.release()
         raise
@@ -216,9 +184,9 @@ async def start_job(
         for seq in sequences:
             lease.loaded.engine.submit(seq)
     except BaseException:
-        job.close()  # frees the slots and the lease
+        generation.close()  # frees the slots and the lease
         raise
-    return job
+    return generation
 
 
 def _admit(
@@ -249,7 +217,7 @@ def _overloaded(reason: str, code: str, metrics: Metrics, settings: Settings) ->
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, but give up as soon as the client disconnects (raises ClientDisconnect)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    watcher = asyncio.ensure_future(wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -259,10 +227,3 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.cancelled():
         raise ClientDisconnect()
     return task.result()
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -21,9 +21,8 @@ from starlette.responses import Response
 
 import lm
 from app.auth import warn_if_open
-from app.engine import Admission
+from app.engine import Admission, KeyLimits
 from app.errors import BodyLimit, BodyLimitMiddleware, install_error_handlers
-from app.generation import KeyLimits
 from app.holder import ModelHolder
 from app.logging import RequestLogMiddleware
 from app.metrics import Metrics, RequestMetricsMiddleware

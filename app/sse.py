@@ -74,7 +74,7 @@ class EventStream(Response):
 
                 async def watch() -> None:
                     nonlocal disconnected
-                    await _wait_for_disconnect(receive)
+                    await wait_for_disconnect(receive)
                     disconnected = True
                     tg.cancel_scope.cancel()
 
@@ -125,7 +125,8 @@ class EventStream(Response):
             log.exception("stream cleanup failed")
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return when the client has gone (the one place that reads `http.disconnect`)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

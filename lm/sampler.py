@@ -284,7 +284,7 @@ def _forward(model: nn.Module, ids: list[int], state: tuple[Tensor, Tensor] | No
     return logits[0, -1], state
 
 
-class Generation:
+class TextStream:
     """The pieces of one generation, as an iterator. After it is exhausted, `finish_reason`
     ("length" | "stop") and `usage` ({prompt_tokens, completion_tokens, total_tokens}) are set;
     `usage` counts the fed prompt tokens (1 for an empty prompt, the start token)."""
@@ -297,7 +297,7 @@ class Generation:
         self.usage: dict[str, int] | None = None
         self._pieces = self._run(model)
 
-    def __iter__(self) -> Generation:
+    def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
@@ -328,9 +328,9 @@ class Generation:
             model.train(was_training)
 
 
-def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Generation:
+def stream_generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> TextStream:
     """Generate text for `prompt`, piece by piece. Raises ConfigError for out-of-bounds params."""
-    return Generation(model, tokenizer, prompt, params)
+    return TextStream(model, tokenizer, prompt, params)
 
 
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> str:

@@ -12,7 +12,7 @@ from app.auth import require_api_key
 from app.deps import AdmissionDep, HolderDep, SettingsDep
 from app.engine import Failed, Finished, Token
 from app.errors import ERROR_TYPES, error_responses
-from app.generation import Job, start_job, unless_disconnected
+from app.generation import Generation, start_generation, unless_disconnected
 from app.logging import request_id_var
 from app.schemas import GenerateRequest, GenerateResponse, Usage
 from app.settings import Settings
@@ -59,7 +59,7 @@ async def generate(
     settings: SettingsDep,
 ) -> GenerateResponse | sse.EventStream:
     """Continue a prompt; the whole text as JSON, or token by token as SSE with `"stream": true`."""
-    job = await start_job(
+    generation = await start_generation(
         request=request,
         holder=holder,
         admission=admission,
@@ -68,43 +68,43 @@ async def generate(
         prompts=[body.prompt],
         params=[sampling_params(body, settings)],
     )
-    headers = {"X-Model-Version": job.model_id}
+    headers = {"X-Model-Version": generation.model_id}
     if body.stream:
         return sse.EventStream(
-            native_events(job), keepalive_s=settings.keepalive_s, on_close=job.close, headers=headers
+            native_events(generation), keepalive_s=settings.keepalive_s, on_close=generation.close, headers=headers
         )
     disconnected = True
     try:
-        (completion,) = await unless_disconnected(request, job.collect())
+        (result,) = await unless_disconnected(request, generation.collect())
         disconnected = False
     finally:
-        job.close(disconnected)
+        generation.close(disconnected)
     response.headers.update(headers)
     return GenerateResponse(
-        id=f"gen-{job.id}",
-        model=job.model_id,
-        text=completion.text,
-        finish_reason=completion.finish_reason,  # type: ignore[arg-type]
-        usage=Usage(**completion.usage),
+        id=f"gen-{generation.id}",
+        model=generation.model_id,
+        text=result.text,
+        finish_reason=result.finish_reason,  # type: ignore[arg-type]
+        usage=Usage(**result.usage),
     )
 
 
-async def native_events(job: Job) -> AsyncIterator[bytes]:
+async def native_events(generation: Generation) -> AsyncIterator[bytes]:
     """`token` events with {"text", "index"}, then one `done`, or one `error` if generation fails."""
     index = 0
     try:
-        async for _, event in job.events():
+        async for _, event in generation.events():
             if isinstance(event, Token):
                 if event.text:
                     yield sse.event("token", {"text": event.text, "index": index})
                     index += 1
             elif isinstance(event, Finished):
-                done = {"finish_reason": event.finish_reason, "usage": event.usage, "model": job.model_id}
+                done = {"finish_reason": event.finish_reason, "usage": event.usage, "model": generation.model_id}
                 yield sse.event("done", done)
             elif isinstance(event, Failed):
                 yield error_event(event.message, retryable=event.retryable)
     except Exception:
-        log.exception("stream of request %s failed", job.id)
+        log.exception("stream of request %s failed", generation.id)
         yield error_event("the stream failed on the server; it has been logged", retryable=True)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -23,8 +23,7 @@ from app.chat import render_chat
 from app.deps import AdmissionDep, HolderDep, SettingsDep
 from app.engine import Failed, Finished, Token
 from app.errors import ERROR_TYPES, error_responses, invalid
-from app.generation import Completion as Done
-from app.generation import Job, start_job, unless_disconnected
+from app.generation import Generation, SequenceResult, start_generation, unless_disconnected
 from app.holder import ModelHolder
 from app.logging import request_id_var
 from app.schemas import (
@@ -84,7 +83,7 @@ async def completions(
     prompts = [p for p in body.prompts for _ in range(body.n)]
     max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     params = [_params(body, max_tokens, list(body.stop), j) for _ in body.prompts for j in range(body.n)]
-    job = await start_job(
+    generation = await start_generation(
         request=request,
         holder=holder,
         admission=admission,
@@ -94,25 +93,25 @@ async def completions(
         params=params,
         logprobs=body.logprobs,
     )
-    meta = {"id": f"cmpl-{job.id}", "created": int(time.time()), "model": job.model_id}
-    headers = {"X-Model-Version": job.model_id}
+    meta = {"id": f"cmpl-{generation.id}", "created": int(time.time()), "model": generation.model_id}
+    headers = {"X-Model-Version": generation.model_id}
     if body.stream:
         chunks = completion_chunks(
-            job, meta, n=body.n, include_usage=body.include_usage, logprobs=body.logprobs is not None
+            generation, meta, n=body.n, include_usage=body.include_usage, logprobs=body.logprobs is not None
         )
-        return sse.EventStream(chunks, keepalive_s=settings.keepalive_s, on_close=job.close, headers=headers)
-    done = await _collect(job, request)
+        return sse.EventStream(chunks, keepalive_s=settings.keepalive_s, on_close=generation.close, headers=headers)
+    done = await _collect(generation, request)
     response.headers.update(headers)
     choices = [
         CompletionChoice(
             index=i,
             text=c.text,
-            logprobs=_completion_logprobs(c.tokens, job.tokenizer) if body.logprobs is not None else None,
+            logprobs=_completion_logprobs(c.tokens, generation.tokenizer) if body.logprobs is not None else None,
             finish_reason=c.finish_reason,  # type: ignore[arg-type]
         )
         for i, c in enumerate(done)
     ]
-    return Completion.model_validate({**meta, "choices": choices, "usage": _usage(job, done, body.n)})
+    return Completion.model_validate({**meta, "choices": choices, "usage": _usage(generation, done, body.n)})
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAM_RESPONSES)  # type: ignore[arg-type]
@@ -139,7 +138,7 @@ async def chat_completions(
         lease.release()
         raise
     top = (body.top_logprobs or 0) if body.logprobs else None
-    job = await start_job(
+    generation = await start_generation(
         request=request,
         holder=holder,
         admission=admission,
@@ -150,23 +149,23 @@ async def chat_completions(
         logprobs=top,
         prompt_param="messages",
     )
-    meta = {"id": f"chatcmpl-{job.id}", "created": int(time.time()), "model": job.model_id}
-    headers = {"X-Model-Version": job.model_id}
+    meta = {"id": f"chatcmpl-{generation.id}", "created": int(time.time()), "model": generation.model_id}
+    headers = {"X-Model-Version": generation.model_id}
     if body.stream:
-        chunks = chat_chunks(job, meta, n=body.n, include_usage=body.include_usage, logprobs=top is not None)
-        return sse.EventStream(chunks, keepalive_s=settings.keepalive_s, on_close=job.close, headers=headers)
-    done = await _collect(job, request)
+        chunks = chat_chunks(generation, meta, n=body.n, include_usage=body.include_usage, logprobs=top is not None)
+        return sse.EventStream(chunks, keepalive_s=settings.keepalive_s, on_close=generation.close, headers=headers)
+    done = await _collect(generation, request)
     response.headers.update(headers)
     choices = [
         ChatChoice(
             index=i,
             message=AssistantMessage(content=c.text),
-            logprobs=_chat_logprobs(c.tokens, job.tokenizer) if top is not None else None,
+            logprobs=_chat_logprobs(c.tokens, generation.tokenizer) if top is not None else None,
             finish_reason=c.finish_reason,  # type: ignore[arg-type]
         )
         for i, c in enumerate(done)
     ]
-    return ChatCompletion.model_validate({**meta, "choices": choices, "usage": _usage(job, done, body.n)})
+    return ChatCompletion.model_validate({**meta, "choices": choices, "usage": _usage(generation, done, body.n)})
 
 
 @router.get("/models", response_model=ModelObjectList)
@@ -198,23 +197,23 @@ def _params(body: Any, max_tokens: int, stop: list[str], choice: int) -> Samplin
     )
 
 
-async def _collect(job: Job, request: Request) -> list[Done]:
+async def _collect(generation: Generation, request: Request) -> list[SequenceResult]:
     disconnected = True
     try:
-        done = await unless_disconnected(request, job.collect())
+        done = await unless_disconnected(request, generation.collect())
         disconnected = False
         return done
     finally:
-        job.close(disconnected)
+        generation.close(disconnected)
 
 
 async def _list(holder: ModelHolder) -> list[Any]:
     return await asyncio.to_thread(holder.registry.list)
 
 
-def _usage(job: Job, done: list[Done], n: int) -> Usage:
+def _usage(generation: Generation, done: list[SequenceResult], n: int) -> Usage:
     """Over all choices; each prompt counted once (choices j of one prompt share it), as OpenAI counts."""
-    prompt = sum(len(seq.prompt_ids) for seq in job.sequences[::n])
+    prompt = sum(len(seq.prompt_ids) for seq in generation.sequences[::n])
     completion = sum(c.usage["completion_tokens"] for c in done)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
@@ -268,102 +267,92 @@ def _error_chunk(message: str, retryable: bool) -> bytes:
 # ---------------------------------------------------------------------------- streams
 
 
-async def completion_chunks(
-    job: Job, meta: dict[str, Any], *, n: int, include_usage: bool, logprobs: bool
+# (choice index, its text or delta, finish reason, the tokens since its last chunk) -> one choice of a chunk
+ChoiceOf = Callable[[int, Any, str | None, list[Token]], dict[str, Any]]
+
+
+def completion_chunks(
+    generation: Generation, meta: dict[str, Any], *, n: int, include_usage: bool, logprobs: bool
 ) -> AsyncIterator[bytes]:
     """text_completion chunks: text pieces per choice, a finish chunk per choice, [usage], [DONE]."""
-    pending: list[list[Token]] = [[] for _ in job.sequences]  # tokens whose logprobs are not sent yet
-    offsets = [0] * len(job.sequences)
+    offsets = [0] * len(generation.sequences)
 
-    def chunk(index: int, text: str, finish_reason: str | None) -> bytes:
+    def choice(index: int, text: str, finish_reason: str | None, tokens: list[Token]) -> dict[str, Any]:
         lp = None
         if logprobs:
-            lp = _completion_logprobs(pending[index], job.tokenizer, offsets[index]).model_dump()
+            lp = _completion_logprobs(tokens, generation.tokenizer, offsets[index]).model_dump()
             offsets[index] += len(text)
-            pending[index] = []
-        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
-        body: dict[str, Any] = {**meta, "object": "text_completion", "choices": [choice]}
-        if include_usage:
-            body["usage"] = None
-        return sse.event(None, body)
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
 
-    async for piece in _chunks(
-        job,
-        meta,
-        "text_completion",
-        pending,
-        text=lambda index, text: chunk(index, text, None),
-        finish=lambda index, reason: chunk(index, "", reason),
-        n=n,
-        include_usage=include_usage,
-    ):
-        yield piece
+    return _chunks(generation, meta, "text_completion", choice, text=str, end="", n=n, include_usage=include_usage)
 
 
-async def chat_chunks(
-    job: Job, meta: dict[str, Any], *, n: int, include_usage: bool, logprobs: bool
+def chat_chunks(
+    generation: Generation, meta: dict[str, Any], *, n: int, include_usage: bool, logprobs: bool
 ) -> AsyncIterator[bytes]:
     """chat.completion.chunk: a role delta, content deltas, a finish delta per choice, [usage], [DONE]."""
-    pending: list[list[Token]] = [[] for _ in job.sequences]
 
-    def chunk(index: int, delta: dict[str, str], finish_reason: str | None) -> bytes:
-        lp = None
-        if logprobs:
-            lp = _chat_logprobs(pending[index], job.tokenizer).model_dump()
-            pending[index] = []
-        choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
-        body: dict[str, Any] = {**meta, "object": "chat.completion.chunk", "choices": [choice]}
-        if include_usage:
-            body["usage"] = None
-        return sse.event(None, body)
+    def choice(index: int, delta: dict[str, str], finish_reason: str | None, tokens: list[Token]) -> dict[str, Any]:
+        lp = _chat_logprobs(tokens, generation.tokenizer).model_dump() if logprobs else None
+        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
 
-    async for piece in _chunks(
-        job,
+    return _chunks(
+        generation,
         meta,
         "chat.completion.chunk",
-        pending,
-        text=lambda index, text: chunk(index, {"content": text}, None),
-        finish=lambda index, reason: chunk(index, {}, reason),
+        choice,
+        text=lambda text: {"content": text},
+        end={},
+        first={"role": "assistant", "content": ""},
         n=n,
         include_usage=include_usage,
-        first=[chunk(seq.index, {"role": "assistant", "content": ""}, None) for seq in job.sequences],
-    ):
-        yield piece
+    )
 
 
 async def _chunks(
-    job: Job,
+    generation: Generation,
     meta: dict[str, Any],
     obj: str,
-    pending: list[list[Token]],
+    choice: ChoiceOf,
     *,
-    text: Callable[[int, str], bytes],
-    finish: Callable[[int, str], bytes],
+    text: Callable[[str], Any],
+    end: Any,
     n: int,
     include_usage: bool,
-    first: Iterable[bytes] = (),
+    first: Any = None,
 ) -> AsyncIterator[bytes]:
-    """The stream both OpenAI routes share: chunks as the engine's events come, [usage], [DONE]."""
-    done: list[Done] = []
+    """The stream both OpenAI routes share: a chunk per piece of text as the engine's events come (its
+    `text(piece)`), one per finish (`end`), then [usage] and [DONE]; `first` opens each choice."""
+    pending: list[list[Token]] = [[] for _ in generation.sequences]  # tokens whose logprobs are not sent yet
+    done: list[SequenceResult] = []
+
+    def chunk(index: int, content: Any, finish_reason: str | None) -> bytes:
+        tokens, pending[index] = pending[index], []
+        body: dict[str, Any] = {**meta, "object": obj, "choices": [choice(index, content, finish_reason, tokens)]}
+        if include_usage:
+            body["usage"] = None
+        return sse.event(None, body)
+
     try:
-        for piece in first:
-            yield piece
-        async for index, event in job.events():
+        if first is not None:
+            for seq in generation.sequences:
+                yield chunk(seq.index, first, None)
+        async for index, event in generation.events():
             if isinstance(event, Token):
                 if event.token_id is not None:
                     pending[index].append(event)  # its logprobs go out with the next chunk
                 if event.text:
-                    yield text(index, event.text)
+                    yield chunk(index, text(event.text), None)
             elif isinstance(event, Finished):
-                done.append(Done("", event.finish_reason, event.usage))
-                yield finish(index, event.finish_reason)
+                done.append(SequenceResult("", event.finish_reason, event.usage))
+                yield chunk(index, end, event.finish_reason)
             elif isinstance(event, Failed):
                 yield _error_chunk(event.message, event.retryable)
                 return
         if include_usage:
-            usage = _usage(job, done, n).model_dump()
+            usage = _usage(generation, done, n).model_dump()
             yield sse.event(None, {**meta, "object": obj, "choices": [], "usage": usage})
         yield DONE
     except Exception:
-        log.exception("stream of request %s failed", job.id)
+        log.exception("stream of request %s failed", generation.id)
         yield _error_chunk("the stream failed on the server; it has been logged", True)

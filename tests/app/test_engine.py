@@ -154,18 +154,18 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(
 
 
 def _held_prefill(engine: Engine, monkeypatch: pytest.MonkeyPatch, held_prompt: list[int]):
-    """Prefill jobs that contain `held_prompt` wait on the returned event before they run."""
+    """Prefill batches that contain `held_prompt` wait on the returned event before they run."""
     import threading
 
     release = threading.Event()
-    real_job = engine._prefill_job
+    real_prefill = engine._run_prefill
 
-    def job(rows: list[Sequence], budget: int) -> None:
+    def held(rows: list[Sequence], budget: int) -> None:
         if any(seq.prompt_ids == held_prompt for seq in rows):
-            assert release.wait(10), "the test never released the prefill job"
-        real_job(rows, budget)
+            assert release.wait(10), "the test never released the prefill batch"
+        real_prefill(rows, budget)
 
-    monkeypatch.setattr(engine, "_prefill_job", job)
+    monkeypatch.setattr(engine, "_run_prefill", held)
     return release
 
 
@@ -208,16 +208,16 @@ async def test_running_streams_keep_decoding_while_a_prompt_is_prefilled(
 async def test_a_failing_prefill_fails_its_requests_and_the_engine_keeps_serving(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_job = engine._prefill_job
+    real_prefill = engine._run_prefill
     calls = {"n": 0}
 
-    def job_once_broken(rows: list[Sequence], budget: int) -> None:
+    def once_broken(rows: list[Sequence], budget: int) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected fault")
-        real_job(rows, budget)
+        real_prefill(rows, budget)
 
-    monkeypatch.setattr(engine, "_prefill_job", job_once_broken)
+    monkeypatch.setattr(engine, "_run_prefill", once_broken)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     ids = prompt_ids(engine.tokenizer, "To be")

@@ -1,31 +1,6 @@
-"""The generation engine: continuous batching of LSTM decode steps in one thread per model version.
+"""The engine's loop: one thread per model version, continuous batching of LSTM decode steps.
 
-A request becomes a `Sequence` and is submitted to the engine of the model version it pinned.
-The engine's thread loops:
-
-    admit    take new sequences from the inbox into the waiting line (blocking only when idle)
-    prefill  hand waiting prompts to the engine's prefill thread, at most `prefill_chunk` tokens
-             per job, each prompt as one sequence (`step.prefill`: all layers along a wavefront)
-             or several together, starting from the longest cached prefix state
-             (app/prompt_cache.py); when a job is done, a finished prompt takes a state row and its
-             last logits give its first token. Prompts run WHILE the running batch decodes: a
-             job and a decode step are each one call into the native int8 loops, which release
-             the GIL (lm/kernels/native.py), so on two cores a new prompt does not stall every running
-             stream for its prefill
-    step     ONE batched decode step for every running sequence (lm/decode/: int8, fused fp32 or
-             the reference nn.LSTM): last tokens (B,) + state rows (layers, B, H) -> logits (B, V),
-             states updated in place; then the whole batch is sampled at once (lm/batch_sampler.py)
-    deliver  the streams' text is coalesced and handed to the event loop every `stream_interval_s`
-             for all streams together (a stream's first text at once, its last with its end),
-             with ONE call_soon_threadsafe per hand-off for all the sequences of a loop
-    drop     finished and cancelled rows leave; the last row moves into the hole, so the running
-             sequences always occupy rows 0..B-1 and the step works on views, not gathered copies
-
-Prefill is chunked so that a long prompt cannot hold back the prompts behind it for more than one
-chunk. Only the engine thread touches the waiting line, the state rows and the prompt cache; the
-prefill thread works on the sequences' own prefill states and hands them back. An LSTM's state is
-a fixed (layers, H) pair per sequence, so there is no KV cache to grow or page.
-When nothing runs the thread blocks on its inbox (no busy loop).
+app/engine/__init__.py describes each turn of the loop; this module is the loop itself.
 """
 
 from __future__ import annotations
@@ -35,21 +10,21 @@ import itertools
 import logging
 import queue
 import threading
-import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from app.engine.events import Event, Failed, Finished, Sequence, State, Token, deliver_all
+from app.engine.slots import StateSlots
 from app.metrics import Metrics, now
 from app.prompt_cache import PromptCache
 from lm.batch_sampler import choose_batch
 from lm.decode import Step, build_step
 from lm.model import LSTMLanguageModel
-from lm.sampler import SequenceSampler
 from lm.tokenizers import Tokenizer
 
 if TYPE_CHECKING:
@@ -57,129 +32,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-State = tuple[Tensor, Tensor]  # (h, c), each (layers, B, H)
-
-
-# ---------------------------------------------------------------------------- events
-
-
-@dataclass
-class Token:
-    """Generated text: one token, or with stream coalescing the text of several consecutive tokens.
-
-    `text` is "" while a stop string or UTF-8 character is pending. Sequences that ask for logprobs
-    always get one event per token.
-    """
-
-    text: str
-    token_id: int | None  # the (last) token; None: the held-back text released at a "length" finish
-    logprob: float | None = None
-    top_logprobs: dict[str, float] | None = None
-
-
-@dataclass
-class Finished:
-    finish_reason: str  # "length" | "stop"
-    usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens
-
-
-@dataclass
-class Failed:
-    message: str
-    retryable: bool = True
-
-
-Event = Token | Finished | Failed
-
-
-# ---------------------------------------------------------------------------- sequences
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One prompt being continued. Created on the event loop, advanced by the engine thread.
-
-    The engine talks back only through its loop's `call_soon_threadsafe`, which puts (index, event)
-    on the request's asyncio.Queue (shared by the sequences of one request); the request cancels
-    it by setting `cancelled`, which the engine reads before every step.
-    """
-
-    prompt_ids: list[int]
-    sampler: SequenceSampler
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[tuple[int, Event]]
-    index: int = 0  # position in its request (choice index)
-    logprobs: int | None = None  # how many top alternatives to report per token; None = no logprobs
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    cancelled: bool = False
-    done: bool = False  # the engine queued Finished or Failed for it, or dropped it
-    # engine-side bookkeeping
-    slot: int | None = None  # its row in StateSlots while running
-    last_token: int = 0
-    generated: list[int] = field(default_factory=list)  # completion ids fed back so far
-    submitted_at: float = 0.0
-    last_token_at: float | None = None
-    started: bool = False  # its prefill has begun (the cache was looked up)
-    prefilled: int = 0  # prompt tokens whose state is known (cached or run)
-    prefill_state: State | None = None  # (layers, 1, H) x2 after `prefilled` tokens
-    prefill_logits: Tensor | None = None  # (V,) at position prefilled - 1
-    pending: str = ""  # coalesced text not yet delivered
-    pending_id: int | None = None
-    flushed_at: float | None = None  # when text was last delivered; None = nothing delivered yet
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def deliver(self, event: Event) -> None:
-        """From the engine thread: hand one event to the request's queue on its event loop."""
-        if isinstance(event, Finished | Failed):
-            self.done = True
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, event))
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            self.cancelled = True
-
-
-def _put_all(items: list[tuple[Sequence, Event]]) -> None:
-    """On the event loop: one turn's events, in order."""
-    for seq, event in items:
-        seq.queue.put_nowait((seq.index, event))
-
 
 class _Wake:
-    """Put in an engine's inbox when its prefill job ends, to wake a thread blocked on the inbox."""
+    """Put in an engine's inbox when its prefill batch ends, to wake a thread blocked on the inbox."""
 
 
 WAKE = _Wake()
-
-
-# ---------------------------------------------------------------------------- admission
-
-
-class Overloaded(Exception):
-    """More sequences than max_running + max_waiting: the request is answered 429."""
-
-
-class Admission:
-    """The process-wide bound on admitted sequences (running + waiting), checked before a request starts.
-
-    Only the event loop calls it, so a plain counter is enough.
-    """
-
-    def __init__(self, max_running: int, max_waiting: int) -> None:
-        self.capacity = max_running + max_waiting
-        self.admitted = 0
-
-    def acquire(self, n: int) -> None:
-        if self.admitted + n > self.capacity:
-            raise Overloaded(f"{self.admitted} sequences are running or waiting (limit {self.capacity})")
-        self.admitted += n
-
-    def release(self, n: int) -> None:
-        self.admitted = max(0, self.admitted - n)
-
-
-# ---------------------------------------------------------------------------- options
 
 
 @dataclass(frozen=True)
@@ -190,7 +48,7 @@ class EngineOptions:
     decode: str = "reference"  # lm.decode.DECODE_KINDS
     stream_interval_s: float = 0.0  # coalesce a stream's text for at most this long; 0 = an event per token
     prompt_cache_bytes: int = 0  # 0 = no prompt-state cache
-    prefill_chunk: int = 256  # prompt tokens per prefill job (in total, over the job's prompts)
+    prefill_chunk: int = 256  # prompt tokens per prefill batch (in total, over its prompts)
     prefill_thread: bool = False  # prefill on the engine's own prefill thread, beside decoding
     native_loops: bool = True  # int8: the step's loops in C++ when built (lm/kernels/native.py)
 
@@ -204,56 +62,6 @@ class EngineOptions:
             prefill_thread=settings.prefill_thread,
             native_loops=settings.native,
         )
-
-
-# ---------------------------------------------------------------------------- state storage
-
-
-class StateSlots:
-    """The LSTM state of every running sequence, in preallocated tensors h and c, each (layers, slots, H).
-
-    The running sequences occupy rows 0..used-1, so a decode step works on the views
-    h[:, :used], c[:, :used] in place. Removing a row moves the last row into its place.
-    """
-
-    def __init__(self, layers: int, hidden: int, slots: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.h = torch.zeros(layers, slots, hidden, device=device, dtype=dtype)
-        self.c = torch.zeros(layers, slots, hidden, device=device, dtype=dtype)
-        self.device = device
-        self.used = 0
-
-    @property
-    def available(self) -> int:
-        return self.h.shape[1] - self.used
-
-    def rows(self) -> State:
-        """Views (layers, used, H) of the running rows."""
-        return self.h[:, : self.used], self.c[:, : self.used]
-
-    def add(self, state: State) -> int:
-        """state: (h, c) of one sequence, each (layers, 1, H) or (layers, H). Returns its row."""
-        row = self.used
-        self.h[:, row] = state[0].reshape(self.h.shape[0], -1)
-        self.c[:, row] = state[1].reshape(self.c.shape[0], -1)
-        self.used += 1
-        return row
-
-    def read(self, row: int) -> State:
-        """Views (layers, H) of one row."""
-        return self.h[:, row], self.c[:, row]
-
-    def remove(self, row: int) -> int | None:
-        """Free `row`; the last row moves into it. Returns the row that moved (None if it was the last)."""
-        last = self.used - 1
-        self.used = last
-        if row == last:
-            return None
-        self.h[:, row] = self.h[:, last]
-        self.c[:, row] = self.c[:, last]
-        return last
-
-
-# ---------------------------------------------------------------------------- engine
 
 
 class Engine:
@@ -288,7 +96,7 @@ class Engine:
             )
         self._inbox: queue.SimpleQueue[Sequence | _Wake | None] = queue.SimpleQueue()
         self._prefiller: ThreadPoolExecutor | None = None  # started in the engine thread
-        self._job: tuple[list[Sequence], Future[None]] | None = None  # the prefill job in flight
+        self._prefill: tuple[list[Sequence], Future[None]] | None = None  # the prefill batch in flight
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # _running[i].slot == i
         self._outbox: list[tuple[Sequence, Event]] = []  # events of this turn, delivered together
@@ -344,7 +152,7 @@ class Engine:
                     log.exception("engine %s: a step failed; failing its sequences", self.model_id)
                     self._fail_all("the server could not continue this generation; retry the request")
                     self._flush()
-            self._wait_for_job()
+            self._wait_for_prefill()
             self._fail_all("the model version was unloaded; retry the request")
             self._flush()
         if self._prefiller is not None:
@@ -366,8 +174,8 @@ class Engine:
 
     def _admit(self) -> None:
         """Take new sequences from the inbox, blocking only when there is nothing else to do (a
-        prefill job that ends wakes the thread through the inbox)."""
-        idle = not self._running and (not self._waiting or self._job_running())
+        prefill batch that ends wakes the thread through the inbox)."""
+        idle = not self._running and (not self._waiting or self._prefilling())
         try:
             item = self._inbox.get(block=idle)
             while True:
@@ -397,20 +205,20 @@ class Engine:
     # -- prefill ----------------------------------------------------------------------------------
 
     def _prefill_waiting(self) -> None:
-        """Collect the prefill job that ended, then hand the oldest waiting sequences that fit in free
-        rows to the prefill thread, all together, as the next job.
+        """Collect the prefill batch that ended, then hand the oldest waiting sequences that fit in free
+        rows to the prefill thread, all together, as the next batch.
 
         One prompt runs alone through `step.prefill` (up to `prefill_chunk` tokens); several run as
         a batch, one decode step per position for all of them (`prefill_chunk` tokens in total per
         job), which costs far less than running them one by one. In int8 a row's state does not
         depend on its batch, so both give the same state.
         """
-        if self._job is not None:
-            rows, job = self._job
-            if not job.done():
+        if self._prefill is not None:
+            rows, running = self._prefill
+            if not running.done():
                 return
-            self._job = None
-            self._collect_job(rows, job.exception())
+            self._prefill = None
+            self._collect_prefill(rows, running.exception())
         rows = list(itertools.islice(self._waiting, self.states.available))
         for seq in rows:
             if not seq.started:
@@ -420,19 +228,19 @@ class Engine:
             rows.remove(seq)
         if not rows:
             return
-        if self._prefiller is None:  # no prefill thread: the job runs here, between two decode steps
+        if self._prefiller is None:  # no prefill thread: the batch runs here, between two decode steps
             error: BaseException | None = None
             try:
-                self._prefill_job(rows, self.options.prefill_chunk)
+                self._run_prefill(rows, self.options.prefill_chunk)
             except Exception as exc:
                 error = exc
-            self._collect_job(rows, error)
+            self._collect_prefill(rows, error)
             return
-        job = self._prefiller.submit(self._prefill_job, rows, self.options.prefill_chunk)
-        job.add_done_callback(lambda _: self._inbox.put(WAKE))
-        self._job = rows, job
+        running = self._prefiller.submit(self._run_prefill, rows, self.options.prefill_chunk)
+        running.add_done_callback(lambda _: self._inbox.put(WAKE))
+        self._prefill = rows, running
 
-    def _prefill_job(self, rows: list[Sequence], budget: int) -> None:
+    def _run_prefill(self, rows: list[Sequence], budget: int) -> None:
         """On the prefill thread: advance these prompts; only their own prefill fields change."""
         with torch.inference_mode():
             if len(rows) == 1:
@@ -440,11 +248,11 @@ class Engine:
             else:
                 self._prefill_batch(rows, budget)
 
-    def _job_running(self) -> bool:
-        return self._job is not None and not self._job[1].done()
+    def _prefilling(self) -> bool:
+        return self._prefill is not None and not self._prefill[1].done()
 
-    def _collect_job(self, rows: list[Sequence], error: BaseException | None) -> None:
-        """A job ended (with `error` if it raised): remember each prompt's state, and fully prefilled
+    def _collect_prefill(self, rows: list[Sequence], error: BaseException | None) -> None:
+        """A prefill batch ended (with `error` if it raised): remember each prompt's state, and fully prefilled
         sequences join the batch. Sequences that left meanwhile (cancelled, or failed by a stop) are
         passed over."""
         rows = [seq for seq in rows if not seq.done]
@@ -461,11 +269,11 @@ class Engine:
             if seq.prefilled == len(seq.prompt_ids):
                 self._join(seq)
 
-    def _wait_for_job(self) -> None:
-        """Before failing everything on stop: let the job in flight end (it touches only its rows)."""
-        if self._job is not None:
-            self._job[1].exception()  # waits; its failure, if any, is moot now
-            self._job = None
+    def _wait_for_prefill(self) -> None:
+        """Before failing everything on stop: let the prefill batch in flight end (it touches only its rows)."""
+        if self._prefill is not None:
+            self._prefill[1].exception()  # waits; its failure, if any, is moot now
+            self._prefill = None
 
     def _leave_waiting(self, seq: Sequence) -> None:
         self.metrics.waiting.dec()
@@ -652,7 +460,7 @@ class Engine:
             by_loop.setdefault(seq.loop, []).append((seq, event))
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(deliver_all, items)
             except RuntimeError:  # the loop is closed: the server is shutting down
                 for seq, _ in items:
                     seq.cancelled = True
