@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from loadgen import DEFAULT_MODEL  # noqa: E402
+from plots import line_chart  # noqa: E402
 from results import machine_summary, write_section  # noqa: E402
 
 from app.engine import Engine, EngineOptions, Finished, Sequence  # noqa: E402
@@ -198,22 +199,15 @@ def parity(checkpoint) -> dict:
 
 
 def plot(sweep: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, values in sweep.items():
-        ax.plot(BATCHES, values, marker="o", label=kind)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("running sequences (batch)")
-    ax.set_ylabel("tokens/s (step + sampling)")
-    ax.set_title("Decode step throughput, one engine thread")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    line_chart(
+        path,
+        BATCHES,
+        sweep,
+        xlabel="running sequences (batch)",
+        ylabel="tokens/s (step + sampling)",
+        title="Decode step throughput, one engine thread",
+        log2_x=True,
+    )
 
 
 def main() -> None:

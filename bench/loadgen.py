@@ -155,6 +155,15 @@ async def _body_chunks(reader: asyncio.StreamReader, headers: dict[str, str]):
         yield await reader.readexactly(int(headers.get("content-length", "0")))
 
 
+def _post_request(host: str, path: str, payload: bytes) -> bytes:
+    """One HTTP/1.1 POST of a JSON body, on a connection that closes after the answer."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
 async def post_stream(
     host: str, port: int, path: str, body: dict, *, record_gaps: bool = False, stop_after: int | None = None
 ) -> StreamResult:
@@ -163,11 +172,7 @@ async def post_stream(
     result = StreamResult(started=time.perf_counter())
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-            + payload
-        )
+        writer.write(_post_request(host, path, payload))
         result.status, headers = await _read_head(reader)
         buffer = b""
         last = None
@@ -206,11 +211,7 @@ async def post_json(host: str, port: int, path: str, body: dict) -> tuple[int, d
     payload = json.dumps(body).encode()
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-            + payload
-        )
+        writer.write(_post_request(host, path, payload))
         status, headers = await _read_head(reader)
         data = b"".join([chunk async for chunk in _body_chunks(reader, headers)])
         return status, json.loads(data) if data else {}

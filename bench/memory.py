@@ -31,6 +31,7 @@ from loadgen import (  # noqa: E402
     start_server,
     stop_server,
 )
+from plots import line_chart  # noqa: E402
 from results import machine_summary, write_section  # noqa: E402
 
 
@@ -77,23 +78,19 @@ async def run(
 
 
 def plot(samples: list[tuple[int, int]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([n for n, _ in samples], [b / 2**20 for _, b in samples], marker=".")
     base = samples[0][1] / 2**20
-    ax.axhline(base * 1.1, color="grey", linestyle="--", linewidth=1, label="first 100 + 10%")
-    ax.set_xlabel("requests served")
-    ax.set_ylabel("server RSS (MiB)")
-    ax.set_ylim(0, base * 1.3)
-    ax.set_title("API process resident memory")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    line_chart(
+        path,
+        [n for n, _ in samples],
+        {"": [b / 2**20 for _, b in samples]},
+        xlabel="requests served",
+        ylabel="server RSS (MiB)",
+        title="API process resident memory",
+        markers=".",
+        figsize=(6, 3.5),
+        hlines={"first 100 + 10%": base * 1.1},
+        ylim=(0, base * 1.3),
+    )
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from loadgen import (  # noqa: E402
     start_server,
     stop_server,
 )
+from plots import line_chart  # noqa: E402
 from results import machine_summary, write_section  # noqa: E402
 
 PROMPT_CHARS = 200
@@ -79,38 +80,33 @@ async def concurrent(
 
 
 def plot(rows: list[dict], path_tput: Path, path_lat: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cs = [r["clients"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(cs, [r["aggregate"] for r in rows], marker="o", label="aggregate")
-    ax.plot(cs, [r["per_stream"] for r in rows], marker="s", label="per stream (median)")
-    ax.axhline(15000, color="grey", linestyle="--", linewidth=1, label="target at 64: 15,000")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent SSE clients")
-    ax.set_ylabel("tokens/s (client-measured)")
-    ax.set_title("Streaming throughput vs concurrency")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path_tput, dpi=100)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(cs, [r["ttft_p50"] * 1000 for r in rows], marker="o", label="TTFT p50")
-    ax.plot(cs, [r["ttft_p99"] * 1000 for r in rows], marker="s", label="TTFT p99")
-    ax.plot(cs, [r["gap_p99"] * 1000 for r in rows], marker="^", label="gap between events p99")
-    ax.axhline(100, color="grey", linestyle="--", linewidth=1, label="target TTFT p99 at 64: 100 ms")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent SSE clients")
-    ax.set_ylabel("ms")
-    ax.set_title("Latency vs concurrency")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path_lat, dpi=100)
+    line_chart(
+        path_tput,
+        cs,
+        {"aggregate": [r["aggregate"] for r in rows], "per stream (median)": [r["per_stream"] for r in rows]},
+        xlabel="concurrent SSE clients",
+        ylabel="tokens/s (client-measured)",
+        title="Streaming throughput vs concurrency",
+        markers=["o", "s"],
+        log2_x=True,
+        hlines={"target at 64: 15,000": 15000},
+    )
+    line_chart(
+        path_lat,
+        cs,
+        {
+            "TTFT p50": [r["ttft_p50"] * 1000 for r in rows],
+            "TTFT p99": [r["ttft_p99"] * 1000 for r in rows],
+            "gap between events p99": [r["gap_p99"] * 1000 for r in rows],
+        },
+        xlabel="concurrent SSE clients",
+        ylabel="ms",
+        title="Latency vs concurrency",
+        markers=["o", "s", "^"],
+        log2_x=True,
+        hlines={"target TTFT p99 at 64: 100 ms": 100},
+    )
 
 
 def summarize(clients: int, results: list[StreamResult], wall: float, requests: int = 1) -> dict:

@@ -79,7 +79,7 @@ def keep_freed_memory() -> bool:
     the backward, gradients, products). By default glibc serves blocks over its mmap threshold with
     fresh pages and gives back the top of the heap when it frees, so every step pays again in page
     faults: 7,000-38,000 a step for the default recipe, 5-15% of the step (docs/TRAINING.md,
-    "Throughput"). With the threshold at its maximum (32 MB) and trimming off, the pages stay mapped
+    "The training kernel"). With the threshold at its maximum (32 MB) and trimming off, the pages stay mapped
     and are reused; the process keeps its peak working set, which a training process does anyway.
     The same is what jemalloc or tcmalloc would do. No-op (False) off glibc.
     """
