@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import Registry
 from lm.tokenizers import fit_tokenizer
 from tests.corpora import HAMLET, SONNET_18, first_lines
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -153,15 +152,32 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def wait_ready(
+    url: str,
+    process: subprocess.Popen[bytes],
+    log: Callable[[], str],
+    *,
+    name: str = "server",
+    path: str = "/readyz",
+    timeout: float = 60,
+) -> None:
+    """Poll `url` + `path` until it answers 200; a RuntimeError with the process's log if it exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log()}")
+        try:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} not ready after {timeout}s:\n{log()}")
 
 
 def start_server(models_dir: Path, log_dir: Path, ready: str = "/readyz", **env: str) -> Server:
     """`python -m textgen serve` on a free port with TEXTGEN_* settings from `env`; waits until `ready` is 200."""
-    port = _free_port()
+    port = free_port()
     log_path = log_dir / f"server-{port}.log"
     settings = {"THREADS": "1", "TRAIN_THREADS": "1", **{k.upper(): v for k, v in env.items()}}
     environ = {**os.environ, **{f"TEXTGEN_{k}": v for k, v in settings.items()}}
@@ -170,18 +186,12 @@ def start_server(models_dir: Path, log_dir: Path, ready: str = "/readyz", **env:
     with open(log_path, "wb") as out:
         process = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}{ready}", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    stop_server(server)
-    raise RuntimeError(f"server not ready after 60 s:\n{server.log()}")
+    try:
+        wait_ready(server.url, process, server.log, path=ready)
+    except RuntimeError:
+        stop_server(server)
+        raise
+    return server
 
 
 def stop_servers(servers: list[Server]) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,21 +14,11 @@ import pytest
 from app.train_schemas import HYPER
 from lm.train import TrainConfig
 from tests.app.conftest import MODEL_A, ClientFactory
+from tests.jobs_support import FINAL_STATES, TINY, shakespeare, sse_events
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parents[2]
-TEXT = (ROOT / "data" / "shakespeare" / "shakespeare.txt").read_text(encoding="utf-8")[20_000:24_000]
-TINY = {
-    "embedding_dim": 16,
-    "hidden_dim": 16,
-    "layers": 1,
-    "seq_len": 16,
-    "batch_size": 4,
-    "epochs": 2,
-    "warmup_steps": 2,
-    "threads": 1,
-}
+TEXT = shakespeare(4_000)
 
 
 async def submit(client: httpx.AsyncClient, **body: Any) -> httpx.Response:
@@ -40,19 +29,10 @@ async def wait_until_final(client: httpx.AsyncClient, job_id: str, timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = (await client.get(f"/train/{job_id}")).json()
-        if job["state"] in ("succeeded", "failed", "cancelled"):
+        if job["state"] in FINAL_STATES:
             return job
         await asyncio.sleep(0.2)
     raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s")
-
-
-def sse_events(body: str) -> list[tuple[str, dict[str, Any]]]:
-    events = []
-    for block in body.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
-        if "event" in fields:
-            events.append((fields["event"], json.loads(fields["data"])))
-    return events
 
 
 @pytest.mark.parametrize(

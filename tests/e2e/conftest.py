@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,29 +27,15 @@ from jobs.redis_client import connect_redis
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import ActivePointer, Registry
 from lm.tokenizers import fit_tokenizer
-from tests.redis_server import RedisServer
+from tests.app.conftest import wait_ready
+from tests.jobs_support import FINAL_STATES, TINY, shakespeare, sse
+from tests.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXT = (ROOT / "data" / "shakespeare" / "shakespeare.txt").read_text(encoding="utf-8")[20_000:26_000]
+TEXT = shakespeare(6_000)
 BASE_MODEL = "base-v1"
 # a job that trains a 16-unit LSTM on 6 KB; `epochs` sets how long it runs (about 0.2 s each)
-TINY_JOB: dict[str, Any] = {
-    "text": TEXT,
-    "embedding_dim": 16,
-    "hidden_dim": 16,
-    "layers": 1,
-    "seq_len": 16,
-    "batch_size": 4,
-    "epochs": 2,
-    "warmup_steps": 2,
-    "threads": 1,
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+TINY_JOB: dict[str, Any] = {"text": TEXT, **TINY}
 
 
 def publish_tiny_model(
@@ -90,7 +75,10 @@ class Process:
 
 @dataclass
 class Cluster:
-    """The processes of one test module, started and stopped together."""
+    """The processes of one test module, started and stopped together.
+
+    As a context manager: on a failure the processes' logs are printed; everything stops at the end.
+    """
 
     root: Path
     models_dir: Path
@@ -108,9 +96,10 @@ class Cluster:
 
     def start_api(self, name: str = "api") -> Process:
         port = free_port()
+        url = f"http://127.0.0.1:{port}"
         args = [sys.executable, "-m", "textgen", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        api = self._spawn(name, [*args, "--models-dir", str(self.models_dir)], f"http://127.0.0.1:{port}")
-        wait_ready(api)
+        api = self._spawn(name, [*args, "--models-dir", str(self.models_dir)], url)
+        wait_ready(url, api.proc, api.log, name=name)
         return api
 
     def start_worker(self, name: str = "worker") -> Process:
@@ -128,19 +117,15 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(f"==== {p.name} ====\n{p.log()[-4000:]}" for p in self.processes)
 
+    def __enter__(self) -> Cluster:
+        return self
 
-def wait_ready(api: Process, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if api.proc.poll() is not None:
-            raise RuntimeError(f"{api.name} exited with {api.proc.returncode}:\n{api.log()}")
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         try:
-            if httpx.get(f"{api.url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{api.name} not ready after {timeout}s:\n{api.log()}")
+            if exc_type is not None:
+                print(self.logs())  # pytest shows a test's captured output only when it fails
+        finally:
+            self.stop_all()
 
 
 # ---------------------------------------------------------------------------- the API, as a client
@@ -163,7 +148,7 @@ def wait_for_job(api: Process, job_id: str, timeout: float = 90, until: tuple[st
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = get_job(api, job_id)
-        if job["state"] in ("succeeded", "failed", "cancelled", *until):
+        if job["state"] in (*FINAL_STATES, *until):
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s")
@@ -183,16 +168,6 @@ def job_events(api: Process, job_id: str) -> list[tuple[str, dict[str, Any]]]:
     """Every event of a finished job, as GET /train/{id}/events replays them."""
     with httpx.stream("GET", f"{api.url}/train/{job_id}/events", timeout=30) as response:
         return list(sse(response.iter_lines()))
-
-
-def sse(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    name: str | None = None
-    for line in lines:
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: ") and name is not None:
-            yield name, json.loads(line[6:])
-            name = None
 
 
 def serving(api: Process) -> str:
@@ -227,6 +202,18 @@ class SlowStream(threading.Thread):
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.ended_at: float | None = None
 
+    @classmethod
+    def open(cls, api: Process, max_tokens: int) -> SlowStream:
+        """Start one; `started_tokens` is set once its first token is read."""
+        stream = cls(api, max_tokens)
+        stream.start()
+        return stream
+
+    def finish(self, timeout: float = 60) -> None:
+        """Let the client read on to the end, and wait for that."""
+        self.hurry.set()
+        self.join(timeout)
+
     def run(self) -> None:
         body = {"prompt": "The ", "max_tokens": self.max_tokens, "stream": True, "temperature": 1.0, "seed": 1}
         with httpx.stream("POST", f"{self.api.url}/generate", json=body, timeout=120) as response:
@@ -247,6 +234,11 @@ def published_for(models_dir: Path, job_id: str) -> list[str]:
     ]
 
 
+def redis_pointer(redis: RedisServer) -> RedisPointer:
+    """The active model's pointer in `redis`, the one the replicas and workers read and move."""
+    return RedisPointer(connect_redis(redis.url))
+
+
 @contextlib.contextmanager
 def redis_cluster(root: Path, models_dir: Path) -> Iterator[tuple[Cluster, RedisServer]]:
     """A redis-server of its own (the tests kill and restart it) and a cluster on it serving
@@ -255,7 +247,7 @@ def redis_cluster(root: Path, models_dir: Path) -> Iterator[tuple[Cluster, Redis
     redis.start()
     try:
         publish_tiny_model(models_dir, BASE_MODEL)
-        assert RedisPointer(connect_redis(redis.url)).compare_and_set(None, BASE_MODEL)
+        assert redis_pointer(redis).compare_and_set(None, BASE_MODEL)
         env = {
             "TEXTGEN_REDIS_URL": redis.url,
             "TEXTGEN_THREADS": "1",
@@ -264,13 +256,7 @@ def redis_cluster(root: Path, models_dir: Path) -> Iterator[tuple[Cluster, Redis
             "TEXTGEN_MAX_TOKENS": "100000",
             "TEXTGEN_MAX_CORPUS_BYTES": "200000",
         }
-        cluster = Cluster(root, models_dir, env)
-        try:
+        with Cluster(root, models_dir, env) as cluster:
             yield cluster, redis
-        except BaseException:
-            print(cluster.logs())
-            raise
-        finally:
-            cluster.stop_all()
     finally:
         redis.stop()

@@ -29,12 +29,10 @@ def test_train_then_swap_and_a_restart_still_lists_the_job(tmp_path: Path) -> No
     publish_tiny_model(models_dir, BASE_MODEL)
     assert FilePointer(models_dir).compare_and_set(None, BASE_MODEL)
     env = {"TEXTGEN_THREADS": "1", "TEXTGEN_TRAIN_THREADS": "1", "TEXTGEN_RECONCILE_S": "0.5"}
-    cluster = Cluster(tmp_path, models_dir, {**env, "TEXTGEN_MAX_TOKENS": "100000"})
-    try:
+    with Cluster(tmp_path, models_dir, {**env, "TEXTGEN_MAX_TOKENS": "100000"}) as cluster:
         api = cluster.start_api("embedded")
         assert serving(api) == BASE_MODEL
-        stream = SlowStream(api, max_tokens=5000)
-        stream.start()
+        stream = SlowStream.open(api, max_tokens=5000)
         assert stream.started_tokens.wait(30)
 
         job = submit(api, name="embedded-v2")
@@ -42,8 +40,7 @@ def test_train_then_swap_and_a_restart_still_lists_the_job(tmp_path: Path) -> No
         assert done["state"] == "succeeded", done["error"]
         wait_serving([api], "embedded-v2", timeout=5.0)
         assert stream.ended_at is None  # the stream is still open on the old version
-        stream.hurry.set()
-        stream.join(60)
+        stream.finish()
         last_kind, last = stream.events[-1]
         assert last_kind == "done" and last["model"] == BASE_MODEL  # finished on the version it started on
 
@@ -55,8 +52,3 @@ def test_train_then_swap_and_a_restart_still_lists_the_job(tmp_path: Path) -> No
         listed = httpx.get(f"{api.url}/train", timeout=10).json()["jobs"]
         assert [(j["id"], j["state"], j["model_id"]) for j in listed] == [(job["id"], "succeeded", "embedded-v2")]
         assert serving(api) == "embedded-v2"
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()

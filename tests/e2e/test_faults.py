@@ -21,8 +21,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jobs.pointer import RedisPointer
-from jobs.redis_client import connect_redis
 from lm.checkpoint import CONFIG_FILE, MODEL_FILE
 from lm.tokenizers import TOKENIZER_FILE
 from tests.app.conftest import (
@@ -40,6 +38,7 @@ from tests.e2e.conftest import (
     job_events,
     published_for,
     redis_cluster,
+    redis_pointer,
     serving,
     submit,
     wait_for_event,
@@ -228,7 +227,7 @@ def test_the_disk_filling_up_during_a_checkpoint_write_fails_the_job_and_publish
         assert httpx.get(f"{api.url}/models/no-room", timeout=10).status_code == 404
         left = {p.name for p in models.iterdir()} - before - {"jobs"}
         assert not left, left  # no model folder, no .tmp-* checkpoint left behind
-        assert RedisPointer(connect_redis(redis.url)).get() == BASE_MODEL
+        assert redis_pointer(redis).get() == BASE_MODEL
         assert serving(api) == BASE_MODEL
 
         (small_disk / "filler").unlink()  # room again: the next job publishes
@@ -260,7 +259,7 @@ def test_a_worker_killed_during_publication_leaves_one_published_active_model(tm
         assert published_for(cluster.models_dir, job["id"]) == ["at-publish"]
         kinds = [kind for kind, _ in job_events(api, job["id"])]
         assert kinds.count("done") == 1 and kinds.count("published") <= done["attempts"], kinds
-        assert RedisPointer(connect_redis(redis.url)).get() == "at-publish"
+        assert redis_pointer(redis).get() == "at-publish"
         deadline = time.monotonic() + 10
         while serving(api) != "at-publish" and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from jobs.pointer import RedisPointer
-from jobs.redis_client import connect_redis
 from tests.e2e.conftest import (
     BASE_MODEL,
     TEXT,
@@ -29,6 +28,7 @@ from tests.e2e.conftest import (
     publish_tiny_model,
     published_for,
     redis_cluster,
+    redis_pointer,
     serving,
     submit,
     wait_for_event,
@@ -52,7 +52,7 @@ class RedisCluster:
         return self.cluster.models_dir
 
     def pointer(self) -> RedisPointer:
-        return RedisPointer(connect_redis(self.redis.url))
+        return redis_pointer(self.redis)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,7 @@ def _logs_on_failure(rc: RedisCluster) -> Iterator[None]:
 def test_a_job_swaps_both_replicas_while_a_stream_finishes_on_the_old_version(rc: RedisCluster) -> None:
     api1, api2 = rc.apis
     assert serving(api1) == serving(api2) == BASE_MODEL
-    stream = SlowStream(api1, max_tokens=5000)
-    stream.start()
+    stream = SlowStream.open(api1, max_tokens=5000)
     assert stream.started_tokens.wait(30)
 
     job = submit(api2, name="swap-v2")
@@ -84,8 +83,7 @@ def test_a_job_swaps_both_replicas_while_a_stream_finishes_on_the_old_version(rc
     wait_serving(rc.apis, "swap-v2", timeout=5.0)  # both replicas, within 5 s of the publish
 
     assert stream.ended_at is None  # the stream is still in flight on the old version
-    stream.hurry.set()
-    stream.join(60)
+    stream.finish()
     kinds = [kind for kind, _ in stream.events]
     assert "error" not in kinds and kinds[-1] == "done"
     assert stream.events[-1][1]["model"] == BASE_MODEL

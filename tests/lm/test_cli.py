@@ -9,7 +9,6 @@ import math
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from lm.train import TrainConfig, TrainEvent
+from tests.redis_server import free_port
 from textgen.cli import ProgressBar, format_progress, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,12 +172,6 @@ def test_fine_tune_then_show_activate_and_delete(trained, corpus, tmp_path):
     assert deleted.returncode == 0, deleted.stderr
     assert not (models / "owl-songs").exists()
     assert [r.split()[0] for r in textgen("models", models_dir=models).stdout.splitlines()[1:]] == ["tiny"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_runs_the_service_on_the_given_models_folder(trained, tmp_path):
