@@ -194,16 +194,15 @@ class FileStore:
                 else:
                     candidates.append(record)
             for record in candidates:
-                token = secrets.token_hex(8)
-
-                def take(r: JobRecord, holder: str = _holder(Claim(record.id, token, worker))) -> Changes | None:
-                    now = time.time()
-                    return {"worker": holder, "heartbeat_at": now} if claimable(r, now, self.lease_s) else None
-
-                taken, _ = self._modify(record.id, take)
-                if taken:
-                    return Claim(job_id=record.id, token=token, worker=worker)
+                claim = Claim(job_id=record.id, token=secrets.token_hex(8), worker=worker)
+                if self._take(claim):
+                    return claim
         return None
+
+    def _take(self, claim: Claim) -> bool:
+        holder = _holder(claim)
+        taken, _ = self._modify(claim.job_id, lambda r: records.take(r, holder, time.time(), self.lease_s))
+        return taken
 
     def _held(
         self, claim: Claim, transition: Callable[[JobRecord], Changes | None]

@@ -139,6 +139,11 @@ def lease_expired(record: JobRecord, now: float, lease_s: float) -> bool:
 # ---------------------------------------------------------------------------- transitions
 
 
+def take(record: JobRecord, holder: str, now: float, lease_s: float) -> Changes | None:
+    """A worker takes a claimable job (the file store keeps a claim in the record; Redis in its queue)."""
+    return {"worker": holder, "heartbeat_at": now} if claimable(record, now, lease_s) else None
+
+
 def start(record: JobRecord, worker: str, now: float) -> Changes | None:
     """queued/running -> running under `worker`: one more attempt; None when the job already ended."""
     if record.final:
