@@ -74,7 +74,7 @@ models: install
 SERVE_BENCHES := decode_step serve_stream prompt_cache memory hot_swap soak
 .PHONY: bench-serve $(addprefix bench-,$(SERVE_BENCHES))
 $(addprefix bench-,$(SERVE_BENCHES)): bench-%: dev
-	OMP_NUM_THREADS=1 $(PY) bench/$*.py
+	$(PY) bench/$*.py
 bench-serve: $(addprefix bench-,$(SERVE_BENCHES))
 
 bench: dev bench-serve

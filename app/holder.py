@@ -223,6 +223,12 @@ class ModelHolder:
             if loaded is not None:
                 self._retire(loaded)
 
+    def decode_plan(self, model_id: str) -> dict[str, Any] | None:
+        """The decode plan of a loaded version (lm/decode/tune.py), None when it is not loaded."""
+        loaded = self.active if self.active is not None and self.active.model_id == model_id else None
+        loaded = loaded or self._others.get(model_id)
+        return loaded.engine.plan.to_dict() if loaded is not None else None
+
     def loaded_ids(self) -> set[str]:
         ids = set(self._others)
         if self.active is not None:
@@ -248,6 +254,9 @@ class ModelHolder:
             options=EngineOptions.from_settings(self.settings),
         )
         engine.start()
+        # the engine measures which decode step serves fastest here (or reads it from the cache) before
+        # it takes requests: the version goes in once that is done, so no request waits for it
+        await asyncio.to_thread(engine.ready.wait)
         loaded = LoadedModel(checkpoint, engine)
         self._loaded.add(loaded)
         return loaded

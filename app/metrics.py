@@ -8,10 +8,14 @@ metrics directly: prometheus-client's metrics are thread-safe.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from lm.decode.tune import Plan
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -52,7 +56,15 @@ class Metrics:
         )
         self.model = Info("textgen_model", "The active model version", registry=r)
         self.decode_step = Info(
-            "textgen_decode_step", "The decode step the engines run, and whether its loops run in C++", registry=r
+            "textgen_decode_step",
+            "The decode step the last started engine runs: its kind, loops, product, threads, and how it was chosen",
+            registry=r,
+        )
+        self.decode_speed = Gauge(
+            "textgen_decode_step_tokens_per_second",
+            "What the chosen decode step measured at each batch size when its engine started (step alone)",
+            ["batch"],
+            registry=r,
         )
         self.swaps = Counter("textgen_model_swaps", "Model activations by result", ["result"], registry=r)
         self.dropped = Counter(
@@ -72,6 +84,22 @@ class Metrics:
         self.prompt_cache_bytes = Gauge(
             "textgen_prompt_cache_bytes", "Bytes held by the prompt-state caches of all loaded versions", registry=r
         )
+
+    def observe_plan(self, plan: Plan) -> None:
+        """The chosen decode step (lm/decode/tune.py) and its measured speed."""
+        self.decode_step.info(
+            {
+                "kind": plan.kind,
+                "loops": plan.loops,
+                "product": plan.product,
+                "threads": str(plan.threads),
+                "vnni_rows": str(plan.vnni_rows),
+                "source": plan.source,
+            }
+        )
+        self.decode_speed.clear()
+        for batch, rate in plan.chosen_tokens_per_s().items():
+            self.decode_speed.labels(batch=str(batch)).set(rate)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -92,6 +92,12 @@ class ModelDetail(ModelPublic):
     training: dict[str, Any]
     chat_template: dict[str, Any]
     versions: dict[str, Any]
+    decode: dict[str, Any] | None = Field(
+        None,
+        description="While loaded: the decode step its engine chose on this CPU (kind, loops, product, threads, "
+        "vnni_rows, source), the tokens/s it measured per configuration and batch size, each kind's parity with "
+        "the reference, and the CPU",
+    )
 
 
 class ModelList(BaseModel):

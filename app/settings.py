@@ -39,19 +39,21 @@ class Settings(JobSettings):
     max_tokens: int = Field(default=2048, ge=1)  # cap on a request's max_tokens
     max_prompt_chars: int = Field(default=16_384, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1)
-    max_running: int = Field(default=32, ge=1)  # sequences decoded together, per loaded model version
+    max_running: int = Field(default=64, ge=1)  # sequences decoded together, per loaded model version
     max_waiting: int = Field(default=64, ge=0)  # admitted sequences waiting for a running slot (whole process)
     max_running_per_key: int = Field(default=16, ge=0)  # sequences one API key may have admitted; 0 = no limit
     max_loaded_models: int = Field(default=2, ge=1)  # the active model plus models requested by name
     retry_after_s: int = Field(default=1, ge=1)  # the Retry-After header of a 429
 
     # runtime
-    threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None = torch's default
+    threads: int | None = Field(default=None, ge=1)  # the engines' torch threads; None = by measurement
     device: Literal["auto", "cpu", "cuda"] = "auto"
     keepalive_s: float = Field(default=15.0, gt=0)  # SSE comment on an idle stream after this many seconds
 
     # decode speed (docs/PERFORMANCE.md)
-    decode: Literal["int8", "fused", "reference"] = "int8"  # the decode step; reference = the model's nn.LSTM
+    decode: Literal["auto", "int8", "fused", "reference"] = "auto"  # the decode step; auto = by measurement
+    int8_product: Literal["auto", "vnni", "onednn"] = "auto"  # int8's products; auto = by measurement
+    tune_cache_dir: Path = Path.home() / ".cache" / "textgen"  # the measurements, kept across restarts
     stream_interval_ms: float = Field(default=20.0, ge=0)  # a stream's text is sent at most this often; 0 = every token
     prompt_cache_mb: float = Field(default=16.0, ge=0)  # prompt-state cache per loaded model version; 0 = off
     prefill_chunk: int = Field(default=256, ge=1)  # prompt tokens run between two decode steps
@@ -65,6 +67,12 @@ class Settings(JobSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """TEXTGEN_THREADS= (empty, as compose passes an unset variable) leaves the choice to measurement."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def auth_enabled(self) -> bool:

@@ -1,14 +1,17 @@
 """Decode speed in-process: textgen's engine against a plain per-step nn.LSTM loop, same weights and sampling.
 
-    python bench/decode_step.py                  # the shipped default model, 1 torch thread
+    python bench/decode_step.py                  # the shipped default model, as the server would choose
     python bench/decode_step.py --tokens 500 --rounds 2
 
-Single stream: the plain loop is the textbook one (the model's forward on a (1, 1) batch, state
-carried, `SequenceSampler.choose` + `push` per token); textgen's number is a real `Engine` with one
-sequence, from its first token event to its `Finished` on the asyncio side, for each decode kind.
-Both use the same seed and sampling parameters; the rounds alternate (plain, then each kind) so a
-noisy neighbour slows both, and the ratio is the median of per-round ratios. Then the batch sweep:
-the decode step + batched sampling alone at B = 1..64, tokens/s per kind, plotted.
+First the engine's own choice (lm/decode/tune.py, measured here without a cache), as a server would
+make it. Single stream: the plain loop is the textbook one (the model's forward on a (1, 1) batch,
+state carried, `SequenceSampler.choose` + `push` per token); textgen's number is a real `Engine` with
+one sequence, from its first token event to its `Finished` on the asyncio side: the engine as it
+chooses (`textgen`), then pinned to each configuration it chooses from. Both use the same seed and
+sampling parameters; the rounds alternate (plain, then each engine) so a noisy neighbour slows all,
+and the ratio is the median of per-round ratios. Then the batch sweep: the decode step + batched
+sampling alone at B = 1..64 for every configuration, and the chosen one against the fastest fixed
+one at each batch size (target: within 5%). Then whole prompts, and parity with the reference.
 """
 
 from __future__ import annotations
@@ -31,20 +34,28 @@ from results import machine_summary, write_section  # noqa: E402
 
 from app.engine import Engine, EngineOptions, Finished, Sequence  # noqa: E402
 from app.metrics import Metrics  # noqa: E402
+from lm import cpu  # noqa: E402
 from lm.batch_sampler import choose_batch  # noqa: E402
 from lm.decode import DECODE_KINDS, Step, build_step  # noqa: E402
+from lm.decode.tune import Config, Plan, build, build_planned, thread_options, tune  # noqa: E402
 from lm.registry import Registry  # noqa: E402
 from lm.sampler import SamplingParams, SequenceSampler, prompt_ids  # noqa: E402
 
 PROMPT = "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
-# (label, decode kind, native loops): every kind, and int8 with its loops in Python as well as in C++
-VARIANTS = [(kind, kind, True) for kind in DECODE_KINDS] + [("int8, Python loops", "int8", False)]
 
 
-def variant_step(model, label: str) -> Step:
-    _, kind, native_loops = next(v for v in VARIANTS if v[0] == label)
-    return build_step(model, kind, native_loops=native_loops)
+def variants(plan: Plan) -> list[Config]:
+    """Every configuration the engine chooses from here (the plan's threads and, for each kind, each
+    product this CPU and build can run), and int8 with its loops in Python (TEXTGEN_NATIVE=false)."""
+    threads = sorted(set(thread_options(cpu.cores())) | {plan.threads})
+    configs = [Config.parse(label) for label in plan.tokens_per_s]
+    configs = [c for c in configs if c.threads in threads]
+    return [*configs, *[Config("int8", "python", n) for n in threads]]
+
+
+def variant_step(model, config: Config) -> Step:
+    return build(model, config, vnni_rows=max(BATCHES))
 
 
 def plain_loop(model, tokenizer, params: SamplingParams, onednn: bool = True) -> float:
@@ -80,8 +91,21 @@ async def engine_stream(engine: Engine, params: SamplingParams) -> float:
             return (event.usage["completion_tokens"] - 1) / (time.perf_counter() - started)
 
 
-def make_engine(checkpoint, kind: str, native_loops: bool) -> Engine:
-    options = EngineOptions(decode=kind, stream_interval_s=0.020, prompt_cache_bytes=0, native_loops=native_loops)
+def make_engine(checkpoint, config: Config | None) -> Engine:
+    """The engine as it chooses (config None), or pinned to one configuration."""
+    if config is None:
+        options = EngineOptions(decode="auto", stream_interval_s=0.020, prompt_cache_bytes=0)
+    else:
+        product = config.product if config.product in ("vnni", "onednn") else "auto"
+        native = config.product != "python"
+        options = EngineOptions(
+            decode=config.kind,
+            threads=config.threads,
+            int8_product=product,
+            stream_interval_s=0.020,
+            prompt_cache_bytes=0,
+            native_loops=native,
+        )
     engine = Engine(
         checkpoint.model,
         checkpoint.tokenizer,
@@ -92,12 +116,14 @@ def make_engine(checkpoint, kind: str, native_loops: bool) -> Engine:
         options=options,
     )
     engine.start()
+    engine.ready.wait()
     return engine
 
 
-def single_stream(checkpoint, tokens: int, rounds: int) -> dict[str, list[float]]:
+def single_stream(checkpoint, configs: list[Config], tokens: int, rounds: int) -> dict[str, list[float]]:
     params = SamplingParams(max_tokens=tokens, temperature=0.8, top_k=40, seed=1)
-    engines = {label: make_engine(checkpoint, kind, native) for label, kind, native in VARIANTS}
+    engines = {"textgen (as it chooses)": make_engine(checkpoint, None)}
+    engines |= {c.label: make_engine(checkpoint, c) for c in configs}
     runs: dict[str, list[float]] = {"plain": [], "plain, oneDNN off": [], **{label: [] for label in engines}}
     try:
         for _ in range(rounds):
@@ -112,13 +138,19 @@ def single_stream(checkpoint, tokens: int, rounds: int) -> dict[str, list[float]
     return runs
 
 
-def batch_sweep(checkpoint, steps: int) -> dict[str, list[float]]:
-    """Tokens/s of step + batched sampling alone, per kind and batch size."""
+def batch_sweep(checkpoint, configs: list[Config], plan: Plan, steps: int) -> dict[str, list[float]]:
+    """Tokens/s of step + batched sampling alone, per configuration and batch size; "chosen" is the
+    plan's step (its product changes with the batch size as served)."""
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     H, L, V = model.cfg.hidden_dim, model.cfg.layers, model.cfg.vocab_size
     out: dict[str, list[float]] = {}
-    for kind, _, native_loops in VARIANTS:
-        step = variant_step(model, kind)
+    before = torch.get_num_threads()
+    for label, step, threads, native_loops in [
+        *((c.label, variant_step(model, c), c.threads, c.product != "python") for c in configs),
+        ("chosen", build_planned(model, plan), plan.threads, plan.loops == "C++"),
+    ]:
+        torch.set_num_threads(threads)
+        kind = label
         out[kind] = []
         for B in BATCHES:
             samplers = [
@@ -126,7 +158,7 @@ def batch_sweep(checkpoint, steps: int) -> dict[str, list[float]]:
             ]
             tokens = torch.randint(0, V, (B,), generator=torch.Generator().manual_seed(0))
             h, c = torch.zeros(L, B, H), torch.zeros(L, B, H)
-            n = max(10, steps // (4 if kind == "reference" else 1))
+            n = max(10, steps // (4 if kind.startswith("reference") else 1))
             with torch.inference_mode():
                 for i in range(n + 5):
                     if i == 5:
@@ -134,21 +166,26 @@ def batch_sweep(checkpoint, steps: int) -> dict[str, list[float]]:
                     logits = step(tokens, h, c)
                     tokens = torch.tensor(choose_batch(samplers, logits, native_draws=native_loops))
             out[kind].append(n * B / (time.perf_counter() - started))
+    torch.set_num_threads(before)
     return out
 
 
-def prompt_times(checkpoint, runs: int = 15) -> dict[str, list[float]]:
-    """ms per 200-token prompt, per variant: one prompt alone (`prefill`), and 8 prompts together
+def prompt_times(checkpoint, configs: list[Config], plan: Plan, runs: int = 15) -> dict[str, list[float]]:
+    """ms per 200-token prompt, per configuration: one prompt alone (`prefill`), and 8 prompts together
     (`steps`, the engine's batched prefill; ms for all 8). Median of `runs`."""
     model = checkpoint.model
     H, L, V = model.cfg.hidden_dim, model.cfg.layers, model.cfg.vocab_size
     ids = torch.randint(0, V, (8, 200), generator=torch.Generator().manual_seed(0))
     out: dict[str, list[float]] = {}
-    for label, _, _ in VARIANTS:
-        step = variant_step(model, label)
+    before = torch.get_num_threads()
+    for label, step, threads in [
+        *((c.label, variant_step(model, c), c.threads) for c in configs),
+        ("chosen", build_planned(model, plan), plan.threads),
+    ]:
+        torch.set_num_threads(threads)
         times: list[list[float]] = [[], []]
         with torch.inference_mode():
-            for _ in range(runs if label != "reference" else 3):
+            for _ in range(runs if not label.startswith("reference") else 3):
                 for i, (call, rows) in enumerate(((step.prefill, ids[0]), (step.steps, ids))):
                     k = 1 if rows.dim() == 1 else rows.shape[0]
                     h, c = torch.zeros(L, k, H), torch.zeros(L, k, H)
@@ -156,6 +193,7 @@ def prompt_times(checkpoint, runs: int = 15) -> dict[str, list[float]]:
                     call(rows, h, c)
                     times[i].append((time.perf_counter() - started) * 1000)
         out[label] = [statistics.median(t) for t in times]
+    torch.set_num_threads(before)
     return out
 
 
@@ -216,15 +254,30 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sweep-steps", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     checkpoint = Registry(ROOT / "models").load(args.model)
-    runs = single_stream(checkpoint, args.tokens, args.rounds)
-    sweep = batch_sweep(checkpoint, args.sweep_steps)
-    prompts = prompt_times(checkpoint)
+    torch.set_num_threads(cpu.cores())
+    plan = tune(checkpoint.model, max_running=max(BATCHES))  # as an engine would, without the cache
+    configs = variants(plan)
+    runs = single_stream(checkpoint, configs, args.tokens, args.rounds)
+    sweep = batch_sweep(checkpoint, configs, plan, args.sweep_steps)
+    prompts = prompt_times(checkpoint, configs, plan)
     par = parity(checkpoint)
-    plot(sweep, ROOT / "bench" / "decode_step.png")
+    plot({k: v for k, v in sweep.items() if k != "chosen"}, ROOT / "bench" / "decode_step.png")
+    fixed = {k: v for k, v in sweep.items() if k != "chosen" and not k.endswith("/python/1t")}
+    choice_rows = [
+        "| batch | chosen | tokens/s | fastest fixed | tokens/s | chosen / fastest |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    worst = 1.0
+    for i, b in enumerate(BATCHES):
+        best = max(fixed, key=lambda k: fixed[k][i])
+        ratio = sweep["chosen"][i] / fixed[best][i]
+        worst = min(worst, ratio)
+        choice_rows.append(
+            f"| {b} | {plan.config_at(b).label} | {sweep['chosen'][i]:,.0f} | {best} | {fixed[best][i]:,.0f} "
+            f"| {ratio:.1%} |"
+        )
 
     rows = [
         "| path | tokens/s (median) | all rounds | x plain | x plain, oneDNN off |",
@@ -246,15 +299,20 @@ def main() -> None:
     for label, (alone, together) in prompts.items():
         prompt_rows.append(f"| {label} | {alone:.1f} ms | {together:.1f} ms |")
     body = f"""
-Machine: {machine_summary()}; torch {torch.__version__}, {args.threads} torch thread(s); load average at start
+Machine: {machine_summary()}; torch {torch.__version__}; load average at start
 {Path("/proc/loadavg").read_text().split()[0]}.
 Command: `python bench/decode_step.py --tokens {args.tokens} --rounds {args.rounds}` (model `{args.model}`).
+
+The engine's choice here (lm/decode/tune.py, no cache): **{plan.summary()}**. Parity of each kind
+with the reference in that measurement (worst |log p| difference, greedy continuations):
+{", ".join(f"{k} {v:.2g}" for k, v in plan.parity.items())}.
 
 Single stream, {args.tokens} tokens, temperature 0.8, top-k 40, same seed. `plain` is the textbook
 per-step `nn.LSTM` loop with `SequenceSampler` (torch defaults: oneDNN re-formats the LSTM weights on
 every call); `plain, oneDNN off` is the same loop with `torch.backends.mkldnn` disabled, a stronger
-baseline; the others are textgen's `Engine` (one sequence, 20 ms stream coalescing) with each decode
-step (`int8` with its loops in C++, as served; `int8, Python loops` is `TEXTGEN_NATIVE=false`).
+baseline; the others are textgen's `Engine` (one sequence, 20 ms stream coalescing): as it chooses,
+then pinned to each configuration `kind/product/threads` (`vnni`: textgen's AVX-512 VNNI products,
+`onednn`: oneDNN's, `python`: int8 with its loops in Python, `TEXTGEN_NATIVE=false`).
 Target: >= 4x plain.
 
 {chr(10).join(rows)}
@@ -262,6 +320,11 @@ Target: >= 4x plain.
 Decode step + batched sampling alone, tokens/s by batch size:
 
 {chr(10).join(sweep_rows)}
+
+The chosen configuration against the fastest fixed one at each batch size (C++ loops; target: within
+5%, worst here **{worst:.1%}**):
+
+{chr(10).join(choice_rows)}
 
 ![decode step throughput](decode_step.png)
 

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=3000)
-    parser.add_argument("--threads", default="1")
+    parser.add_argument("--threads", help="pin TEXTGEN_THREADS (default: unset, the server measures)")
     args = parser.parse_args()
     models = models_copy((args.model,))
     shutil.copytree(models / args.model, models / SECOND_ID)
@@ -86,7 +86,7 @@ def main() -> None:
     body = f"""
 Machine: {machine_summary()}; load average at the end {Path("/proc/loadavg").read_text().split()[0]}.
 Command: `python bench/hot_swap.py --streams {args.streams} --tokens {args.tokens}` (model `{args.model}` and
-a copy of it as `{SECOND_ID}`, TEXTGEN_THREADS={args.threads}, TEXTGEN_MAX_RUNNING=64).
+a copy of it as `{SECOND_ID}`, TEXTGEN_THREADS={args.threads or "unset (measured)"}, TEXTGEN_MAX_RUNNING=64).
 
 {args.streams} SSE streams of {args.tokens} tokens; after 1 s, `POST /models/{SECOND_ID}/activate` answered
 {status} in {(swap_end - swap_start) * 1000:.0f} ms (load, validate, swap); a request after the streams

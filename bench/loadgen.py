@@ -67,14 +67,14 @@ def models_copy(model_ids: tuple[str, ...] = (DEFAULT_MODEL,)) -> Path:
     return target
 
 
-def start_server(models_dir: Path, **settings: str) -> Server:
-    """`textgen serve` on a free port with TEXTGEN_* settings; returns once /readyz answers 200."""
+def start_server(models_dir: Path, **settings: str | None) -> Server:
+    """`textgen serve` on a free port with TEXTGEN_* settings (None: not set, the service's own default);
+    returns once /readyz answers 200. Nothing else is set: the server tunes itself as a user's would."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, **{f"TEXTGEN_{k.upper()}": str(v) for k, v in settings.items()}}
-    if "threads" in settings:  # OpenMP reads this once, when torch loads (docs/PERFORMANCE.md, "Threads")
-        env.setdefault("OMP_NUM_THREADS", str(settings["threads"]))
+    given = {k: v for k, v in settings.items() if v is not None}
+    env = {**os.environ, **{f"TEXTGEN_{k.upper()}": str(v) for k, v in given.items()}}
     env.setdefault("TEXTGEN_LOG_LEVEL", "WARNING")
     log_path = models_dir.parent / f"server-{port}.log"
     cmd = [sys.executable, "-m", "textgen", "serve", "--host", "127.0.0.1", "--port", str(port)]

@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=24)
-    parser.add_argument("--threads", default="1")
+    parser.add_argument("--threads", help="pin TEXTGEN_THREADS (default: unset, the server measures)")
     parser.add_argument("--setting", action="append", default=[], help="extra NAME=VALUE server settings")
     args = parser.parse_args()
     extra = dict(s.split("=", 1) for s in args.setting)
@@ -115,7 +115,8 @@ def main() -> None:
     body = f"""
 Machine: {machine_summary()}; load average at the end {Path("/proc/loadavg").read_text().split()[0]}.
 Command: `{" ".join(["python bench/memory.py", *sys.argv[1:]])}`
-(model `{args.model}`, TEXTGEN_THREADS={args.threads}, {extra or "the rest"} default); {wall:.0f} s.
+(model `{args.model}`, TEXTGEN_THREADS={args.threads or "unset (measured)"}, {extra or "the rest"} default);
+{wall:.0f} s.
 
 Mix: streamed to the end, not streamed, streamed and disconnected after 3 events (a third each),
 prompts of 20-300 characters from the corpus, {args.tokens} tokens. Outcomes: {outcomes}.

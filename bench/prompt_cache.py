@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--conversations", type=int, default=5)
-    parser.add_argument("--threads", default="1")
+    parser.add_argument("--threads", help="pin TEXTGEN_THREADS (default: unset, the server measures)")
     args = parser.parse_args()
     common = {"threads": args.threads}
     off = start_server(models_copy((args.model,)), prompt_cache_mb="0", **common)
@@ -131,7 +131,7 @@ def main() -> None:
     body = f"""
 Machine: {machine_summary()}; load average at the end {Path("/proc/loadavg").read_text().split()[0]}.
 Command: `python bench/prompt_cache.py --conversations {args.conversations}` (model `{args.model}`,
-TEXTGEN_THREADS={args.threads}; one server with TEXTGEN_PROMPT_CACHE_MB=0, one with the default).
+TEXTGEN_THREADS={args.threads or "unset (measured)"}; one server with TEXTGEN_PROMPT_CACHE_MB=0, one with the default).
 
 Time to first token of a chat's next turn (history + 100-token reply + new message, rendered
 prompt length in tokens below), client-measured. Target: >= 10x sooner with the cache.

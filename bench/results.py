@@ -1,37 +1,51 @@
-"""Shared helpers for the benchmarks: describe the machine, rewrite one section of RESULTS.md."""
+"""Shared helpers for the benchmarks: describe the machine, rewrite one section of RESULTS.md.
+
+RESULTS.md keeps one part per CPU model (`## CPU: <model>`), and in it one section per benchmark:
+figures from different hosts are never mixed, and a ratio is only ever between numbers of one run.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from lm import cpu  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = (
     "# Benchmark results\n\n"
-    "Each section is rewritten by the script named in its title. Ratios are measured in one run.\n"
+    "One part per CPU model the benchmarks ran on; in it, each section is rewritten by the script named in\n"
+    "its title. Ratios are measured in one run, on one machine.\n"
 )
 
 
 def machine_summary() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """'Intel(R) Xeon(R) Processor; avx2 fma ... amx_bf16; 2 cores, 24 GiB, Linux 6.1'."""
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} {platform.release()}"
+    return f"{cpu.summary()}, {mem_gib:.0f} GiB, {platform.system()} {platform.release()}"
 
 
-def write_section(title: str, body: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the section headed `## {title}` in RESULTS.md."""
+def write_section(title: str, body: str, path: Path = RESULTS, cpu_model: str | None = None) -> None:
+    """Replace (or add) the section `### {title}` in this CPU's part of RESULTS.md (the part is added
+    at the end the first time a CPU is seen)."""
+    model = cpu_model or cpu.model()
     text = path.read_text() if path.exists() else HEADER
-    begin, end = f"<!-- begin: {title} -->", f"<!-- end: {title} -->"
-    section = f"{begin}\n## {title}\n\n{body.strip()}\n{end}"
+    begin, end = f"<!-- begin: {title} @ {model} -->", f"<!-- end: {title} @ {model} -->"
+    section = f"{begin}\n### {title}\n\n{body.strip()}\n{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    if pattern.search(text):
+        path.write_text(pattern.sub(lambda _: section, text))
+        return
+    part = f"<!-- cpu: {model} -->"
+    if part not in text:
+        text = text.rstrip() + f"\n\n{part}\n## CPU: {model}\n"
+    start = text.index(part)
+    following = text.find("<!-- cpu: ", start + len(part))
+    stop = len(text) if following < 0 else following
+    text = text[:stop].rstrip() + "\n\n" + section + "\n" + ("\n" + text[stop:] if following >= 0 else "")
     path.write_text(text)

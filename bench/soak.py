@@ -113,11 +113,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", help="pin TEXTGEN_THREADS (default: unset, the server measures)")
     parser.add_argument("--no-write", action="store_true", help="print, do not rewrite bench/RESULTS.md")
     args = parser.parse_args()
 
-    server = start_server(models_copy(), threads=str(args.threads))
+    server = start_server(models_copy(), threads=args.threads)
     try:
         asyncio.run(run(server, args.warmup, args.concurrency, seed=1))
         settle(server)
@@ -137,7 +137,7 @@ def main() -> None:
     verdict = "pass" if not failures and running == 0 and waiting == 0 and abs(growth) <= 0.10 else "FAIL"
     lines = [
         f"Machine: {machine_summary()}; server: `textgen serve`, shipped `shakespeare-char`, "
-        f"{args.threads} torch thread(s), default limits.",
+        f"{args.threads or 'measured'} torch thread(s), default limits.",
         "",
         f"{args.requests} requests at {args.concurrency} concurrency after {args.warmup} warm-up requests, "
         f"in {wall:.1f} s ({args.requests / wall:.1f} requests/s). Verdict: **{verdict}**.",

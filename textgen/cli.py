@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from app.settings import Settings
 from jobs.records import DEFAULT_LEASE_S
 from jobs.redis_client import DEFAULT_PREFIX
-from lm import __version__
+from lm import __version__, cpu
 from lm.errors import ConfigError, ModelNotFound, TextgenError
 
 log = logging.getLogger("textgen")
@@ -108,17 +108,18 @@ def load_settings(args: argparse.Namespace) -> Settings:
 
 def omp_threads_from_settings() -> None:
     """OpenMP sizes its thread team from OMP_NUM_THREADS once, when torch loads, and torch loads after
-    this (building the parser does: `textgen train --help` shows TrainConfig's defaults). So
-    TEXTGEN_THREADS (the service's torch threads) becomes OMP_NUM_THREADS too, unless that is set:
-    otherwise a 1-thread engine still starts a team per core, whose spin-waiting takes the core the
-    event loop needs (docs/PERFORMANCE.md, "Threads"). A malformed environment is left to
-    `load_settings`, which reports it once the flags are parsed."""
+    this (building the parser does: `textgen train --help` shows TrainConfig's defaults). So the team
+    is sized here, unless OMP_NUM_THREADS is set: to TEXTGEN_THREADS when that pins the engines'
+    threads (otherwise a 1-thread engine still starts a team per core, whose spin-waiting takes the
+    core the event loop needs; docs/PERFORMANCE.md, "Threads"), else to the cores this process may use
+    (lm/cpu.py: in a container limited to 2 CPUs, 2, where torch would take every host core). A
+    malformed environment is left to `load_settings`, which reports it once the flags are parsed."""
     try:
         threads = Settings().threads
     except ValidationError:
         return
-    if threads and "torch" not in sys.modules:
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads or cpu.cores()))
 
 
 # -- parser ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +24,8 @@ from app.engine.slots import StateSlots
 from app.metrics import Metrics, now
 from app.prompt_cache import PromptCache
 from lm.batch_sampler import choose_batch
-from lm.decode import Step, build_step
+from lm.decode import ReferenceStep, Step
+from lm.decode.tune import Pins, Plan, build_planned, tune
 from lm.model import LSTMLanguageModel
 from lm.tokenizers import Tokenizer
 
@@ -45,7 +47,10 @@ class EngineOptions:
     """How an engine decodes. The defaults are the plain engine (reference step, an event per token, no
     cache); the service builds its options from the TEXTGEN_* settings (docs/PERFORMANCE.md)."""
 
-    decode: str = "reference"  # lm.decode.DECODE_KINDS
+    decode: str = "reference"  # lm.decode.DECODE_KINDS, or "auto": the fastest kind by measurement
+    threads: int | None = None  # the engine's torch threads; None: by measurement (lm/decode/tune.py)
+    int8_product: str = "auto"  # int8 in C++: "vnni", "onednn" or "auto" (by measurement)
+    tune_cache_dir: Path | None = None  # where measurements are kept across restarts; None: not kept
     stream_interval_s: float = 0.0  # coalesce a stream's text for at most this long; 0 = an event per token
     prompt_cache_bytes: int = 0  # 0 = no prompt-state cache
     prefill_chunk: int = 256  # prompt tokens per prefill batch (in total, over its prompts)
@@ -56,6 +61,9 @@ class EngineOptions:
     def from_settings(cls, settings: Settings) -> EngineOptions:
         return cls(
             decode=settings.decode,
+            threads=settings.threads,
+            int8_product=settings.int8_product,
+            tune_cache_dir=settings.tune_cache_dir,
             stream_interval_s=settings.stream_interval_ms / 1000,
             prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
             prefill_chunk=settings.prefill_chunk,
@@ -85,6 +93,8 @@ class Engine:
         self.metrics = metrics
         self.options = options or EngineOptions()
         self.step: Step | None = None  # built in the engine thread: quantizing weights must not block the loop
+        self.plan = Plan("reference", "Python", "-", 1, 0, "pinned")  # chosen in the engine thread, with the step
+        self.ready = threading.Event()  # set once the step is built: the holder swaps a version in after that
         cfg = model.cfg
         dtype = next(model.parameters()).dtype
         self.states = StateSlots(cfg.layers, cfg.hidden_dim, max_running, device, dtype)
@@ -128,22 +138,18 @@ class Engine:
     # -- the engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        # OpenMP's thread count is per thread: without this, this thread's kernels would fork the
-        # default team (one per core) whatever TEXTGEN_THREADS set on the main thread
-        threads = torch.get_num_threads()
+        try:
+            self._choose_step()
+        finally:
+            self.ready.set()
+        # OpenMP's thread count is per thread: each of the engine's threads sets the plan's, or its
+        # kernels would fork the default team (one per core) whatever the main thread has
+        threads = self.plan.threads
         torch.set_num_threads(threads)
         if self.options.prefill_thread:
             self._prefiller = ThreadPoolExecutor(
                 1, thread_name_prefix=f"prefill-{self.model_id}", initializer=torch.set_num_threads, initargs=(threads,)
             )
-        try:
-            self.step = build_step(self.model, self.options.decode, native_loops=self.options.native_loops)
-        except Exception:  # the model's own forward always works: serve slower rather than not at all
-            log.exception("engine %s: could not build the %s decode step", self.model_id, self.options.decode)
-            self.step = build_step(self.model, "reference")
-        kind, loops = self.step.kind, self.step.loops
-        log.info("engine %s: started on %s, %s decode step (%s loops)", self.model_id, self.device, kind, loops)
-        self.metrics.decode_step.info({"kind": kind, "loops": loops})
         with torch.inference_mode():
             while not self._stopping:
                 try:
@@ -160,6 +166,30 @@ class Engine:
         if self.cache is not None:
             self.metrics.prompt_cache_bytes.dec(self.cache.clear())
         log.info("engine %s: stopped", self.model_id)
+
+    def _choose_step(self) -> None:
+        """Measure (or read from the cache) which step serves fastest here, and build it."""
+        options = self.options
+        pins = Pins(
+            kind=None if options.decode == "auto" else options.decode,
+            threads=options.threads,
+            product=None if options.int8_product == "auto" else options.int8_product,
+        )
+        try:
+            self.plan = tune(
+                self.model,
+                max_running=self.states.h.shape[1],
+                pins=pins,
+                native_loops=options.native_loops,
+                cache_dir=options.tune_cache_dir,
+            )
+            self.step = build_planned(self.model, self.plan)
+        except Exception:  # the model's own forward always works: serve slower rather than not at all
+            log.exception("engine %s: could not build the planned decode step; serving the reference", self.model_id)
+            self.plan = Plan("reference", "Python", "-", torch.get_num_threads(), 0, "pinned")
+            self.step = ReferenceStep(self.model)
+        log.info("engine %s: started on %s; decode step %s", self.model_id, self.device, self.plan.summary())
+        self.metrics.observe_plan(self.plan)
 
     def _iterate(self) -> None:
         """One turn of the loop: admit, prefill, then one batched decode step."""

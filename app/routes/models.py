@@ -39,6 +39,7 @@ def model_detail(info: ModelInfo, holder: ModelHolder) -> ModelDetail:
         training=info.training,
         chat_template=config.get("chat_template", {}),
         versions=config.get("versions", {}),
+        decode=holder.decode_plan(info.model_id),
     )
 
 

@@ -1,4 +1,10 @@
-"""The int8 decode step with its loops in C++ (lm/kernels/csrc/int8_step.cpp), built by lm/kernels/native.py."""
+"""The int8 decode step with its loops in C++ (lm/kernels/csrc/int8_step.cpp), built by lm/kernels/native.py.
+
+Its int8 products are oneDNN's (`torch._int_mm` for one row, the packed `qlinear_pointwise` for
+more) or, on a CPU with AVX-512 VNNI and for as many rows as the plan says, textgen's own
+(lm/kernels/csrc/int8_vnni.cpp), split over the plan's threads. Every product gives the same
+integer sums, so the plan (lm/decode/tune.py measures it) changes the speed, never the bits.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ class NativeInt8Step(FusedStep):
 
     def __init__(self, model: LSTMLanguageModel, module: ModuleType) -> None:
         super().__init__(model, int8=True)
+        self.vnni_rows, self.threads = 0, 1
         w: list[Int8Matrix] = self.w_both  # type: ignore[assignment]  # int8: all Int8Matrix
         self.native = module.Int8Step(
             self.hidden,
@@ -33,6 +40,17 @@ class NativeInt8Step(FusedStep):
             self.head_w,
             self.head_b,
         )
+
+    @staticmethod
+    def vnni_available(module: ModuleType) -> bool:
+        """This CPU runs textgen's AVX-512 VNNI products."""
+        return bool(module.Int8Step.vnni_available())
+
+    def set_plan(self, vnni_rows: int, threads: int) -> None:
+        """Textgen's VNNI products for batches of at most `vnni_rows` rows (0: oneDNN's for all), their
+        output rows split over `threads` cores (the engine thread's torch threads must allow as many)."""
+        self.native.set_plan(vnni_rows, threads)
+        self.vnni_rows, self.threads = vnni_rows, threads
 
     def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         return self.native.step(tokens, h, c)

@@ -26,7 +26,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "int8_step.cpp", CSRC / "lstm_train.cpp")
+SOURCES = (CSRC / "int8_step.cpp", CSRC / "int8_vnni.cpp", CSRC / "lstm_train.cpp")
+HEADERS = (CSRC / "int8_vnni.h",)
 BUILD_DIR = Path(__file__).resolve().parent / "_build"  # ignored by git; inside the package when installed
 
 
@@ -53,7 +54,8 @@ def supported() -> bool:
 @functools.cache
 def module_name() -> str:
     """A hash of what the build depends on (read once: the source does not change under a process)."""
-    key = b"".join(source.read_bytes() for source in SOURCES) + torch.__version__.encode() + " ".join(CFLAGS).encode()
+    files = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    key = files + torch.__version__.encode() + " ".join(CFLAGS).encode()
     digest = hashlib.sha256(key).hexdigest()[:12]
     return f"textgen_native_{digest}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,7 +208,9 @@ async def test_metrics_say_which_decode_step_runs(
     client: httpx.AsyncClient = await make_client(decode=decode, native=native)
     assert (await client.post("/generate", json={"prompt": "To be", "max_tokens": 2})).status_code == 200
     metrics = (await client.get("/metrics")).text
-    assert f'textgen_decode_step_info{{kind="{decode}",loops="{loops}"}} 1.0' in metrics
+    [info] = [line for line in metrics.splitlines() if line.startswith("textgen_decode_step_info{")]
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', info))
+    assert (labels["kind"], labels["loops"]) == (decode, loops) and info.endswith(" 1.0")
 
 
 def test_the_cache_returns_the_longest_cached_prefix_and_copies_what_it_keeps() -> None:
@@ -222,3 +225,22 @@ def test_the_cache_returns_the_longest_cached_prefix_and_copies_what_it_keeps() 
     assert best is not None and best.length == 8 and torch.equal(best.h, torch.full((2, 4), 8.0))
     assert cache.lookup([0, 1, 9, 9]) is None  # shares only two ids with every entry
     assert cache.lookup([0, 1]) is None  # shorter than min_tokens
+
+
+async def test_a_loaded_model_shows_the_decode_step_its_engine_measured_and_chose(make_client: ClientFactory) -> None:
+    client: httpx.AsyncClient = await make_client(threads=None)  # nothing pinned but what the cores allow
+    plan = (await client.get(f"/models/{MODEL_A}")).json()["decode"]
+    assert plan["kind"] in ("int8", "fused") and plan["source"] in ("measured", "cached") and plan["cpu"]
+    assert plan["parity"]["reference"] == 0.0 and plan["parity"][plan["kind"]] < 0.25
+    chosen = f"{plan['kind']}/{'vnni' if plan['vnni_rows'] else plan['product']}/{plan['threads']}t"
+    assert plan["tokens_per_s"][chosen]["1"] > 0
+    metrics = (await client.get("/metrics")).text
+    assert 'textgen_decode_step_tokens_per_second{batch="1"}' in metrics
+    assert f'kind="{plan["kind"]}"' in metrics and f'source="{plan["source"]}"' in metrics
+    assert (await client.get("/models/tiny-b")).json()["decode"] is None  # not loaded: nothing measured
+
+
+async def test_a_pinned_decode_step_is_served_as_pinned(make_client: ClientFactory) -> None:
+    client: httpx.AsyncClient = await make_client(decode="fused", threads=1)
+    plan = (await client.get(f"/models/{MODEL_A}")).json()["decode"]
+    assert (plan["kind"], plan["threads"], plan["source"]) == ("fused", 1, "pinned")

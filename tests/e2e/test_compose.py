@@ -186,7 +186,7 @@ def test_the_compose_services_are_wired_as_the_deployment_needs() -> None:
     for service in (api, worker):
         assert float(service["cpus"]) >= 1
         assert environment(service)["TEXTGEN_REDIS_URL"].startswith("redis://:")
-    assert environment(api)["TEXTGEN_THREADS"] == api["cpus"]  # torch threads at the CPU limit
+    assert environment(api)["TEXTGEN_THREADS"] == ""  # unpinned: the engines measure their threads (CPU limit)
     assert environment(worker)["TEXTGEN_TRAIN_THREADS"] == worker["cpus"]
 
 
@@ -194,8 +194,9 @@ def test_the_compose_defaults_are_the_service_defaults(monkeypatch: pytest.Monke
     """Each TEXTGEN_ setting the api gets parses, and keeps the service's own default unless chosen here."""
     compose = load_compose({})
     env = environment(compose["services"]["api"])
-    # compose's own choices: Redis, the shipped default model, threads at the CPU limits
-    chosen = {"TEXTGEN_REDIS_URL", "TEXTGEN_DEFAULT_MODEL", "TEXTGEN_THREADS", "TEXTGEN_TRAIN_THREADS"}
+    # compose's own choices: Redis, the shipped default model, training threads at the CPU limit, and the
+    # decode measurements kept on the models volume
+    chosen = {"TEXTGEN_REDIS_URL", "TEXTGEN_DEFAULT_MODEL", "TEXTGEN_TRAIN_THREADS", "TEXTGEN_TUNE_CACHE_DIR"}
     for name in [n for n in list(os.environ) if n.startswith("TEXTGEN_")]:
         monkeypatch.delenv(name)
     service_defaults = Settings()
@@ -332,6 +333,8 @@ def test_compose_services_as_processes_train_swap_and_generate(tmp_path: Path, s
     url = f"http://127.0.0.1:{api_port}"
     healthy = lambda: run_healthcheck(api["healthcheck"]["test"], local_api, api_env)  # noqa: E731
     wait_until(healthy, 60, "the api's healthcheck still fails", services)
+    # alive, then ready once its engine has measured its decode step (seconds; cached on the models volume)
+    wait_until(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 30, "still not ready", services)
     ready = httpx.get(f"{url}/readyz", timeout=5)
     assert ready.status_code == 200 and ready.json()["model"] == "shakespeare-char", ready.text  # the default
 

@@ -27,9 +27,10 @@ def test_this_install_has_built_the_native_loops() -> None:
     assert done.returncode == 0 and str(native.module_path()) in done.stdout, done.stderr
 
 
-@pytest.fixture(params=[(16, 2), (48, 3)], ids=["16x2", "48x3"])
+@pytest.fixture(params=[(16, 2), (48, 3), (18, 2)], ids=["16x2", "48x3", "18x2"])
 def steps(request: pytest.FixtureRequest, char_tokenizer: CharTokenizer) -> tuple[FusedStep, FusedStep]:
-    """The same int8 step twice, with C++ and with Python loops; sizes with and without a scalar tail."""
+    """The same int8 step twice, with C++ and with Python loops; sizes with and without a scalar tail, and
+    (18) one whose rows and inputs the VNNI layout pads to its multiples of 16 and 4."""
     hidden, layers = request.param
     torch.manual_seed(5)
     cfg = ModelConfig(char_tokenizer.vocab_size, embedding_dim=12, hidden_dim=hidden, layers=layers, dropout=0.0)
@@ -98,3 +99,49 @@ def test_the_setting_turns_the_native_loops_off(char_tokenizer: CharTokenizer) -
     assert build_step(model, "int8").loops == "C++"
     assert build_step(model, "int8", native_loops=False).loops == "Python"
     assert build_step(model, "fused").loops == "Python"  # fp32 has no native loops
+
+
+VNNI = native.load() is not None and bool(native.load().Int8Step.vnni_available())
+needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI (the oneDNN products serve)")
+
+
+def _vnni(steps: tuple[FusedStep, FusedStep], threads: int) -> tuple[FusedStep, FusedStep]:
+    fast, slow = steps
+    fast.set_plan(64, threads)  # type: ignore[attr-defined]  # a NativeInt8Step
+    return fast, slow
+
+
+@needs_vnni
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 9])
+def test_the_vnni_products_give_the_same_bits(steps: tuple[FusedStep, FusedStep], batch: int, threads: int) -> None:
+    """textgen's VNNI products (one to four rows at a time, the output rows split over threads) give the
+    integer sums oneDNN's give: the step's state and logits are the Python loops' to the bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        both = _vnni(steps, threads)
+        tokens = torch.randint(0, both[0].table.shape[0], (batch,))
+        _run_both(both, "__call__", tokens, batch, view=True)
+        ids = torch.randint(0, both[0].table.shape[0], (batch, 5))
+        _run_both(both, "steps", ids, batch)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_vnni
+@pytest.mark.parametrize("length", [1, 2, 3, 40])
+def test_a_prompt_through_the_vnni_products_is_the_same_bits(steps: tuple[FusedStep, FusedStep], length: int) -> None:
+    both = _vnni(steps, 1)
+    tokens = torch.randint(0, both[0].table.shape[0], (length,))
+    _run_both(both, "prefill", tokens, 1, view=True)
+
+
+def test_a_plan_cannot_ask_for_products_the_cpu_lacks(steps: tuple[FusedStep, FusedStep]) -> None:
+    fast, _ = steps
+    if VNNI:
+        fast.set_plan(8, 1)  # type: ignore[attr-defined]
+        assert fast.vnni_rows == 8  # type: ignore[attr-defined]
+    else:
+        with pytest.raises(RuntimeError, match="VNNI"):
+            fast.set_plan(8, 1)  # type: ignore[attr-defined]

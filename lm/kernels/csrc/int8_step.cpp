@@ -18,6 +18,8 @@
 #include <optional>
 #include <vector>
 
+#include "int8_vnni.h"
+
 namespace {
 
 constexpr float kHScale = 127.0f;  // lm.decode.quantize.H_SCALE: the int8 code of h is round(127 h), |h| <= 1
@@ -99,7 +101,22 @@ class Int8Step {
       scale_[l] = scale_[l].contiguous();
       TORCH_CHECK(scale_[l].numel() == 4 * hidden_ && (l == 0 || bias_[l].numel() == 4 * hidden_));
     }
+    if (textgen::vnni_supported()) {
+      for (const at::Tensor& w : w_t_) vnni_.push_back(textgen::vnni_pack(w.t()));  // (4H, in) codes
+    }
   }
+
+  // Which product the step uses: the VNNI loops for at most `vnni_rows` rows (0: never), split over
+  // `threads` cores; oneDNN's otherwise. Every product gives the same integer sums, so the plan
+  // changes the speed and never the bits (lm/decode/tune.py measures the plan).
+  void set_plan(int64_t vnni_rows, int64_t threads) {
+    TORCH_CHECK(vnni_rows == 0 || !vnni_.empty(), "this CPU has no AVX-512 VNNI: the plan cannot use it");
+    TORCH_CHECK(threads >= 1, "threads must be >= 1");
+    vnni_rows_ = vnni_rows;
+    vnni_threads_ = threads;
+  }
+
+  static bool vnni_available() { return textgen::vnni_supported(); }
 
   // FusedStep.advance: tokens (B,) int64; h, c (layers, B, H) updated in place.
   void advance(const at::Tensor& tokens, at::Tensor h, at::Tensor c) const {
@@ -142,16 +159,23 @@ class Int8Step {
     float* hs = h.data_ptr<float>();  // layer l's row at hs + l * h_layer (a view of a batch's rows is fine)
     float* cs = c.data_ptr<float>();
     const int64_t h_layer = h.stride(0), c_layer = c.stride(0);
+    const bool vnni = vnni_rows_ >= 1;
     at::Tensor codes = at::empty({1, L * H}, h.options().dtype(at::kChar));
     at::Tensor gates = at::empty({L, 4 * H}, h.options());
     for (int64_t t = 0; t < T + L - 1; ++t) {
       const int64_t first = std::max<int64_t>(0, t - T + 1), last = std::min<int64_t>(L - 1, t);
-      for (int64_t l = 0; l < L; ++l) {
-        quantize<int8_t>(codes.data_ptr<int8_t>() + l * H, hs + l * h_layer, H, nullptr, 0, 0);
+      if (!vnni) {
+        for (int64_t l = 0; l < L; ++l) {
+          quantize<int8_t>(codes.data_ptr<int8_t>() + l * H, hs + l * h_layer, H, nullptr, 0, 0);
+        }
       }
+      // every active layer's input is read before any cell of this wave step runs
+      std::vector<at::Tensor> inputs(L);
+      for (int64_t l = first; l <= last && vnni; ++l) inputs[l] = vnni_codes_(l, 1, hs + l * h_layer, h_layer, 0);
       for (int64_t l = first; l <= last; ++l) {
         const int64_t from = l == 0 ? 0 : (l - 1) * H;
-        at::Tensor acc = at::_int_mm(codes.narrow(1, from, l == 0 ? H : 2 * H), w_t_[l]);  // (1, 4H)
+        at::Tensor acc = vnni ? vnni_product_(l, inputs[l], 1)
+                              : at::_int_mm(codes.narrow(1, from, l == 0 ? H : 2 * H), w_t_[l]);  // (1, 4H)
         const float* base = l == 0 ? table_.data_ptr<float>() + ids[(t - l) * tokens.stride(0)] * 4 * H
                                    : bias_[l].data_ptr<float>();
         gates_into(gates.data_ptr<float>() + l * 4 * H, base, acc.data_ptr<int32_t>(), scale_[l].data_ptr<float>(),
@@ -199,7 +223,19 @@ class Int8Step {
     float* cp = c.data_ptr<float>();
     const int64_t h_layer = h.stride(0), h_row = h.stride(1), c_layer = c.stride(0), c_row = c.stride(1);
     at::Tensor gates = at::empty({B, 4 * H}, h.options());
+    const bool vnni = B <= vnni_rows_;
     for (int64_t l = 0; l < layers_; ++l) {
+      if (vnni) {
+        at::Tensor acc = vnni_product_(l, vnni_codes_(l, B, hp + l * h_layer, h_layer, h_row), B);  // (B, 4H+)
+        const int64_t acc_row = acc.size(1);
+        for (int64_t r = 0; r < B; ++r) {
+          const float* base = l == 0 ? table_.data_ptr<float>() + ids[r * id_stride] * 4 * H : bias_[l].data_ptr<float>();
+          gates_into(gates.data_ptr<float>() + r * 4 * H, base, acc.data_ptr<int32_t>() + r * acc_row,
+                     scale_[l].data_ptr<float>(), 4 * H);
+        }
+        cell(gates, hp + l * h_layer, h_row, cp + l * c_layer, c_row, H);
+        continue;
+      }
       const int64_t in = l == 0 ? H : 2 * H;
       const bool packed = packed_[l].has_value() && B > 1;
       at::Tensor codes = at::empty({B, in}, h.options().dtype(packed ? at::kByte : at::kChar));
@@ -228,6 +264,29 @@ class Int8Step {
     }
   }
 
+  // Layer l's input codes for `rows` rows, as the VNNI product reads them: uint8 (the int8 code + 128),
+  // each row padded to the layer's padded input. `own` is the layer's h of row 0 (rows `row_stride`
+  // apart); the layer below's h is `layer_stride` before it.
+  at::Tensor vnni_codes_(int64_t l, int64_t rows, const float* own, int64_t layer_stride, int64_t row_stride) const {
+    const textgen::VnniWeights& w = vnni_[l];
+    at::Tensor codes = at::zeros({rows, w.padded_in}, at::TensorOptions().dtype(at::kByte));
+    uint8_t* out = codes.data_ptr<uint8_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* mine = own + r * row_stride;
+      l == 0 ? quantize<uint8_t>(out + r * w.padded_in, mine, hidden_, nullptr, 0, 128)
+             : quantize<uint8_t>(out + r * w.padded_in, mine - layer_stride, hidden_, mine, hidden_, 128);
+    }
+    return codes;
+  }
+
+  // The exact integer sums of layer l for `rows` rows of VNNI codes -> int32 (rows, padded 4H).
+  at::Tensor vnni_product_(int64_t l, const at::Tensor& codes, int64_t rows) const {
+    const textgen::VnniWeights& w = vnni_[l];
+    at::Tensor acc = at::empty({rows, w.padded_out}, at::TensorOptions().dtype(at::kInt));
+    textgen::vnni_product(codes.data_ptr<uint8_t>(), rows, w.padded_in, w, acc.data_ptr<int32_t>(), vnni_threads_);
+    return acc;
+  }
+
   // Int8Matrix._packed_mm: uint8 codes (h codes + 128, zero point 128) x the packed weights -> the
   // exact integer sums as fp32 (B, 4H).
   at::Tensor packed_product_(int64_t layer, const at::Tensor& codes) const {
@@ -254,6 +313,8 @@ class Int8Step {
   std::vector<std::optional<at::Tensor>> packed_;
   at::Tensor ones_, zeros_, head_w_, head_b_;
   c10::OperatorHandle qlinear_;
+  std::vector<textgen::VnniWeights> vnni_;  // empty without AVX-512 VNNI
+  int64_t vnni_rows_ = 0, vnni_threads_ = 1;
 };
 
 // lm.batch_sampler._sample_rows' draw: each row's exponential race from its own generator (the draw
@@ -282,6 +343,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Int8Step>(m, "Int8Step")
       .def(py::init<int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
+      .def("set_plan", &Int8Step::set_plan, py::arg("vnni_rows"), py::arg("threads"))
+      .def_static("vnni_available", &Int8Step::vnni_available)
       .def("advance", &Int8Step::advance, release())
       .def("step", &Int8Step::step, release())
       .def("steps", &Int8Step::steps, release())
