@@ -14,7 +14,8 @@ Why the ids are the same as `SequenceSampler.choose`:
 - `torch.multinomial(probs, 1, generator=g)` on CPU draws q ~ Exp(1) of shape (V,) from g and
   returns argmax(probs / q) (the exponential-race form of the Gumbel-max trick); here each row
   draws its own q from its own generator in the same way, then one batched argmax (in one native
-  call when lm/kernels/native.py's module is built: the same ATen draws, without a Python loop over rows).
+  call when lm/kernels/native.py's module is built: the same ATen draws, without a Python loop over rows;
+  and there, the processors before the draw too, the same ATen ops in the same order from C++).
 One documented difference: top-p sorts all rows at once, and two tokens with exactly equal logits
 may be ranked in the other order than a one-row sort ranks them; the kept set can then differ when
 the top-p threshold falls between the two. tests/lm/test_batch_sampler.py checks equality on many
@@ -70,8 +71,19 @@ def _column(values: list[float]) -> Tensor | float:
 
 
 def _sample_rows(samplers: list[SequenceSampler], x: Tensor, native_draws: bool) -> list[int]:
-    """x (B, V) float32 -> one draw per row through temperature, top-k, top-p, min-p."""
+    """x (B, V) float32 -> one draw per row through temperature, top-k, top-p, min-p. In one native
+    call when the module is built (the same ATen ops in the same order, so the same ids)."""
     params = [s.params for s in samplers]
+    module = native.load() if native_draws else None
+    if module is not None:
+        return module.sample_rows(
+            x.contiguous(),
+            [p.temperature for p in params],
+            [p.top_k for p in params],
+            [p.top_p for p in params],
+            [p.min_p for p in params],
+            [s.generator for s in samplers],
+        ).tolist()
     # softmax is shift-invariant; less the row's maximum, no +inf for any temperature > 0 (as SequenceSampler)
     x = (x - x.amax(dim=1, keepdim=True)) / _column([p.temperature for p in params])
     if any(p.top_k for p in params):

@@ -13,8 +13,10 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -330,6 +332,78 @@ at::Tensor draw_rows(const at::Tensor& probs, const std::vector<at::Generator>& 
   return (probs / race).argmax(1);
 }
 
+// lm.batch_sampler._sample_rows, the same ATen ops in the same order (so the same bits and ids): less the
+// row's maximum, over the temperature; top-k, top-p and min-p on the rows that turn them on; softmax;
+// then each row's draw (draw_rows). A per-row parameter is one scalar when every row has the same
+// value (a Python float: `_column`), else a float32 column, as there. One call instead of a dozen
+// Python-level op dispatches: after a decode step has streamed the weights through the caches, the
+// Python path's footprint made it 2-3x slower than alone (docs/PERFORMANCE.md, "Sampling the batch").
+at::Tensor column(const std::vector<double>& values) {
+  return at::tensor(std::vector<float>(values.begin(), values.end()), at::kFloat).unsqueeze(1);  // (B, 1)
+}
+
+bool all_equal(const std::vector<double>& v) { return std::all_of(v.begin(), v.end(), [&](double x) { return x == v[0]; }); }
+
+at::Tensor divided(const at::Tensor& x, const std::vector<double>& by) {
+  return all_equal(by) ? x / by[0] : x / column(by);
+}
+
+at::Tensor top_k(const at::Tensor& x, const std::vector<int64_t>& ks) {
+  const int64_t V = x.size(1), k = ks[0];
+  if (std::all_of(ks.begin(), ks.end(), [&](int64_t other) { return other == k; })) {
+    if (!(0 < k && k < V)) return x;
+    at::Tensor kth = std::get<0>(x.topk(k, 1)).narrow(1, k - 1, 1);  // (B, 1)
+    return x.masked_fill(x < kth, -std::numeric_limits<double>::infinity());
+  }
+  std::vector<uint8_t> on;
+  std::vector<int64_t> index;
+  for (int64_t each : ks) {
+    on.push_back(0 < each && each < V);
+    index.push_back(std::min(std::max<int64_t>(each, 1), V) - 1);
+  }
+  at::Tensor on_t = at::tensor(on).to(at::kBool).unsqueeze(1);
+  at::Tensor index_t = at::tensor(index, at::kLong).unsqueeze(1);
+  at::Tensor kth = std::get<0>(x.sort(1, true)).gather(1, index_t);
+  return x.masked_fill(on_t & (x < kth), -std::numeric_limits<double>::infinity());
+}
+
+at::Tensor top_p(const at::Tensor& x, const std::vector<double>& ps) {
+  auto [sorted_x, order] = x.sort(1, true);
+  at::Tensor probs = at::softmax(sorted_x, 1);
+  at::Tensor mass_before = at::cumsum(probs, 1) - probs;
+  at::Tensor drop_sorted = all_equal(ps) ? mass_before >= ps[0] : mass_before >= column(ps);
+  drop_sorted.select(1, 0).fill_(false);
+  if (!std::all_of(ps.begin(), ps.end(), [](double p) { return p < 1.0; })) {
+    std::vector<uint8_t> on;
+    for (double p : ps) on.push_back(p < 1.0);
+    drop_sorted.bitwise_and_(at::tensor(on).to(at::kBool).unsqueeze(1));
+  }
+  at::Tensor drop = at::zeros_like(drop_sorted).scatter(1, order, drop_sorted);
+  return x.masked_fill(drop, -std::numeric_limits<double>::infinity());
+}
+
+at::Tensor min_p(const at::Tensor& x, const std::vector<double>& ps) {
+  at::Tensor probs = at::softmax(x, 1);
+  at::Tensor top = probs.amax(1, true);
+  at::Tensor threshold = all_equal(ps) ? ps[0] * top : column(ps) * top;
+  return x.masked_fill(probs < threshold, -std::numeric_limits<double>::infinity());
+}
+
+at::Tensor sample_rows(const at::Tensor& logits, const std::vector<double>& temperature, const std::vector<int64_t>& ks,
+                       const std::vector<double>& top_ps, const std::vector<double>& min_ps,
+                       const std::vector<at::Generator>& generators) {
+  c10::InferenceMode guard;
+  const size_t B = generators.size();
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && static_cast<size_t>(logits.size(0)) == B &&
+                  temperature.size() == B && ks.size() == B && top_ps.size() == B && min_ps.size() == B,
+              "one row of float32 logits and one value of each parameter per generator");
+  at::Tensor x = divided(logits - logits.amax(1, true), temperature);
+  if (std::any_of(ks.begin(), ks.end(), [](int64_t k) { return k != 0; })) x = top_k(x, ks);
+  if (std::any_of(top_ps.begin(), top_ps.end(), [](double p) { return p < 1.0; })) x = top_p(x, top_ps);
+  if (std::any_of(min_ps.begin(), min_ps.end(), [](double p) { return p > 0.0; })) x = min_p(x, min_ps);
+  return draw_rows(at::softmax(x, -1), generators);
+}
+
 }  // namespace
 
 void bind_lstm_train(py::module_& m);  // lm/kernels/csrc/lstm_train.cpp
@@ -340,6 +414,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_lstm_train(m);
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("draw_rows", &draw_rows, release());
+  m.def("sample_rows", &sample_rows, release());
   py::class_<Int8Step>(m, "Int8Step")
       .def(py::init<int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
