@@ -415,6 +415,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("draw_rows", &draw_rows, release());
   m.def("sample_rows", &sample_rows, release());
+  m.def("read_seconds", &textgen::read_seconds, release(), "one streaming read of a buffer (the bandwidth roof)");
   py::class_<Int8Step>(m, "Int8Step")
       .def(py::init<int64_t, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())

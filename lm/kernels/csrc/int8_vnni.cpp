@@ -22,6 +22,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 
@@ -95,7 +96,40 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void product(const uint8_
   }
 }
 
+// Sum of every 64-byte line of [begin, end) as int32 lanes: a pure streaming read (bench/decode_step.py's roof).
+__attribute__((target("avx512f"))) int32_t read_lines(const int8_t* begin, const int8_t* end) {
+  __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512(), c = _mm512_setzero_si512(),
+          d = _mm512_setzero_si512();
+  const int8_t* p = begin;
+  for (; p + 256 <= end; p += 256) {
+    a = _mm512_add_epi32(a, _mm512_loadu_si512(p));
+    b = _mm512_add_epi32(b, _mm512_loadu_si512(p + 64));
+    c = _mm512_add_epi32(c, _mm512_loadu_si512(p + 128));
+    d = _mm512_add_epi32(d, _mm512_loadu_si512(p + 192));
+  }
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a, b), _mm512_add_epi32(c, d)));
+}
+
 }  // namespace
+
+double read_seconds(const at::Tensor& buffer, int64_t reps, int64_t threads) {
+  TORCH_CHECK(buffer.is_contiguous() && reps > 0 && threads > 0, "a contiguous buffer, reps and threads > 0");
+  const int8_t* data = static_cast<const int8_t*>(buffer.data_ptr());
+  const int64_t bytes = buffer.numel() * buffer.element_size();
+  const int64_t share = (bytes / threads) / 256 * 256;
+  volatile int32_t sink = 0;
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t r = 0; r < reps; ++r) {
+    if (threads == 1) {
+      sink = sink + read_lines(data, data + bytes);
+    } else {
+      at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t part = begin; part < end; ++part) sink = sink + read_lines(data + part * share, data + (part + 1) * share);
+      });
+    }
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / static_cast<double>(reps);
+}
 
 bool vnni_supported() {
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -27,4 +27,8 @@ VnniWeights vnni_pack(const at::Tensor& weights);
 void vnni_product(const uint8_t* x, int64_t rows, int64_t x_stride, const VnniWeights& w, int32_t* y,
                   int64_t threads);
 
+// Seconds one streaming read of `buffer` takes (the mean of `reps`), split over `threads` cores as the
+// products split their weights: the bandwidth roof a product of that many bytes can reach here.
+double read_seconds(const at::Tensor& buffer, int64_t reps, int64_t threads);
+
 }  // namespace textgen
