@@ -38,6 +38,7 @@ from lm import cpu  # noqa: E402
 from lm.batch_sampler import choose_batch  # noqa: E402
 from lm.decode import DECODE_KINDS, Step, build_step  # noqa: E402
 from lm.decode.tune import Config, Plan, build, build_planned, thread_options, tune  # noqa: E402
+from lm.kernels import native  # noqa: E402
 from lm.registry import Registry  # noqa: E402
 from lm.sampler import SamplingParams, SequenceSampler, prompt_ids  # noqa: E402
 
@@ -197,6 +198,54 @@ def prompt_times(checkpoint, configs: list[Config], plan: Plan, runs: int = 15) 
     return out
 
 
+def weight_bytes(model, config: Config) -> int:
+    """Bytes one B=1 step reads that do not stay put in a core's registers: the recurrent weights in
+    their format, the fp32 head, and the token's input row (the table or the embedding)."""
+    cfg = model.cfg
+    H, E, V, L = cfg.hidden_dim, cfg.embedding_dim, cfg.vocab_size, cfg.layers
+    recurrent = H * 4 * H + (L - 1) * 2 * H * 4 * H  # layer 0: W_hh (its input is a table row); above: [W_ih | W_hh]
+    head = (H * V + V) * 4
+    if config.kind == "int8":
+        return recurrent + L * 4 * H * 8 + 4 * H * 4 + head  # codes, scales and biases, the table row, the head
+    if config.kind == "fused":
+        return recurrent * 4 + L * 4 * H * 4 + 4 * H * 4 + head
+    return (4 * H * E + recurrent) * 4 + 8 * 4 * H * L + E * 4 + head  # nn.LSTM: W_ih0 too, both biases
+
+
+def roof(checkpoint, configs: list[Config]) -> list[dict]:
+    """For each weight format at B=1: the bytes a step reads, the bandwidth a pure streaming read of
+    that many bytes reaches here with the step's threads (lm/kernels native read_seconds), and the
+    bandwidth the step reaches (bytes x steps/s)."""
+    module = native.load()
+    model = checkpoint.model
+    rows = []
+    before = torch.get_num_threads()
+    for config in configs:
+        if module is None or config.product == "python":
+            continue
+        torch.set_num_threads(config.threads)
+        step = variant_step(model, config)
+        nbytes = weight_bytes(model, config)
+        buffer = torch.zeros(nbytes, dtype=torch.int8)
+        module.read_seconds(buffer, 20, config.threads)
+        read = nbytes / module.read_seconds(buffer, 200, config.threads)
+        tokens, h = torch.tensor([1]), torch.zeros(model.cfg.layers, 1, model.cfg.hidden_dim)
+        c = torch.zeros_like(h)
+        with torch.inference_mode():
+            for _ in range(50):
+                step(tokens, h, c)
+            n = 400 if config.kind != "reference" else 50
+            started = time.perf_counter()
+            for _ in range(n):
+                step(tokens, h, c)
+            per_step = (time.perf_counter() - started) / n
+        rows.append(
+            {"config": config.label, "bytes": nbytes, "roof": read, "reached": nbytes / per_step, "us": per_step * 1e6}
+        )
+    torch.set_num_threads(before)
+    return rows
+
+
 def parity(checkpoint) -> dict:
     """int8 and fused against the reference on the shipped model, over 2,000 teacher-forced corpus
     characters: the largest |log p| difference (every entry; int8 on the next characters only), the
@@ -263,6 +312,16 @@ def main() -> None:
     sweep = batch_sweep(checkpoint, configs, plan, args.sweep_steps)
     prompts = prompt_times(checkpoint, configs, plan)
     par = parity(checkpoint)
+    roofs = roof(checkpoint, [c for c in configs if c.threads == plan.threads])
+    roof_rows = [
+        "| configuration | bytes read per token | roof (a streaming read of as many) | step | reached | of the roof |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in roofs:
+        roof_rows.append(
+            f"| {r['config']} | {r['bytes'] / 2**20:.2f} MiB | {r['roof'] / 1e9:.1f} GB/s | {r['us']:.0f} us "
+            f"| {r['reached'] / 1e9:.1f} GB/s | {r['reached'] / r['roof']:.0%} |"
+        )
     plot({k: v for k, v in sweep.items() if k != "chosen"}, ROOT / "bench" / "decode_step.png")
     fixed = {k: v for k, v in sweep.items() if k != "chosen" and not k.endswith("/python/1t")}
     choice_rows = [
@@ -331,6 +390,13 @@ The chosen configuration against the fastest fixed one at each batch size (C++ l
 200-token prompts, ms (median of 15; `prefill` for one prompt, the engine's batched `steps` for 8):
 
 {chr(10).join(prompt_rows)}
+
+The batch-1 roof: a one-row step reads every weight once per token, so its speed is bounded by how
+fast this CPU streams that many bytes from where they live (one core's L2 holds about 2 MiB here; more
+spills to the shared cache or memory). The roof is a pure streaming read of the same number of bytes
+with the same threads (target: the chosen step >= 50% of its roof):
+
+{chr(10).join(roof_rows)}
 
 Parity with the reference step on this model, over 2,000 teacher-forced corpus characters: largest
 |log p(int8) - log p(fp32)| over every entry of every distribution **{par["int8_gap"]:.4f} nats**
