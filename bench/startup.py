@@ -59,8 +59,8 @@ def main() -> None:
         "warm: the cache of an earlier start": (warm, sources[args.runs :]),
     }
     rows = [
-        f"| {name} | **{statistics.median(times):.2f} s** | {', '.join(f'{v:.2f}' for v in times)} | {', '.join(came)} |"
-        for name, (times, came) in runs.items()
+        f"| {name} | **{statistics.median(t):.2f} s** | {', '.join(f'{v:.2f}' for v in t)} | {', '.join(came)} |"
+        for name, (t, came) in runs.items()
     ]
     body = f"""
 Machine: {machine_summary()}.
