@@ -41,6 +41,8 @@ class _Wake:
 
 WAKE = _Wake()
 PREFILL_MIN_POSITIONS = 32  # positions a batched prefill advances each of its prompts, at least
+DECODE_CHUNK_S = 0.004  # the service's decode chunk: at most this long of steps per native call (see _decode)
+DECODE_CHUNK_MAX = 32  # steps
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class EngineOptions:
     prompt_cache_bytes: int = 0  # 0 = no prompt-state cache
     prefill_chunk: int = 256  # prompt tokens per prefill batch (in total, over its prompts)
     prefill_thread: bool = False  # prefill on the engine's own prefill thread, beside decoding
+    decode_chunk_s: float = 0.0  # up to this long of decode steps in one native call when nothing waits; 0 = one
     native_loops: bool = True  # int8: the step's loops in C++ when built (lm/kernels/native.py)
 
     @classmethod
@@ -69,6 +72,7 @@ class EngineOptions:
             prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
             prefill_chunk=settings.prefill_chunk,
             prefill_thread=settings.prefill_thread,
+            decode_chunk_s=DECODE_CHUNK_S,
             native_loops=settings.native,
         )
 
@@ -392,14 +396,65 @@ class Engine:
         try:
             tokens = torch.tensor([s.last_token for s in batch], dtype=torch.long, device=self.device)  # (B,)
             h, c = self.states.rows()  # (layers, B, H) views, updated in place
-            logits = self.step(tokens, h, c)  # type: ignore[misc]  # (B, V); built in _run
-            self._sample(batch, logits)
+            n = self._steps_at_once(batch)
+            if n > 1:
+                started = now()
+                ids, logits = self.step.decode(tokens, h, c, n, [s.sampler for s in batch])  # type: ignore[union-attr]
+                self._take_chunk(batch, ids.tolist(), logits, started)
+            else:
+                logits = self.step(tokens, h, c)  # type: ignore[misc]  # (B, V); built in _run
+                self._sample(batch, logits)
             self._tick(now())
         except Exception:
             log.exception("engine %s: decode step failed for %d sequences", self.model_id, len(batch))
             for seq in batch:
                 if not seq.done:
                     self._end(seq, Failed("generation failed on the server; it has been logged", retryable=True))
+
+    def _steps_at_once(self, batch: list[Sequence]) -> int:
+        """How many decode steps to run in one native call (vLLM's multi-step scheduling): up to
+        `decode_chunk_s` of them at this batch size (from the plan's measured speed), when nothing
+        waits to join the batch and no row needs its logits seen token by token (logprobs, or the
+        penalties, which count tokens as they come). One step otherwise. The tokens are the same
+        either way; the Python work between two steps (the call, the sampler's dispatch) is paid
+        once per chunk: at one stream it was as much as the step (docs/PERFORMANCE.md)."""
+        chunk_s = self.options.decode_chunk_s
+        if chunk_s <= 0 or not hasattr(self.step, "decode") or self._waiting or self._prefill is not None:
+            return 1
+        if not self._inbox.empty():
+            return 1
+        for seq in batch:
+            p = seq.sampler.params
+            if seq.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                return 1
+        rates = self.plan.chosen_tokens_per_s()
+        size = min((b for b in rates if b >= len(batch)), default=max(rates, default=0))
+        steps_per_s = rates[size] / size if size else 0.0
+        left = min(s.sampler.params.max_tokens - s.sampler.completion_tokens for s in batch)
+        return max(1, min(left, DECODE_CHUNK_MAX, int(chunk_s * steps_per_s)))
+
+    def _take_chunk(self, batch: list[Sequence], ids: list[list[int]], logits: Tensor, started: float) -> None:
+        """The tokens of a chunk of steps, row by row as `_sample` takes one step's: a row that finishes
+        inside the chunk leaves there (its state went on past its end, so its completion is not cached)."""
+        rows = logits.detach().to("cpu", torch.float32)  # (B, V) of the last step
+        n = len(ids[0])
+        span = now() - started
+        for k in range(n):
+            t = started + span * (k + 1) / n  # each token's time, spread over the chunk
+            last = k == n - 1
+            for i, seq in enumerate(batch):
+                if seq.done:
+                    continue
+                token_id = ids[i][k]
+                text = seq.sampler.push(token_id)
+                self.metrics.generated_tokens.inc()
+                self._observe_token(seq, t)
+                self._queue_token(seq, token_id, text, rows, i, t)
+                if seq.sampler.finished:
+                    self._finish(seq, rows[i] if last else None, t)
+                else:
+                    seq.generated.append(token_id)
+                    seq.last_token = token_id
 
     def _sample(self, batch: list[Sequence], logits: Tensor) -> None:
         """Choose each row's next token (one batched draw), record it, queue its text."""
@@ -448,10 +503,11 @@ class Engine:
         seq.pending = ""
         seq.flushed_at = t
 
-    def _finish(self, seq: Sequence, row: Tensor, t: float) -> None:
-        """The sampler finished: keep the completion's state for a next turn, send the rest, end."""
+    def _finish(self, seq: Sequence, row: Tensor | None, t: float) -> None:
+        """The sampler finished: keep the completion's state for a next turn (`row`: the logits that chose
+        the last token; None when the state is not the completion's), send the rest, end."""
         sampler = seq.sampler
-        if seq.generated and seq.slot is not None:
+        if seq.generated and seq.slot is not None and row is not None:
             h, c = self.states.read(seq.slot)  # the state after prompt + generated (the last token is not fed)
             self._remember(seq.prompt_ids + seq.generated, h, c, row)
         rest = sampler.flush()

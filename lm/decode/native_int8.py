@@ -8,6 +8,7 @@ integer sums, so the plan (lm/decode/tune.py measures it) changes the speed, nev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
 
 from torch import Tensor
@@ -15,6 +16,7 @@ from torch import Tensor
 from lm.decode.fused import FusedStep
 from lm.decode.quantize import Int8Matrix
 from lm.model import LSTMLanguageModel
+from lm.sampler import GREEDY_BELOW, SequenceSampler
 
 
 class NativeInt8Step(FusedStep):
@@ -54,6 +56,26 @@ class NativeInt8Step(FusedStep):
 
     def __call__(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         return self.native.step(tokens, h, c)
+
+    def decode(
+        self, tokens: Tensor, h: Tensor, c: Tensor, n: int, samplers: Sequence[SequenceSampler]
+    ) -> tuple[Tensor, Tensor]:
+        """n steps in one call, each row's next token chosen as `lm.batch_sampler.choose_batch` would
+        (the rows must have no penalties) and fed back: ids (B, n) and the last step's logits (B, V).
+        The same tokens, states and draws as n steps each followed by choose_batch."""
+        params = [s.params for s in samplers]
+        return self.native.decode(
+            tokens,
+            h,
+            c,
+            n,
+            [p.temperature < GREEDY_BELOW for p in params],
+            [p.temperature for p in params],
+            [p.top_k for p in params],
+            [p.top_p for p in params],
+            [p.min_p for p in params],
+            [s.generator for s in samplers],
+        )
 
     def advance(self, tokens: Tensor, h: Tensor, c: Tensor) -> None:
         self.native.advance(tokens, h, c)

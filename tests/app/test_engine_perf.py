@@ -244,3 +244,41 @@ async def test_a_pinned_decode_step_is_served_as_pinned(make_client: ClientFacto
     client: httpx.AsyncClient = await make_client(decode="fused", threads=1)
     plan = (await client.get(f"/models/{MODEL_A}")).json()["decode"]
     assert (plan["kind"], plan["threads"], plan["source"]) == ("fused", 1, "pinned")
+
+
+# ---------------------------------------------------------------------------- decode chunks
+
+
+CHUNK_REQUESTS = [
+    ("To be", SamplingParams(max_tokens=90, temperature=0.8, top_k=8, seed=11)),
+    ("Shall I", SamplingParams(max_tokens=61, temperature=1.2, top_p=0.9, min_p=0.02, seed=12)),
+    ("O", SamplingParams(max_tokens=70, temperature=0.0)),  # greedy
+    ("Thou", SamplingParams(max_tokens=80, temperature=0.9, stop=("e", "t"), seed=13)),  # stops inside a chunk
+]
+
+
+async def test_chunks_of_decode_steps_give_the_tokens_of_one_step_at_a_time(make_engine) -> None:
+    """With nothing waiting, the engine runs several steps per native call (multi-step scheduling): the
+    same text and finish for every request, alone and together, as an engine that runs one at a time."""
+    one = make_engine(decode="int8", decode_chunk_s=0.0, stream_interval_s=0.0)
+    chunked = make_engine(decode="int8", decode_chunk_s=0.05, stream_interval_s=0.0)
+    one.ready.wait()
+    chunked.ready.wait()
+    assert chunked.plan.loops == "C++", "needs the native module"
+    calls = {"n": 0}
+    real = chunked.step.decode  # type: ignore[union-attr]
+
+    def counting(*args: object) -> object:
+        calls["n"] += 1
+        return real(*args)
+
+    chunked.step.decode = counting  # type: ignore[union-attr]
+    for engine_pair in [(one, chunked)]:
+        alone = [[_text(await _events(e, p, params)) for p, params in CHUNK_REQUESTS] for e in engine_pair]
+        assert alone[0] == alone[1] and all(alone[0])
+        together = [await asyncio.gather(*(_events(e, p, params) for p, params in CHUNK_REQUESTS)) for e in engine_pair]
+        texts = [[_text(events) for events in run] for run in together]
+        finishes = [[run_events[-1][1].finish_reason for run_events in run] for run in together]
+        assert texts[0] == texts[1] == alone[0] and finishes[0] == finishes[1]
+        assert "stop" in finishes[0]
+    assert calls["n"] > 0, "the chunked engine never ran a chunk"

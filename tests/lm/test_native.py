@@ -145,3 +145,33 @@ def test_a_plan_cannot_ask_for_products_the_cpu_lacks(steps: tuple[FusedStep, Fu
     else:
         with pytest.raises(RuntimeError, match="VNNI"):
             fast.set_plan(8, 1)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 9])
+def test_a_chunk_of_steps_gives_the_tokens_states_and_draws_of_one_step_at_a_time(
+    steps: tuple[FusedStep, FusedStep], char_tokenizer: CharTokenizer, chunk: int
+) -> None:
+    """decode(n): n steps, each row's token chosen as choose_batch would and fed back, in one call."""
+    from lm.batch_sampler import choose_batch
+    from lm.sampler import SamplingParams, SequenceSampler
+
+    fast, _ = steps
+    rows = [
+        SamplingParams(temperature=0.8, top_k=5, seed=1),
+        SamplingParams(temperature=0.0),  # greedy
+        SamplingParams(temperature=1.1, top_p=0.9, min_p=0.05, seed=3),
+        SamplingParams(temperature=0.7, seed=4),
+    ]
+    chunked = [SequenceSampler(char_tokenizer, p, [1]) for p in rows]
+    stepped = [SequenceSampler(char_tokenizer, p, [1]) for p in rows]
+    h, c = _random_state(fast, len(rows))
+    h2, c2 = h.clone(), c.clone()
+    tokens = torch.randint(0, fast.table.shape[0], (len(rows),))
+    ids, logits = fast.decode(tokens, h, c, chunk, chunked)  # type: ignore[attr-defined]
+    current = tokens
+    for t in range(chunk):
+        step_logits = fast(current, h2, c2)
+        chosen = choose_batch(stepped, step_logits)
+        assert ids[:, t].tolist() == chosen, f"step {t}"
+        current = torch.tensor(chosen)
+    assert torch.equal(logits, step_logits) and torch.equal(h, h2) and torch.equal(c, c2)

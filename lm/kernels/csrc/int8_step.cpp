@@ -404,6 +404,66 @@ at::Tensor sample_rows(const at::Tensor& logits, const std::vector<double>& temp
   return draw_rows(at::softmax(x, -1), generators);
 }
 
+// lm.batch_sampler.choose_batch for rows without penalties: greedy rows take their argmax, the others
+// are drawn together (sample_rows), each group as a sub-batch exactly as there.
+at::Tensor choose_rows(const at::Tensor& logits, const std::vector<uint8_t>& greedy, const std::vector<double>& temperature,
+                       const std::vector<int64_t>& ks, const std::vector<double>& top_ps, const std::vector<double>& min_ps,
+                       const std::vector<at::Generator>& generators) {
+  const int64_t B = logits.size(0);
+  std::vector<int64_t> greedy_rows, sampled_rows;
+  for (int64_t r = 0; r < B; ++r) (greedy[r] ? greedy_rows : sampled_rows).push_back(r);
+  at::Tensor ids = at::empty({B}, at::kLong);
+  if (!greedy_rows.empty()) {
+    at::Tensor rows = static_cast<int64_t>(greedy_rows.size()) == B
+                          ? logits
+                          : logits.index_select(0, at::tensor(greedy_rows, at::kLong));
+    ids.index_put_({at::tensor(greedy_rows, at::kLong)}, rows.argmax(1));
+  }
+  if (!sampled_rows.empty()) {
+    const bool all = static_cast<int64_t>(sampled_rows.size()) == B;
+    at::Tensor rows = all ? logits : logits.index_select(0, at::tensor(sampled_rows, at::kLong));
+    std::vector<double> t, p, m;
+    std::vector<int64_t> k;
+    std::vector<at::Generator> g;
+    for (int64_t r : sampled_rows) {
+      t.push_back(temperature[r]);
+      k.push_back(ks[r]);
+      p.push_back(top_ps[r]);
+      m.push_back(min_ps[r]);
+      g.push_back(generators[r]);
+    }
+    ids.index_put_({at::tensor(sampled_rows, at::kLong)}, sample_rows(rows.contiguous(), t, k, p, m, g));
+  }
+  return ids;
+}
+
+// `n` decode steps of B sequences in one call, each step's tokens chosen as the engine's sampler would
+// (choose_rows) and fed to the next: the ids (B, n) and the last step's logits (B, V). The same tokens,
+// states and draws as n calls of `step` each followed by choose_batch: vLLM's multi-step scheduling,
+// for the rows whose sampling the engine does not need to see token by token (app/engine/loop.py).
+std::tuple<at::Tensor, at::Tensor> decode_steps(const Int8Step& step, const at::Tensor& tokens, at::Tensor h, at::Tensor c,
+                                                int64_t n, const std::vector<uint8_t>& greedy,
+                                                const std::vector<double>& temperature, const std::vector<int64_t>& ks,
+                                                const std::vector<double>& top_ps, const std::vector<double>& min_ps,
+                                                const std::vector<at::Generator>& generators) {
+  c10::InferenceMode guard;
+  const int64_t B = tokens.size(0);
+  TORCH_CHECK(n >= 1, "n must be >= 1");
+  TORCH_CHECK(static_cast<int64_t>(greedy.size()) == B && static_cast<int64_t>(generators.size()) == B &&
+                  static_cast<int64_t>(temperature.size()) == B && static_cast<int64_t>(ks.size()) == B &&
+                  static_cast<int64_t>(top_ps.size()) == B && static_cast<int64_t>(min_ps.size()) == B,
+              "one sampling setting of each kind per row");
+  at::Tensor ids = at::empty({B, n}, at::kLong);
+  at::Tensor current = tokens.contiguous();
+  at::Tensor logits;
+  for (int64_t t = 0; t < n; ++t) {
+    logits = step.step(current, h, c);  // (B, V)
+    current = choose_rows(logits, greedy, temperature, ks, top_ps, min_ps, generators);
+    ids.select(1, t).copy_(current);
+  }
+  return {ids, logits};
+}
+
 }  // namespace
 
 void bind_lstm_train(py::module_& m);  // lm/kernels/csrc/lstm_train.cpp
@@ -421,6 +481,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
       .def("set_plan", &Int8Step::set_plan, py::arg("vnni_rows"), py::arg("threads"))
       .def_static("vnni_available", &Int8Step::vnni_available)
+      .def("decode", &decode_steps, release())
       .def("advance", &Int8Step::advance, release())
       .def("step", &Int8Step::step, release())
       .def("steps", &Int8Step::steps, release())
