@@ -41,6 +41,7 @@ class _Wake:
 
 WAKE = _Wake()
 PREFILL_MIN_POSITIONS = 32  # positions a batched prefill advances each of its prompts, at least
+PREFILL_SPLIT_MIN = 8  # prompts each thread takes when a burst is split over the engine and prefill threads
 DECODE_CHUNK_S = 0.004  # the service's decode chunk: at most this long of steps per native call (see _decode)
 DECODE_CHUNK_MAX = 32  # steps
 
@@ -263,17 +264,23 @@ class Engine:
             rows.remove(seq)
         if not rows:
             return
+        here: list[Sequence] = []
         if self._prefiller is None:  # no prefill thread: the batch runs here, between two decode steps
+            rows, here = [], rows
+        elif not self._running and len(rows) >= 2 * PREFILL_SPLIT_MIN:
+            # a burst with nothing to decode: this thread takes half of it, so both cores prefill
+            rows, here = rows[: len(rows) // 2], rows[len(rows) // 2 :]
+        if rows:
+            running = self._prefiller.submit(self._run_prefill, rows, self.options.prefill_chunk)  # type: ignore[union-attr]
+            running.add_done_callback(lambda _: self._inbox.put(WAKE))
+            self._prefill = rows, running
+        if here:
             error: BaseException | None = None
             try:
-                self._run_prefill(rows, self.options.prefill_chunk)
+                self._run_prefill(here, self.options.prefill_chunk)
             except Exception as exc:
                 error = exc
-            self._collect_prefill(rows, error)
-            return
-        running = self._prefiller.submit(self._run_prefill, rows, self.options.prefill_chunk)
-        running.add_done_callback(lambda _: self._inbox.put(WAKE))
-        self._prefill = rows, running
+            self._collect_prefill(here, error)
 
     def _run_prefill(self, rows: list[Sequence], budget: int) -> None:
         """On the prefill thread: advance these prompts; only their own prefill fields change."""

@@ -10,8 +10,6 @@ element on these CPUs). With `int8=True` the recurrent products are int8 x int8 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
@@ -79,24 +77,6 @@ class FusedStep:
             self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V)
             self.head_b = model.head.bias.detach().float().contiguous()  # (V,)
 
-    @functools.cached_property
-    def _wavefront(self) -> tuple[Tensor, Tensor, Tensor]:
-        """int8 prefill runs layer l at position t - l, so that one product serves every layer:
-        [h_0, ..., h_{L-1}] (1, L*H) @ W (L*H, L*4H), where W's block (j, l) is layer l's W_hh
-        (j = l) or W_ih (j = l - 1) and zero elsewhere. The zero blocks add exact integer zeros, so
-        each layer's int32 sums are the ones decode computes. Built on the first prompt: the native
-        loops multiply each layer's own slice instead and never need it.
-        -> W as a transposed view (the fast layout for one row), scales (L, 4H), biases (L, 4H)."""
-        L, H = self.layers, self.hidden
-        wave = torch.zeros(L * 4 * H, L * H, dtype=torch.int8)  # (out, in), row-major
-        for layer, matrix in enumerate(self.w_both):
-            rows = slice(layer * 4 * H, (layer + 1) * 4 * H)
-            cols = slice(max(0, layer - 1) * H, (layer + 1) * H)
-            wave[rows, cols] = matrix.t.t()  # type: ignore[union-attr]  # (4H, in + H): [W_ih | W_hh] codes
-        scales = torch.cat(self.scale, dim=0)
-        biases = torch.cat([torch.zeros(1, 4 * H), *self.bias[1:]], dim=0)  # row 0: in the table
-        return wave.t(), scales, biases
-
     # -- the arithmetic, shared by decode and prefill ----------------------------------------------
 
     def _product(self, x: Tensor, w: Tensor | Int8Matrix) -> Tensor:
@@ -150,7 +130,7 @@ class FusedStep:
     def prefill(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
         """tokens (T,); h, c (layers, 1, H) updated in place -> logits (V,) of the last position."""
         if self.int8:
-            return self._prefill_wavefront(tokens, h, c)
+            return self._prefill_int8_layers(tokens, h, c)
         return self._prefill_layers(tokens, h, c)
 
     @torch.inference_mode()
@@ -158,32 +138,34 @@ class FusedStep:
         """ids (k, n): n steps of k sequences, the head on the last only -> logits (k, V)."""
         return run_steps(self, ids, h, c)
 
-    def _layer_step(self, layer: int, h: Tensor, c: Tensor, base: Tensor) -> None:
-        """One position of one layer, exactly as decode computes it; h, c (layers, 1, H)."""
-        x = h[0] if layer == 0 else torch.cat([h[layer - 1], h[layer]], dim=1)
-        acc = self._product(x, self.w_both[layer])
-        self._cell(self._gates(layer, base, acc), h[layer], c[layer])
-
-    def _prefill_wavefront(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
-        """int8: layer l at position t - l, all layers in one product and one cell per step (half the
-        op dispatches of layer by layer). The first and last L - 1 steps, where some layers have no
-        position, run the active layers one by one, top layer first (each reads the states as they
-        were before this step)."""
-        T, L = len(tokens), self.layers
-        w_wave, scale_wave, bias_wave = self._wavefront
-        table = self.table.index_select(0, tokens)  # (T, 4H): layer 0's input gates incl. biases
-        base = bias_wave.expand(T, -1, -1).clone()  # (T, L, 4H)
-        base[:, 0] = table
-        hs, cs = h[:, 0], c[:, 0]  # (L, H) views of the state, updated in place
-        for t in range(T + L - 1):
-            active = [layer for layer in range(L) if 0 <= t - layer < T]
-            if len(active) < L:
-                for layer in reversed(active):
-                    self._layer_step(layer, h, c, table[t - layer : t - layer + 1] if layer == 0 else self.bias[layer])
-                continue
-            acc = torch._int_mm(quantize_h(hs.reshape(1, -1)), w_wave)  # (1, L*4H) int32
-            gates = torch.addcmul(base[t], acc.view(L, -1).float(), scale_wave)  # (L, 4H)
-            self._cell(gates, hs, cs)
+    def _prefill_int8_layers(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:
+        """int8, layer by layer: W_ih x the layer below's codes for all T positions in one product, then the
+        recurrence with W_hh alone. The two int32 sums add to exactly the sums of a decode step's one
+        product over [h_below, h] (integer addition is exact), and each cell runs on a (1, 4H) row as a
+        decode step's does: the state after the prompt is, bit for bit, the state after decoding it
+        token by token, whatever the hidden size. Each product's weights are a layer's W_ih or W_hh
+        alone, which stay in a core's cache across positions (the C++ loops' reason for this order)."""
+        T, H = len(tokens), self.hidden
+        below = None  # (T, H): the layer below's outputs
+        for layer in range(self.layers):
+            codes: Tensor = self.w_both[layer].t  # type: ignore[union-attr]  # (in, 4H) int8 view
+            w_hh = codes if layer == 0 else codes[H:]
+            inputs = None
+            if layer == 0:
+                base = self.table.index_select(0, tokens).split(1)  # T x (1, 4H)
+            else:
+                inputs = torch._int_mm(quantize_h(below), codes[:H]).split(1)  # type: ignore[arg-type]  # T x (1, 4H)
+            out = torch.empty(T + 1, H)  # row 0: the initial h; row t + 1: h after position t
+            out[0] = h[layer, 0]
+            rows, cl = out.split(1), c[layer]
+            for t in range(T):
+                acc = torch._int_mm(quantize_h(rows[t]), w_hh)  # (1, 4H) int32
+                if inputs is not None:
+                    acc = acc + inputs[t]
+                gates = self._gates(layer, base[t] if inputs is None else self.bias[layer], acc.float())
+                self._cell(gates, rows[t + 1], cl)
+            h[layer].copy_(rows[T])
+            below = out[1:]
         return torch.addmm(self.head_b, h[-1], self.head_w)[0]  # (V,)
 
     def _prefill_layers(self, tokens: Tensor, h: Tensor, c: Tensor) -> Tensor:

@@ -25,6 +25,7 @@
 namespace {
 
 constexpr float kHScale = 127.0f;  // lm.decode.quantize.H_SCALE: the int8 code of h is round(127 h), |h| <= 1
+constexpr int64_t kLayerBlockRows = 512;  // rows of one input product in Int8Step::layer_by_layer_ (x 4H int32 sums)
 
 // lm.decode.quantize.quantize_h on the row [a, b] (b may be empty): round half to even, as torch.round.
 template <typename Code>
@@ -104,7 +105,12 @@ class Int8Step {
       TORCH_CHECK(scale_[l].numel() == 4 * hidden_ && (l == 0 || bias_[l].numel() == 4 * hidden_));
     }
     if (textgen::vnni_supported()) {
-      for (const at::Tensor& w : w_t_) vnni_.push_back(textgen::vnni_pack(w.t()));  // (4H, in) codes
+      for (int64_t l = 0; l < layers_; ++l) {
+        const at::Tensor codes = w_t_[l].t();  // (4H, in): layer 0 W_hh; above [W_ih | W_hh]
+        vnni_.push_back(textgen::vnni_pack(codes));
+        vnni_input_.push_back(l == 0 ? textgen::VnniWeights{} : textgen::vnni_pack(codes.narrow(1, 0, hidden_)));
+        vnni_recurrent_.push_back(l == 0 ? vnni_.back() : textgen::vnni_pack(codes.narrow(1, hidden_, hidden_)));
+      }
     }
   }
 
@@ -141,58 +147,23 @@ class Int8Step {
     check_tokens(ids, 2);
     TORCH_CHECK(ids.size(1) > 0, "ids must be (sequences, positions)");
     check_rows(ids.size(0), h, c);
+    if (ids.size(0) <= vnni_rows_) {  // a few prompts: layer by layer with the VNNI products, as one prompt
+      return layer_by_layer_(ids.data_ptr<int64_t>(), ids.stride(0), ids.stride(1), ids.size(0), ids.size(1), h, c);
+    }
     for (int64_t t = 0; t < ids.size(1); ++t) {
       advance_(ids.data_ptr<int64_t>() + t * ids.stride(1), ids.stride(0), h, c);
     }
     return at::addmm(head_b_, h[layers_ - 1], head_w_);
   }
 
-  // FusedStep._prefill_wavefront: tokens (T,); h, c (layers, 1, H) -> logits (V,) of the last position.
-  // Layer l runs position t - l at wave step t, so every layer's product and all the layers' cells of
-  // a step read the states as the step found them: the layers' inputs [h_{l-1}, h_l] are adjacent
-  // in the step's codes of h, quantized once per step, and layer l's product takes its slice of them.
+  // FusedStep.prefill (int8): tokens (T,); h, c (layers, 1, H) -> logits (V,) of the last position, layer
+  // by layer (layer_by_layer_).
   at::Tensor prefill(const at::Tensor& tokens, at::Tensor h, at::Tensor c) const {
     c10::InferenceMode guard;
     check_tokens(tokens, 1);
-    const int64_t T = tokens.size(0), L = layers_, H = hidden_;
-    TORCH_CHECK(T > 0, "an empty prompt");
+    TORCH_CHECK(tokens.size(0) > 0, "an empty prompt");
     check_rows(1, h, c);
-    const int64_t* ids = tokens.data_ptr<int64_t>();
-    float* hs = h.data_ptr<float>();  // layer l's row at hs + l * h_layer (a view of a batch's rows is fine)
-    float* cs = c.data_ptr<float>();
-    const int64_t h_layer = h.stride(0), c_layer = c.stride(0);
-    const bool vnni = vnni_rows_ >= 1;
-    at::Tensor codes = at::empty({1, L * H}, h.options().dtype(at::kChar));
-    at::Tensor gates = at::empty({L, 4 * H}, h.options());
-    for (int64_t t = 0; t < T + L - 1; ++t) {
-      const int64_t first = std::max<int64_t>(0, t - T + 1), last = std::min<int64_t>(L - 1, t);
-      if (!vnni) {
-        for (int64_t l = 0; l < L; ++l) {
-          quantize<int8_t>(codes.data_ptr<int8_t>() + l * H, hs + l * h_layer, H, nullptr, 0, 0);
-        }
-      }
-      // every active layer's input is read before any cell of this wave step runs
-      std::vector<at::Tensor> inputs(L);
-      for (int64_t l = first; l <= last && vnni; ++l) inputs[l] = vnni_codes_(l, 1, hs + l * h_layer, h_layer, 0);
-      for (int64_t l = first; l <= last; ++l) {
-        const int64_t from = l == 0 ? 0 : (l - 1) * H;
-        at::Tensor acc = vnni ? vnni_product_(l, inputs[l], 1)
-                              : at::_int_mm(codes.narrow(1, from, l == 0 ? H : 2 * H), w_t_[l]);  // (1, 4H)
-        const float* base = l == 0 ? table_.data_ptr<float>() + ids[(t - l) * tokens.stride(0)] * 4 * H
-                                   : bias_[l].data_ptr<float>();
-        gates_into(gates.data_ptr<float>() + l * 4 * H, base, acc.data_ptr<int32_t>(), scale_[l].data_ptr<float>(),
-                   4 * H);
-      }
-      if (last - first + 1 == L) {
-        cell(gates, hs, h_layer, cs, c_layer, H);
-      } else {  // the wave's edges: one cell per active layer, as FusedStep._layer_step (the same roundings)
-        for (int64_t l = last; l >= first; --l) {
-          at::Tensor row = gates.narrow(0, l, 1);
-          cell(row, hs + l * h_layer, h_layer, cs + l * c_layer, c_layer, H);
-        }
-      }
-    }
-    return at::addmm(head_b_, h[L - 1], head_w_)[0];
+    return layer_by_layer_(tokens.data_ptr<int64_t>(), 0, tokens.stride(0), 1, tokens.size(0), h, c)[0];
   }
 
  private:
@@ -266,6 +237,80 @@ class Int8Step {
     }
   }
 
+  // n positions of k sequences (the token of sequence r at position t: ids[r * row_stride + t * pos_stride]),
+  // layer by layer: layer l's input products W_ih x h_{l-1} for a block of positions in one product (its
+  // inputs are all known once the layer below has run them), then its recurrence position by position with
+  // W_hh alone. Each product's weights (a quarter of the step's, for the default model: 1 MiB) stay in the
+  // core's cache across positions, where the wavefront reads all of them at every position. The int32
+  // sums of the two products add to exactly the sums of the step's one product over [h_below, h], so the
+  // states and logits are the wavefront's and the step's to the bit. -> logits (k, V) of the last position.
+  at::Tensor layer_by_layer_(const int64_t* ids, int64_t row_stride, int64_t pos_stride, int64_t k, int64_t n,
+                             at::Tensor& h, at::Tensor& c) const {
+    const int64_t L = layers_, H = hidden_;
+    float* hp = h.data_ptr<float>();
+    float* cp = c.data_ptr<float>();
+    const int64_t h_layer = h.stride(0), h_row = h.stride(1), c_layer = c.stride(0), c_row = c.stride(1);
+    // the products: textgen's VNNI loops on uint8 codes (+128, rows padded), or torch._int_mm on int8 codes
+    const bool vnni = vnni_rows_ >= 1;
+    const int64_t width = vnni ? vnni_recurrent_[0].padded_in : H;  // a row of codes of one layer's h
+    const auto codes_type = at::TensorOptions().dtype(vnni ? at::kByte : at::kChar);
+    const auto quantize_row = [&](void* out, const float* from) {
+      if (vnni) {
+        quantize<uint8_t>(static_cast<uint8_t*>(out), from, H, nullptr, 0, 128);
+      } else {
+        quantize<int8_t>(static_cast<int8_t*>(out), from, H, nullptr, 0, 0);
+      }
+    };
+    const auto product = [&](const at::Tensor& codes, int64_t rows, const textgen::VnniWeights* w,
+                             const at::Tensor& w_t) -> at::Tensor {  // -> int32 (rows, 4H or padded)
+      if (!vnni) return at::_int_mm(codes.narrow(0, 0, rows), w_t);
+      at::Tensor sums = at::empty({rows, w->padded_out}, at::TensorOptions().dtype(at::kInt));
+      textgen::vnni_product(codes.data_ptr<uint8_t>(), rows, w->padded_in, *w, sums.data_ptr<int32_t>(), vnni_threads_);
+      return sums;
+    };
+    const int64_t block = std::max<int64_t>(1, kLayerBlockRows / k);  // positions per input product
+    at::Tensor gates = at::empty({k, 4 * H}, h.options());
+    at::Tensor below;  // (n * k, width): codes of the layer below's outputs at every position, rows (t, r)
+    for (int64_t l = 0; l < L; ++l) {
+      const bool next = l + 1 < L;
+      const at::Tensor w_ih = l == 0 ? at::Tensor() : w_t_[l].narrow(0, 0, H);  // (H, 4H) views of the codes
+      const at::Tensor w_hh = l == 0 ? w_t_[0] : w_t_[l].narrow(0, H, H);
+      const textgen::VnniWeights* rec = vnni ? &vnni_recurrent_[l] : nullptr;
+      const textgen::VnniWeights* in = vnni && l > 0 ? &vnni_input_[l] : nullptr;
+      at::Tensor outputs = next ? at::zeros({n * k, width}, codes_type) : at::Tensor();
+      at::Tensor own = at::zeros({k, width}, codes_type);
+      at::Tensor inputs;  // int32 (block * k, 4H+): W_ih x h_below for the current block of positions
+      for (int64_t t = 0; t < n; ++t) {
+        if (l > 0 && t % block == 0) {
+          const int64_t rows = std::min(block, n - t) * k;
+          inputs = product(below.narrow(0, t * k, rows), rows, in, w_ih);
+        }
+        for (int64_t r = 0; r < k; ++r) {
+          quantize_row(static_cast<char*>(own.data_ptr()) + r * width, hp + l * h_layer + r * h_row);
+        }
+        at::Tensor acc = product(own, k, rec, w_hh);
+        int32_t* sums = acc.data_ptr<int32_t>();
+        for (int64_t r = 0; r < k; ++r) {
+          int32_t* row = sums + r * acc.size(1);
+          if (l > 0) {
+            const int32_t* from_below = inputs.data_ptr<int32_t>() + ((t % block) * k + r) * inputs.size(1);
+            for (int64_t j = 0; j < 4 * H; ++j) row[j] += from_below[j];
+          }
+          const float* base = l == 0 ? table_.data_ptr<float>() + ids[r * row_stride + t * pos_stride] * 4 * H
+                                     : bias_[l].data_ptr<float>();
+          gates_into(gates.data_ptr<float>() + r * 4 * H, base, row, scale_[l].data_ptr<float>(), 4 * H);
+        }
+        cell(gates, hp + l * h_layer, h_row, cp + l * c_layer, c_row, H);
+        if (next) {
+          char* out = static_cast<char*>(outputs.data_ptr()) + t * k * width;
+          for (int64_t r = 0; r < k; ++r) quantize_row(out + r * width, hp + l * h_layer + r * h_row);
+        }
+      }
+      below = outputs;
+    }
+    return at::addmm(head_b_, h[L - 1], head_w_);
+  }
+
   // Layer l's input codes for `rows` rows, as the VNNI product reads them: uint8 (the int8 code + 128),
   // each row padded to the layer's padded input. `own` is the layer's h of row 0 (rows `row_stride`
   // apart); the layer below's h is `layer_stride` before it.
@@ -316,6 +361,8 @@ class Int8Step {
   at::Tensor ones_, zeros_, head_w_, head_b_;
   c10::OperatorHandle qlinear_;
   std::vector<textgen::VnniWeights> vnni_;  // empty without AVX-512 VNNI
+  // the same codes split by what they multiply: each layer's W_ih (layers above 0) and its W_hh
+  std::vector<textgen::VnniWeights> vnni_input_, vnni_recurrent_;
   int64_t vnni_rows_ = 0, vnni_threads_ = 1;
 };
 
