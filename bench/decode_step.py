@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from loadgen import DEFAULT_MODEL  # noqa: E402
 from plots import line_chart  # noqa: E402
-from results import machine_summary, write_section  # noqa: E402
+from results import figure, machine_summary, write_section  # noqa: E402
 
 from app.engine import Engine, EngineOptions, Finished, Sequence  # noqa: E402
 from app.metrics import Metrics  # noqa: E402
@@ -322,7 +322,8 @@ def main() -> None:
             f"| {r['config']} | {r['bytes'] / 2**20:.2f} MiB | {r['roof'] / 1e9:.1f} GB/s | {r['us']:.0f} us "
             f"| {r['reached'] / 1e9:.1f} GB/s | {r['reached'] / r['roof']:.0%} |"
         )
-    plot({k: v for k, v in sweep.items() if k != "chosen"}, ROOT / "bench" / "decode_step.png")
+    figure_path, figure_link = figure("decode_step.png")
+    plot({k: v for k, v in sweep.items() if k != "chosen"}, figure_path)
     fixed = {k: v for k, v in sweep.items() if k != "chosen" and not k.endswith("/python/1t")}
     choice_rows = [
         "| batch | chosen | tokens/s | fastest fixed | tokens/s | chosen / fastest |",
@@ -385,7 +386,7 @@ The chosen configuration against the fastest fixed one at each batch size (C++ l
 
 {chr(10).join(choice_rows)}
 
-![decode step throughput](decode_step.png)
+![decode step throughput]({figure_link})
 
 200-token prompts, ms (median of 15; `prefill` for one prompt, the engine's batched `steps` for 8):
 

@@ -32,7 +32,7 @@ from loadgen import (  # noqa: E402
     stop_server,
 )
 from plots import line_chart  # noqa: E402
-from results import machine_summary, write_section  # noqa: E402
+from results import figure, machine_summary, write_section  # noqa: E402
 
 
 async def one(server: Server, i: int, prompt: str, tokens: int) -> str:
@@ -109,7 +109,8 @@ def main() -> None:
         cache_bytes = [line for line in server.get("/metrics").splitlines() if line.startswith("textgen_prompt_cache")]
     finally:
         stop_server(server)
-    plot(samples, ROOT / "bench" / "memory.png")
+    figure_path, figure_link = figure("memory.png")
+    plot(samples, figure_path)
     first, last = samples[0][1], samples[-1][1]
     growth = (last - first) / first * 100
     body = f"""
@@ -129,7 +130,7 @@ Server RSS after the first {samples[0][0]} requests: {first / 2**20:.1f} MiB; af
 {chr(10).join(cache_bytes)}
 ```
 
-![memory](memory.png)
+![memory]({figure_link})
 """
     write_section("Memory over 10,000 requests (bench/memory.py)", body)
     print(body)

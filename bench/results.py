@@ -30,6 +30,19 @@ def machine_summary() -> str:
     return f"{cpu.summary()}, {mem_gib:.0f} GiB, {platform.system()} {platform.release()}"
 
 
+def cpu_slug(model: str | None = None) -> str:
+    """'Intel(R) Xeon(R) Processor' -> 'intel-r-xeon-r-processor': a folder name for this CPU's figures."""
+    return re.sub(r"[^a-z0-9]+", "-", (model or cpu.model()).lower()).strip("-") or "cpu"
+
+
+def figure(name: str) -> tuple[Path, str]:
+    """Where a benchmark saves a figure for this CPU, and the link RESULTS.md uses for it."""
+    relative = f"figures/{cpu_slug()}/{name}"
+    path = RESULTS.parent / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, relative
+
+
 def write_section(title: str, body: str, path: Path = RESULTS, cpu_model: str | None = None) -> None:
     """Replace (or add) the section `### {title}` in this CPU's part of RESULTS.md (the part is added
     at the end the first time a CPU is seen)."""

@@ -43,7 +43,7 @@ from loadgen import (  # noqa: E402
     stop_server,
 )
 from plots import line_chart  # noqa: E402
-from results import machine_summary, write_section  # noqa: E402
+from results import figure, machine_summary, write_section  # noqa: E402
 
 PROMPT_CHARS = 200
 PROFILE = Path(tempfile.gettempdir()) / "textgen-serve-profile.txt"  # raw py-spy stacks, summarized below
@@ -196,7 +196,11 @@ def main() -> None:
         stop_server(server)
     bursts = [r for r in rows if r.get("burst")]
     rows = [r for r in rows if not r.get("burst")]
-    plot(rows, ROOT / "bench" / "serve_throughput.png", ROOT / "bench" / "serve_latency.png")
+    (throughput_path, throughput_link), (latency_path, latency_link) = (
+        figure("serve_throughput.png"),
+        figure("serve_latency.png"),
+    )
+    plot(rows, throughput_path, latency_path)
 
     single_rates = [r.completion_tokens / (r.ended - r.started) for r in single if r.ok]
     table = [
@@ -254,7 +258,7 @@ run's wall time.
 
 {verdict}
 
-![throughput](serve_throughput.png) ![latency](serve_latency.png)
+![throughput]({throughput_link}) ![latency]({latency_link})
 
 {profile_text}"""
     write_section("Streaming over HTTP (bench/serve_stream.py)", body)

@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         models_dir = Path(tmp) / "models"
         publish_serving_model(models_dir, args.hidden, args.layers)
         env = {
-            "TEXTGEN_THREADS": str(args.serve_threads),
+            **({"TEXTGEN_THREADS": str(args.serve_threads)} if args.serve_threads else {}),
             "TEXTGEN_TRAIN_THREADS": str(args.train_threads),
             "TEXTGEN_DEVICE": "cpu",
             "TEXTGEN_MAX_TOKENS": str(args.tokens),
@@ -200,7 +200,8 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"Machine: {machine_summary()}. Serving and training model: char LSTM {args.layers} x {args.hidden}.",
-            f"Serving threads {args.serve_threads}; training threads {args.train_threads} (niced +10, SCHED_IDLE), "
+            f"Serving threads {args.serve_threads or 'measured'}; training threads {args.train_threads} "
+            "(niced +10, SCHED_IDLE), "
             f"training at {result['train_tokens_per_s']:.0f} tokens/s during the measurement.",
             f"{args.streams} streams x {args.tokens} tokens per phase, one at a time, one SSE event per token "
             "(TEXTGEN_STREAM_INTERVAL_MS=0); gaps between tokens as the client receives them.",
@@ -222,7 +223,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--serve-threads", type=int, default=max(1, cores // 2))
+    parser.add_argument("--serve-threads", type=int, help="pin TEXTGEN_THREADS (default: unset, the server measures)")
     parser.add_argument("--train-threads", type=int, default=max(1, cores // 2))
     parser.add_argument("--no-write", action="store_true", help="print, do not rewrite bench/RESULTS.md")
     args = parser.parse_args()

@@ -148,7 +148,9 @@ class FusedStep:
         T, H = len(tokens), self.hidden
         below = None  # (T, H): the layer below's outputs
         for layer in range(self.layers):
-            codes: Tensor = self.w_both[layer].t  # type: ignore[union-attr]  # (in, 4H) int8 view
+            matrix = self.w_both[layer]
+            assert isinstance(matrix, Int8Matrix)
+            codes = matrix.t  # (in, 4H) int8 view
             w_hh = codes if layer == 0 else codes[H:]
             inputs = None
             if layer == 0:
