@@ -56,7 +56,7 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """Dependency of the inference routes."""
     settings = _settings(request)
     if not settings.auth_enabled:
@@ -69,7 +69,7 @@ def require_api_key(request: Request) -> None:
     request.state.key_id = key_id(token)
 
 
-def require_admin_key(request: Request) -> None:
+async def require_admin_key(request: Request) -> None:
     """Dependency of the routes that change the registry."""
     settings = _settings(request)
     if not settings.auth_enabled:

@@ -2,6 +2,9 @@
 
 `create_app()` puts one of each on `app.state`; tests build an app with their own `Settings`
 (or override these dependencies) instead of patching modules.
+
+They are coroutines on purpose: FastAPI runs a plain `def` dependency in its thread pool, a round trip
+through a worker thread (and the GIL, shared with the engine's threads) per dependency per request.
 """
 
 from __future__ import annotations
@@ -17,23 +20,23 @@ from app.reconcile import RedisHealth
 from app.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_holder(request: Request) -> ModelHolder:
+async def get_holder(request: Request) -> ModelHolder:
     return request.app.state.holder
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_admission(request: Request) -> Admission:
+async def get_admission(request: Request) -> Admission:
     return request.app.state.admission
 
 
-def get_redis_health(request: Request) -> RedisHealth:
+async def get_redis_health(request: Request) -> RedisHealth:
     return request.app.state.redis_health
 
 

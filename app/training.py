@@ -70,7 +70,7 @@ class Training:
             await asyncio.to_thread(proc.wait)
 
 
-def get_training(request: Request) -> Training:
+async def get_training(request: Request) -> Training:
     return request.app.state.training
 
 
