@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,11 +46,14 @@ def figure(name: str) -> tuple[Path, str]:
 
 def write_section(title: str, body: str, path: Path = RESULTS, cpu_model: str | None = None) -> None:
     """Replace (or add) the section `### {title}` in this CPU's part of RESULTS.md (the part is added
-    at the end the first time a CPU is seen)."""
+    at the end the first time a CPU is seen). The section opens with the date it was measured."""
     model = cpu_model or cpu.model()
     text = path.read_text() if path.exists() else HEADER
     begin, end = f"<!-- begin: {title} @ {model} -->", f"<!-- end: {title} @ {model} -->"
-    section = f"{begin}\n### {title}\n\n{body.strip()}\n{end}"
+    body = body.strip()
+    if not body.startswith("Date:"):
+        body = f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n{body}"
+    section = f"{begin}\n### {title}\n\n{body}\n{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(text):
         path.write_text(pattern.sub(lambda _: section, text))
