@@ -84,6 +84,20 @@ async def require_admin_key(request: Request) -> None:
     raise _unauthorized("invalid API key")
 
 
+def is_admin(request: Request) -> bool:
+    """The request carries an admin key (or the server has no keys: everyone may do everything)."""
+    settings = _settings(request)
+    token = _bearer(request)
+    return not settings.auth_enabled or (token is not None and _matches(token, settings.admin_keys))
+
+
+def may_load(request: Request, model_id: str | None) -> bool:
+    """Whether naming `model_id` may load it (TEXTGEN_LOAD_ON_DEMAND): admin keys always; an inference key
+    only for the models listed there, or any with `*`. (None names the active model: nothing to load.)"""
+    allowed = _settings(request).load_on_demand
+    return model_id is None or "*" in allowed or model_id in allowed or is_admin(request)
+
+
 def warn_if_open(settings: Settings) -> None:
     if not settings.auth_enabled:
         log.warning("no TEXTGEN_API_KEYS or TEXTGEN_ADMIN_KEYS set: the API is open to anyone who can reach it")

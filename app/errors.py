@@ -4,15 +4,25 @@ That is OpenAI's error shape (plus the request id, also sent in `X-Request-ID` a
 log line of the request), so one shape serves both the native routes and /v1. The one
 difference: a request that fails validation is 422 on the native routes (FastAPI's convention)
 and 400 on /v1 (OpenAI's). A user's mistake is never a 500; an unexpected failure is logged
-with its traceback and answered with a generic 500.
+once, with its traceback, and answered with a generic 500.
+
+A message is written for the client: server paths, addresses and exception text go to the log
+only (a domain error's `detail`). `error_response` checks every message against the server's own
+paths and Redis address as a last guard, and logs it if it ever has to redact one.
+
+The disk's faults are the server's, not the client's: no space is 507 `insufficient_storage`
+(with `Retry-After`), a read-only or unwritable models folder 503 `storage_read_only` or
+`storage_permission_denied`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,19 +64,20 @@ ERROR_TYPES = {
 RETRYABLE = frozenset({429, 500, 503, 507})
 # when each error status happens, for the OpenAPI schema (`error_responses`)
 WHEN = {
-    400: "a body that is not JSON, or (on /v1) a request that fails validation",
+    400: "a body that is not valid JSON, or (on /v1) a request that fails validation",
     401: "no API key, or an unknown one (only when keys are configured)",
-    403: "a valid key without the admin scope",
+    403: "a valid key without the admin scope, or one that may not load the model it names",
     404: "no such model, job or route",
     409: "a conflict with the registry's or the job's state",
     413: "a body over its limit",
-    415: "a body that is neither JSON nor multipart/form-data",
+    415: "a body that is not JSON (POST /train: nor multipart/form-data), or one without a Content-Type",
     422: "a request that fails validation (native routes), or a checkpoint that fails it",
     429: "at capacity, or the key's own limit reached; retry after `Retry-After` seconds",
     500: "a bug on the server; logged with the request id",
-    503: "no model loaded yet, or Redis unreachable; retry later",
-    507: "no space left on the server's disk for a training corpus",
+    503: "no model loaded yet, Redis unreachable, or the models folder not writable; retry later",
+    507: "no space left on the server's disk",
 }
+STORAGE_RETRY_AFTER_S = 60  # a full disk is freed by a person, not in a second
 
 
 class ErrorDetail(BaseModel):
@@ -130,8 +141,28 @@ def invalid(message: str, param: str | None, request: Request | None = None) -> 
     return ApiError(status, message, param=param, code="invalid_value")
 
 
+def storage_error(exc: OSError, outcome: str = "nothing was changed") -> ApiError | None:
+    """A fault of the server's disk as its answer, saying what became of the request (`outcome`);
+    None for any other OSError, which is a bug."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ApiError(
+            507,
+            f"no space left on the server's disk; {outcome}. Retry once space is freed",
+            code="insufficient_storage",
+            headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)},
+        )
+    if exc.errno == errno.EROFS:
+        return ApiError(503, f"the server's models folder is read-only; {outcome}", code="storage_read_only")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        message = f"the server may not write to its models folder; {outcome}"
+        return ApiError(503, message, code="storage_permission_denied")
+    return None
+
+
 def from_domain_error(exc: TextgenError, request: Request | None = None) -> ApiError:
     """Map an lm/ or jobs/ error onto a status. ModelNotFound and InvalidModelId are both "no such model"."""
+    if exc.detail:  # the path or address behind the message: for the operator, in the log only
+        log.warning("%s: %s (%s)", type(exc).__name__, exc, exc.detail)
     if isinstance(exc, ModelNotFound | InvalidModelId):
         return ApiError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, ConfigError):
@@ -152,7 +183,32 @@ def error_response(error: ApiError, scope: Scope) -> JSONResponse:
     headers = dict(error.headers)
     if request_id:
         headers["X-Request-ID"] = request_id
-    return JSONResponse(error.body(request_id), status_code=error.status, headers=headers)
+    body = error.body(request_id)
+    body["error"]["message"] = redact(body["error"]["message"], scope)
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def server_secrets(scope: Scope) -> list[str]:
+    """What no answer may name: the server's folders and its Redis address (longest first)."""
+    app = scope.get("app")
+    settings = getattr(getattr(app, "state", None), "settings", None)
+    if settings is None:
+        return []
+    found = [str(settings.models_dir), str(settings.models_dir.resolve()), str(settings.data_dir)]
+    found += [str(settings.tune_cache_dir)]
+    if settings.redis_url:
+        url = urlsplit(settings.redis_url)
+        found += [settings.redis_url] + ([url.netloc.rpartition("@")[2]] if url.netloc else [])
+    return sorted({s for s in found if len(s) > 1}, key=len, reverse=True)
+
+
+def redact(message: str, scope: Scope) -> str:
+    """The last guard: a message that names a server path or address gets it replaced (and logged, to be fixed)."""
+    for secret in server_secrets(scope):
+        if secret in message:
+            log.error("an error message named a server path or address; redacted: %s", message)
+            message = message.replace(secret, "<server>")
+    return message
 
 
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -187,9 +243,51 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(exc.status_code, message, headers=dict(exc.headers or {})), request.scope)
 
 
+async def os_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The disk's faults (full, read-only, not ours to write) as 507/503, logged once; any other OSError is a bug."""
+    assert isinstance(exc, OSError)
+    error = storage_error(exc)
+    if error is None:
+        return await unexpected_error_handler(request, exc)
+    log.error("%s %s: %s (%s)", request.method, request.url.path, error.message, exc)
+    return error_response(error, request.scope)
+
+
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(ApiError(500, "the server failed to answer this request; it has been logged"), request.scope)
+
+
+class UnexpectedErrorMiddleware:
+    """A bug's 500, logged once. (Starlette's handler for `Exception` answers from its outermost middleware
+    and then re-raises, so uvicorn logged every such failure a second time.) After the response has
+    started there is nothing left to answer: the connection is closed, and the failure logged."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_started(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_started)
+        except Exception as exc:
+            request = Request(scope)
+            if started:
+                log.error(
+                    "unexpected error on %s %s after the response began", request.method, scope["path"], exc_info=exc
+                )
+                return
+            response = await unexpected_error_handler(request, exc)
+            await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -197,7 +295,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(TextgenError, domain_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
-    app.add_exception_handler(Exception, unexpected_error_handler)
+    app.add_exception_handler(OSError, os_error_handler)
+    app.add_middleware(UnexpectedErrorMiddleware)  # the innermost middleware: every route's bug is caught here
 
 
 @dataclass(frozen=True)

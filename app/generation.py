@@ -18,6 +18,7 @@ from typing import TypeVar
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from app.auth import may_load
 from app.engine import Admission, Event, Failed, Finished, KeyLimits, Overloaded, Sequence, Token
 from app.errors import ApiError, invalid
 from app.holder import Lease, ModelHolder
@@ -53,9 +54,10 @@ class Generation:
     admission: Admission
     metrics: Metrics
     key_limits: KeyLimits | None = None
-    key: str | None = None  # the API key's digest, counted in key_limits
+    key: str | None = None  # the client, counted in key_limits: its API key's digest, or "ip:<address>"
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     closed: bool = False
+    slots_freed: bool = False
 
     @property
     def model_id(self) -> str:
@@ -70,9 +72,11 @@ class Generation:
         remaining = len(self.sequences)
         while remaining:
             index, event = await self.queue.get()
-            yield index, event
             if isinstance(event, Finished | Failed):
                 remaining -= 1
+                if not remaining:  # the engine holds none of them: free the slots before the last event
+                    self._free_slots()  # reaches the client, which may send its next request at once
+            yield index, event
 
     async def collect(self) -> list[SequenceResult]:
         """Wait for every sequence; the completions in sequence order. A failed one raises ApiError."""
@@ -90,21 +94,31 @@ class Generation:
                 raise ApiError(503 if event.retryable else 500, event.message)
         return [done[i] for i in range(len(self.sequences))]
 
-    def close(self, disconnected: bool = False) -> None:
-        """Cancel what still runs (the engine drops it before its next step) and release everything."""
+    def close(self, dropped: str | None = None) -> None:
+        """Cancel what still runs (the engine drops it before its next step) and release everything.
+
+        `dropped`: why the client will not read the rest, "disconnected" or "stalled" (it accepted no bytes
+        for TEXTGEN_STALL_TIMEOUT_S), counted in `textgen_generations_dropped_total` when sequences were cut.
+        """
         if self.closed:
             return
         self.closed = True
         unfinished = [s for s in self.sequences if not s.done]
         for seq in unfinished:
             seq.cancel()
-        if disconnected and unfinished:
-            self.metrics.dropped.inc()
-            log.info("request %s: client disconnected, %d sequences dropped", self.id, len(unfinished))
+        if dropped and unfinished:
+            self.metrics.dropped.labels(reason=dropped).inc()
+            log.info("request %s: client %s, %d sequences dropped", self.id, dropped, len(unfinished))
+        self._free_slots()
+        self.lease.release()
+
+    def _free_slots(self) -> None:
+        if self.slots_freed:
+            return
+        self.slots_freed = True
         self.admission.release(len(self.sequences))
         if self.key_limits is not None:
             self.key_limits.release(self.key, len(self.sequences))
-        self.lease.release()
 
 
 def check_params(params: SamplingParams, settings: Settings, request: Request) -> None:
@@ -142,18 +156,18 @@ async def start_generation(
 ) -> Generation:
     """Check limits, pin the model (or take over `lease`), submit one sequence per (prompt, params).
 
-    ApiError 404 (unknown model), 422/400 (limits), 429 (overload, or the key's own limit), 503 (no model loaded).
+    ApiError 404 (unknown model), 422/400 (limits), 429 (overload, or the client's own limit), 503 (no model loaded).
     """
     key_limits: KeyLimits = request.app.state.key_limits
-    key: str | None = getattr(request.state, "key_id", None)
+    key = client_key(request)
     try:
         if len(params) > admission.capacity:
             message = f"{len(params)} sequences asked; this server runs at most {admission.capacity} at a time"
             raise invalid(message, "n", request)
         if key_limits.applies(key) and len(params) > key_limits.limit:
             message = (
-                f"{len(params)} sequences asked; one API key may run at most "
-                f"TEXTGEN_MAX_RUNNING_PER_KEY={key_limits.limit} at a time"
+                f"{len(params)} sequences asked; one {key_limits.client} may run at most "
+                f"{key_limits.setting}={key_limits.limit} at a time"
             )
             raise invalid(message, "n", request)
         for p in params:
@@ -165,7 +179,7 @@ async def start_generation(
             lease.release()
         raise
     if lease is None:
-        lease = await holder.lease(model)
+        lease = await holder.lease(model, may_load=may_load(request, model))
     try:
         tokenizer = lease.loaded.checkpoint.tokenizer
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -175,7 +189,7 @@ async def start_generation(
             ids = prompt_ids(tokenizer, prompt)
             sampler = SequenceSampler(tokenizer, p, ids)
             sequences.append(Sequence(ids, sampler, loop, queue, index=i, logprobs=logprobs))
-        _admit(admission, key_limits, key, len(sequences), holder.metrics, settings)
+        await _admit(admission, key_limits, key, len(sequences), holder.metrics, settings)
         generation = Generation(lease, sequences, queue, admission, holder.metrics, key_limits=key_limits, key=key)
     except BaseException:
         lease.release()
@@ -189,14 +203,35 @@ async def start_generation(
     return generation
 
 
-def _admit(
+def client_limits(settings: Settings) -> KeyLimits:
+    """The per-client limit (`app.state.key_limits`): per API key on a server with keys, else per client address."""
+    if settings.auth_enabled:
+        return KeyLimits(settings.max_running_per_key)
+    limit = settings.max_running_per_client
+    if limit is None:  # one address may fill the decode batch, never the waiting room too: others queue first
+        limit = settings.max_running
+    return KeyLimits(limit, client="client address", setting="TEXTGEN_MAX_RUNNING_PER_CLIENT", code="client_overloaded")
+
+
+def client_key(request: Request) -> str | None:
+    """Who a request's sequences count against: its API key's digest (app/auth.py), or on a server without
+    keys its address, "ip:<address>" (the peer, or X-Forwarded-For from TEXTGEN_TRUSTED_PROXIES: uvicorn's
+    ProxyHeadersMiddleware has already put it in the scope, app/server.py)."""
+    key: str | None = getattr(request.state, "key_id", None)
+    if key is None and request.client is not None and not request.app.state.settings.auth_enabled:
+        key = f"ip:{request.client.host}"
+    return key
+
+
+async def _admit(
     admission: Admission, key_limits: KeyLimits, key: str | None, n: int, metrics: Metrics, settings: Settings
 ) -> None:
-    """The key's own limit first, then the process-wide bound; 429 with Retry-After when either is full."""
+    """The client's own limit first (after a moment's grace for its own slots to come back), then the
+    process-wide bound; 429 with Retry-After when either is full."""
     try:
-        key_limits.acquire(key, n)
+        await key_limits.acquire_soon(key, n)
     except Overloaded as e:
-        raise _overloaded(f"{e}; other clients are not affected", "key_overloaded", metrics, settings) from None
+        raise _overloaded(f"{e}; other clients are not affected", key_limits.code, metrics, settings) from None
     try:
         admission.acquire(n)
     except Overloaded as e:

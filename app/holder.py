@@ -7,7 +7,11 @@ and releases it in `finally`; a version that is no longer active is stopped and 
 last lease ends. A checkpoint that fails validation is refused and the old model keeps serving.
 
 Besides the active model, a request may name another model of the registry: it is loaded on
-demand and kept while at most `max_loaded_models` versions are loaded (least recently used first out).
+demand (by an admin key, or an inference key for the models TEXTGEN_LOAD_ON_DEMAND lists). At most
+`max_loaded_models` versions run at once, the active one and versions still draining included: a
+load frees the least recently used idle version first, and when every other version is busy, the
+request gets 503 `models_busy` rather than a version past the bound. The active version is never
+freed while it is active.
 """
 
 from __future__ import annotations
@@ -143,8 +147,9 @@ class ModelHolder:
 
     # -- leases -----------------------------------------------------------------------------------
 
-    async def lease(self, model_id: str | None = None) -> Lease:
-        """Pin a model version for one request: the active one, or `model_id` (loaded on demand)."""
+    async def lease(self, model_id: str | None = None, *, may_load: bool = True) -> Lease:
+        """Pin a model version for one request: the active one, or `model_id` (loaded on demand if
+        `may_load`, else 403 while it is not loaded)."""
         active = self.active
         if model_id is None or (active is not None and model_id == active.model_id):
             if active is None:
@@ -154,6 +159,15 @@ class ModelHolder:
         if loaded is not None:
             self._others.move_to_end(model_id)
             return self._pin(loaded)
+        if not may_load:
+            await self.info(model_id)  # 404 for a model that does not exist
+            raise ApiError(
+                403,
+                f"model {model_id!r} is not loaded, and this key may not load it by naming it; "
+                "an admin key may (or TEXTGEN_LOAD_ON_DEMAND lists the models any key may load)",
+                param="model",
+                code="model_not_loaded",
+            )
         return await self._load_other(model_id)
 
     def _pin(self, loaded: LoadedModel) -> Lease:
@@ -172,17 +186,45 @@ class ModelHolder:
                 return self._pin(self.active)
             loaded = self._others.get(model_id)
             if loaded is None:
+                self._make_room(1)
                 loaded = await self._load(model_id)
                 self._others[model_id] = loaded
-            lease = self._pin(loaded)  # pinned first: an eviction right away still lets this request finish
-            self._evict()
-            return lease
+            return self._pin(loaded)
+
+    def _make_room(self, versions: int) -> None:
+        """Free idle versions loaded by name, least recently used first, until `versions` more fit under
+        max_loaded_models; 503 when the versions in the way are all busy (or draining)."""
+        limit = self.settings.max_loaded_models
+        if (self.active is not None) + versions > limit:
+            raise ApiError(
+                503,
+                f"the server runs at most TEXTGEN_MAX_LOADED_MODELS={limit} model versions at once, the active "
+                "one included, so it serves no other model by name; use the active model",
+                param="model",
+                code="models_busy",
+            )
+        for model_id, loaded in list(self._others.items()):
+            if len(self._loaded) + versions <= limit:
+                return
+            if loaded.leases == 0:
+                del self._others[model_id]
+                self._retire(loaded)
+        if len(self._loaded) + versions > limit:
+            raise ApiError(
+                503,
+                f"the server runs at most TEXTGEN_MAX_LOADED_MODELS={limit} model versions at once, and the "
+                "loaded ones are all in use; retry shortly, or use a loaded model",
+                param="model",
+                code="models_busy",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
 
     def _evict(self) -> None:
-        """Keep at most max_loaded_models versions: retire the least recently used extra ones."""
+        """After a swap: retire versions loaded by name while more than max_loaded_models are in service,
+        idle ones first (a busy one finishes its requests, then goes)."""
         while self._others and len(self._others) + (self.active is not None) > self.settings.max_loaded_models:
-            _, oldest = self._others.popitem(last=False)
-            self._retire(oldest)
+            idle = [model_id for model_id, loaded in self._others.items() if loaded.leases == 0]
+            self._retire(self._others.pop(idle[0] if idle else next(iter(self._others))))
 
     # -- registry operations ----------------------------------------------------------------------
 
@@ -191,7 +233,15 @@ class ModelHolder:
         return await asyncio.to_thread(self.registry.get, model_id)
 
     async def activate(self, model_id: str, *, persist: bool = True) -> LoadedModel:
-        """Load + validate `model_id`, point the registry at it (`persist`), swap it in; the old version drains."""
+        """Load + validate `model_id`, point the registry at it (`persist`), swap it in; the old version drains.
+        A checkpoint that cannot serve (unreadable config.json included) counts as a refused swap."""
+        try:
+            return await self._activate(model_id, persist)
+        except CheckpointError:
+            self.metrics.swaps.labels(result="refused").inc()
+            raise
+
+    async def _activate(self, model_id: str, persist: bool) -> LoadedModel:
         await self.info(model_id)
         async with self._lock:
             current = self.active
@@ -239,11 +289,7 @@ class ModelHolder:
 
     async def _load(self, model_id: str) -> LoadedModel:
         """Load and validate in a worker thread, then start the version's engine."""
-        try:
-            checkpoint = await asyncio.to_thread(self._load_and_validate, model_id)
-        except Exception:
-            self.metrics.swaps.labels(result="refused").inc()
-            raise
+        checkpoint = await asyncio.to_thread(self._load_and_validate, model_id)
         engine = Engine(
             checkpoint.model,
             checkpoint.tokenizer,

@@ -14,15 +14,17 @@ import logging
 from collections.abc import AsyncIterator
 
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 import lm
 from app.auth import warn_if_open
-from app.engine import Admission, KeyLimits
+from app.bodies import check_media_type
+from app.engine import Admission
 from app.errors import BodyLimit, BodyLimitMiddleware, install_error_handlers
+from app.generation import client_limits
 from app.holder import ModelHolder
 from app.logging import RequestLogMiddleware
 from app.metrics import Metrics, RequestMetricsMiddleware
@@ -77,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=lm.__version__,
         summary="Train and serve LSTM language models",
         lifespan=lifespan,
+        dependencies=[Depends(check_media_type)],  # 415 for a body its route does not read (app/bodies.py)
     )
     backend = backend_from_settings(settings)  # job store and active pointer: Redis, or the models folder
     registry = Registry(settings.models_dir, backend.pointer)
@@ -87,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.holder = ModelHolder(settings, metrics, registry=registry)
     app.state.training = Training(settings, backend, registry)
     app.state.admission = Admission(settings.max_running, settings.max_waiting)
-    app.state.key_limits = KeyLimits(settings.max_running_per_key)
+    app.state.key_limits = client_limits(settings)  # per API key, or per client address without keys
 
     install_error_handlers(app)
     app.add_exception_handler(ClientDisconnect, client_gone)

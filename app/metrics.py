@@ -68,8 +68,14 @@ class Metrics:
         )
         self.swaps = Counter("textgen_model_swaps", "Model activations by result", ["result"], registry=r)
         self.dropped = Counter(
-            "textgen_requests_dropped", "Generations stopped because the client disconnected", registry=r
+            "textgen_generations_dropped",
+            "Generations stopped before their end: the client disconnected, or accepted no bytes for "
+            "TEXTGEN_STALL_TIMEOUT_S (stalled)",
+            ["reason"],
+            registry=r,
         )
+        for reason in ("disconnected", "stalled"):
+            self.dropped.labels(reason=reason)  # both series exist from the start, at 0
         self.rejected = Counter("textgen_requests_rejected", "Requests refused with 429 for overload", registry=r)
         # the prompt-state cache (app/prompt_cache.py): a hit reuses the state after a cached prefix
         self.prompt_cache_hits = Counter(

@@ -17,8 +17,8 @@ the next reconcile follows the newer id.
 A checkpoint that fails validation is refused once and remembered: the old model keeps
 serving, and the replica does not reload the broken one every few seconds.
 
-In Redis mode the same loop keeps `RedisHealth` current, which /readyz reports without waiting
-on Redis itself.
+In Redis mode `RedisHealth` pings Redis beside it, a few times a second, and /readyz reports
+the last answer without waiting on Redis itself.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from app.errors import ApiError
 from app.holder import ModelHolder
@@ -42,6 +44,9 @@ from lm.errors import CheckpointError, ModelNotFound, TextgenError
 from lm.registry import ActivePointer
 
 log = logging.getLogger(__name__)
+
+PING_EVERY_S = 0.2  # /readyz sees Redis down at most PING_EVERY_S + PING_TIMEOUT_S after it stops answering
+PING_TIMEOUT_S = 0.4  # a PING not answered within this counts as Redis down
 
 
 class Reconciler:
@@ -118,11 +123,18 @@ class Reconciler:
 
 
 class RedisHealth:
-    """Whether Redis answered, as last seen; None in embedded mode. /readyz reports it."""
+    """Whether Redis answered its last PING, as /readyz reports it; None in embedded mode.
+
+    `watch` pings every PING_EVERY_S on a connection of its own with a short timeout and no retry,
+    so a Redis that died (connection refused) or hangs (no answer) reads "down" within a second,
+    where the job store's client would wait out its retries and its 10 s timeout. A PING is the
+    cheapest command Redis has; a few a second per replica cost it nothing.
+    """
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.up: bool | None = None  # None: not checked yet
+        self.client: Any = None  # redis.asyncio.Redis, opened by `open` in Redis mode
 
     @property
     def status(self) -> Literal["up", "down"] | None:
@@ -130,18 +142,29 @@ class RedisHealth:
             return None
         return "up" if self.up else "down"
 
+    def open(self, url: str) -> None:
+        self.client = redis.asyncio.Redis.from_url(
+            url, socket_timeout=PING_TIMEOUT_S, socket_connect_timeout=PING_TIMEOUT_S, retry=Retry(NoBackoff(), 0)
+        )
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
     async def check(self) -> bool | None:
-        """Ping Redis (Redis mode only) and remember the answer."""
-        if self.backend.redis is None:
+        """Ping Redis (Redis mode only) and remember whether it answered in time."""
+        if self.client is None:
             return None
         try:
-            await asyncio.to_thread(self.backend.store.ping)
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                await self.client.ping()
             self.up = True
-        except StoreUnavailable:
+        except (redis.RedisError, OSError, TimeoutError):
             self.up = False
         return self.up
 
-    async def watch(self, interval_s: float) -> None:
+    async def watch(self, interval_s: float = PING_EVERY_S) -> None:
         while True:
             was = self.up
             now = await self.check()
@@ -155,6 +178,8 @@ async def following(
     holder: ModelHolder, backend: Backend, health: RedisHealth, settings: Settings
 ) -> AsyncIterator[Reconciler]:
     """While open: the reconcile loop follows the active pointer, and Redis's health is watched."""
+    if settings.redis_url:
+        health.open(settings.redis_url)
     await health.check()
     reconciler = Reconciler(
         holder,
@@ -167,8 +192,8 @@ async def following(
     async def run() -> None:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(reconciler.run())
-            if backend.redis is not None:
-                tasks.create_task(health.watch(reconciler.interval_s))
+            if health.client is not None:
+                tasks.create_task(health.watch())
 
     task = asyncio.create_task(run(), name="reconcile-active-model")
     try:
@@ -177,3 +202,4 @@ async def following(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await health.close()

@@ -1,16 +1,18 @@
 """Request and response bodies, named by role. Bounds live here so that the API docs show them.
 
-The native routes refuse unknown fields (a typo such as `temprature` is a 422, not a silent
-default); the /v1 routes ignore them, as OpenAI-compatible servers do, because clients send
-fields this service has no use for.
+Every request body is a `RequestBody` (app/bodies.py): strict types, and no NUL or lone surrogate
+in its text. The native routes refuse unknown fields (a typo such as `temprature` is a 422, not a
+silent default); the /v1 routes ignore them, as OpenAI-compatible servers do, because clients send
+fields this service has no use for, and take null for any optional field, as OpenAI does.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from app.bodies import RequestBody
 from lm.sampler import MAX_STOP_STRINGS
 
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
@@ -30,7 +32,7 @@ def _stop_list(value: object) -> object:
 # ---------------------------------------------------------------------------- native
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field("", description="text to continue; empty starts from the model's start token")
@@ -62,7 +64,7 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     text: str
@@ -100,9 +102,19 @@ class ModelDetail(ModelPublic):
     )
 
 
+class UnreadableModel(BaseModel):
+    id: str = Field(description="the folder's name in the models folder")
+    reason: str = Field(description="why it is not a checkpoint the registry can read")
+
+
 class ModelList(BaseModel):
     active: str | None
     models: list[ModelPublic]
+    unreadable: list[UnreadableModel] | None = Field(
+        None,
+        description="for admin keys: the folders of the models folder that are not readable checkpoints, "
+        "and why (null for other keys)",
+    )
 
 
 class HealthStatus(BaseModel):
@@ -120,11 +132,11 @@ class ReadyStatus(BaseModel):
 # ---------------------------------------------------------------------------- OpenAI
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class _OpenAISampling(BaseModel):
+class _OpenAISampling(RequestBody):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -141,6 +153,15 @@ class _OpenAISampling(BaseModel):
     user: str | None = Field(None, max_length=256)
 
     _stop = field_validator("stop", mode="before")(_stop_list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: object) -> object:
+        """OpenAI's optional parameters are nullable: `"temperature": null` means the default, as omitting it does."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
 
     @property
     def include_usage(self) -> bool:
@@ -164,18 +185,34 @@ class CompletionRequest(_OpenAISampling):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
-class TextPart(BaseModel):
+class TextPart(RequestBody):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"] = "text"
     text: str
 
 
-class ChatMessage(BaseModel):
+def _content_kind(value: object) -> str | None:
+    return "text" if isinstance(value, str) else "parts" if isinstance(value, list) else None
+
+
+# a string, or a list of parts, chosen by the input's kind: a fault in a part is reported once, at its place
+# (`messages.0.content.parts.1.text`), not beside a "should be a valid string" for the other kind
+MessageContent = Annotated[
+    Annotated[str, Tag("text")] | Annotated[list[TextPart], Tag("parts")],
+    Discriminator(
+        _content_kind,
+        custom_error_type="content_type",
+        custom_error_message="Input should be a string or a list of text parts",
+    ),
+]
+
+
+class ChatMessage(RequestBody):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: MessageContent | None = None
 
     @property
     def text(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, IPvAnyNetwork, field_validator
 from pydantic_settings import NoDecode
 
 from jobs.settings import JobSettings
@@ -42,13 +42,26 @@ class Settings(JobSettings):
     max_running: int = Field(default=64, ge=1)  # sequences decoded together, per loaded model version
     max_waiting: int = Field(default=64, ge=0)  # admitted sequences waiting for a running slot (whole process)
     max_running_per_key: int = Field(default=16, ge=0)  # sequences one API key may have admitted; 0 = no limit
-    max_loaded_models: int = Field(default=2, ge=1)  # the active model plus models requested by name
+    max_loaded_models: int = Field(default=2, ge=1)  # model versions loaded at once (the active one included)
+    # which models an inference key may have loaded by naming them ("*": any); admin keys may load any
+    load_on_demand: CommaList = []
     retry_after_s: int = Field(default=1, ge=1)  # the Retry-After header of a 429
 
     # runtime
     threads: int | None = Field(default=None, ge=1)  # the engines' torch threads; None = by measurement
     device: Literal["auto", "cpu", "cuda"] = "auto"
     keepalive_s: float = Field(default=15.0, gt=0)  # SSE comment on an idle stream after this many seconds
+
+    # clients and connections (docs/API.md, "Clients and connections"; docs/RELIABILITY.md)
+    # sequences one client address may have admitted on a server without keys; None = TEXTGEN_MAX_RUNNING; 0 = none
+    max_running_per_client: int | None = Field(default=None, ge=0)
+    # proxies (addresses or networks) whose X-Forwarded-For names the client; empty = the peer is the client
+    trusted_proxies: Annotated[list[IPvAnyNetwork], NoDecode] = []
+    stall_timeout_s: float = Field(default=10.0, gt=0)  # a stream whose client accepts no bytes this long is cancelled
+    send_buffer_bytes: int = Field(default=65_536, ge=0)  # each connection's kernel send buffer; 0 = the kernel's
+    head_timeout_s: float = Field(default=5.0, gt=0)  # a connection sends a whole request head within this, or closes
+    idle_timeout_s: float = Field(default=5.0, gt=0)  # a keep-alive connection with no new request closes after this
+    max_connections: int = Field(default=512, ge=1)  # open connections; a request on one more is answered 503
 
     # decode speed (docs/PERFORMANCE.md)
     decode: Literal["auto", "int8", "fused", "reference"] = "auto"  # the decode step; auto = by measurement
@@ -61,17 +74,18 @@ class Settings(JobSettings):
     cors_origins: CommaList = []
     log_json: bool = False
 
-    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", "load_on_demand", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("threads", mode="before")
+    @field_validator("threads", "max_running_per_client", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
-        """TEXTGEN_THREADS= (empty, as compose passes an unset variable) leaves the choice to measurement."""
+        """TEXTGEN_THREADS= (empty, as compose passes an unset variable) leaves the choice to measurement,
+        TEXTGEN_MAX_RUNNING_PER_CLIENT= to its default."""
         return None if isinstance(value, str) and not value.strip() else value
 
     @property

@@ -7,9 +7,13 @@ interval is a module constant rather than a setting. So `EventStream` is a small
 
 - it pulls events from an async iterator in a producer task and writes `: ping` whenever the
   stream has been idle for `keepalive_s` (proxies close silent connections);
-- it always listens for `http.disconnect` and stops the stream as soon as the client leaves;
-- it calls `on_close(disconnected)` exactly once, in a `finally`, whatever happened: the route
-  frees the request's sequences and model lease there, even if the body was never iterated.
+- it always listens for `http.disconnect` and stops the stream as soon as the client leaves, or
+  stops reading: the server aborts a connection whose client has accepted no bytes for
+  `TEXTGEN_STALL_TIMEOUT_S` (app/connections.py), which reaches the stream as a disconnect marked
+  "stalled";
+- it calls `on_close(dropped)` exactly once, in a `finally`, whatever happened (`dropped` is None
+  when the stream ended, else "disconnected" or "stalled"): the route frees the request's sequences
+  and model lease there, even if the body was never iterated.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.connections import stalled
+
 log = logging.getLogger(__name__)
 
-OnClose = Callable[[bool], Awaitable[None] | None]
+OnClose = Callable[[str | None], Awaitable[None] | None]  # why the stream stopped early: None, or a `dropped` reason
 _END = object()
 
 
@@ -63,7 +69,7 @@ class EventStream(Response):
         self.headers["X-Accel-Buffering"] = "no"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        disconnected = False
+        disconnected = False  # the client left, or stopped reading
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async with anyio.create_task_group() as tg:
@@ -85,7 +91,7 @@ class EventStream(Response):
         except OSError:  # the socket went away while writing
             disconnected = True
         finally:
-            await self._close(disconnected)
+            await self._close(("stalled" if stalled(scope) else "disconnected") if disconnected else None)
 
     async def _write_all(self, send: Send) -> None:
         """Copy events to the client, inserting a keep-alive comment after each idle `keepalive_s`."""
@@ -111,14 +117,14 @@ class EventStream(Response):
                 assert isinstance(chunk, bytes)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-    async def _close(self, disconnected: bool) -> None:
+    async def _close(self, dropped: str | None) -> None:
         try:
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 await aclose()  # run the source's finally now, not whenever the GC finds it
             if self.on_close is None:
                 return
-            result = self.on_close(disconnected)
+            result = self.on_close(dropped)
             if result is not None:
                 await result
         except Exception:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.bodies import RequestBody
 from lm.train import BOUNDS
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -19,8 +20,12 @@ def _bounded(name: str, description: str) -> Any:
     return Field(None, ge=lo, le=hi, description=f"{description} ({lo:g}..{hi:g})")
 
 
-class TrainHyperparameters(BaseModel):
-    """Every `textgen train` hyperparameter; null or omitted = the default of `textgen train`."""
+class TrainHyperparameters(RequestBody):
+    """Every `textgen train` hyperparameter; null or omitted = the default of `textgen train`.
+
+    Strict types (app/bodies.py) hold for JSON; a multipart form's fields are strings, which the
+    route validates with `strict=False`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -72,7 +77,11 @@ class TrainJobPublic(BaseModel):
     started: str | None
     finished: str | None
     queue_position: int | None = Field(None, description="1 = next to start; null unless queued")
-    progress: dict[str, Any] | None = Field(None, description="step, epoch, loss, tokens/s, ETA")
+    progress: dict[str, Any] | None = Field(
+        None,
+        description="the last progress: step, epoch, loss, tokens/s, ETA, elapsed_s (training time over every "
+        "attempt) and attempt_elapsed_s (since the job last started)",
+    )
     metrics: dict[str, Any] | None = Field(None, description="per-epoch losses; the final metrics once done")
     model_id: str | None = Field(None, description="the published model, once succeeded")
     activated: bool | None = None

@@ -127,7 +127,7 @@ def main() -> None:
         wall = time.perf_counter() - started
         running, waiting = settle(server)
         rss_end = server.rss_bytes()
-        dropped = gauge(server, "textgen_requests_dropped_total")
+        dropped = gauge(server, 'textgen_generations_dropped_total{reason="disconnected"}')
     finally:
         stop_server(server)
 

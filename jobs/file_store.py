@@ -200,8 +200,20 @@ class FileStore:
         return None
 
     def _take(self, claim: Claim) -> bool:
-        holder = _holder(claim)
-        taken, _ = self._modify(claim.job_id, lambda r: records.take(r, holder, time.time(), self.lease_s))
+        """Take the job for this claim; one taken from a worker gone silent gets its `requeued` event."""
+        holder, now = _holder(claim), time.time()
+        takeover: dict[str, Any] | None = None
+
+        def take(record: JobRecord) -> Changes | None:
+            nonlocal takeover
+            changes = records.take(record, holder, now, self.lease_s)
+            if changes is not None and record.worker is not None:
+                takeover = records.takeover_event_data(record, _worker(record.worker), self.lease_s)
+            return changes
+
+        taken, _ = self._modify(claim.job_id, take)
+        if takeover is not None:
+            self.append_event(claim.job_id, "requeued", takeover)
         return taken
 
     def _held(
@@ -250,9 +262,9 @@ class FileStore:
 
     def hand_back(self, claim: Claim, reason: str) -> bool:
         """running -> queued, to be resumed by the next free worker; the start does not count as an attempt."""
-        done, _ = self._modify(claim.job_id, self._held(claim, records.hand_back))
+        done, record = self._modify(claim.job_id, self._held(claim, records.hand_back))
         if done:
-            self.append_event(claim.job_id, "requeued", {"state": "queued", "reason": reason})
+            self.append_event(claim.job_id, "requeued", records.requeued_event_data(record, claim.worker, reason))
         return done
 
     def release(self, worker: str) -> None:
@@ -263,3 +275,8 @@ class FileStore:
 def _holder(claim: Claim) -> str:
     """What a file claim writes in the record's `worker`: the worker and the hold's own token."""
     return f"{claim.worker}/{claim.token}"
+
+
+def _worker(holder: str) -> str:
+    """The worker's name in a record's `worker` (a file claim adds its token)."""
+    return holder.partition("/")[0]

@@ -6,6 +6,9 @@
         job.json         the record (FileStore only)
         events.jsonl     the event log (FileStore only)
 
+When the job ends, the corpus and the state go, and so does the folder where they were all it
+held (with Redis); the file store's record and events stay.
+
 The model a job publishes has an id fixed at submit time (`params["name"]`), and the training
 section of its config.json carries the job id: publication is idempotent, so a job that is run
 twice (its first worker was killed after publishing) still publishes exactly one model.
@@ -13,6 +16,7 @@ twice (its first worker was killed after publishing) still publishes exactly one
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -46,7 +50,12 @@ def write_corpus(models_dir: Path, job_id: str, text: str) -> Path:
 
 
 def remove_job_files(models_dir: Path, job_id: str) -> None:
-    """Free the corpus and the training state of a finished job (the record and events stay)."""
+    """Free the corpus and the training state of an ended job, and its folder once nothing else is in it.
+
+    With Redis that is the whole folder; the file store keeps the record and the events there, so
+    its folder stays, as the job's history does."""
     folder = job_dir(models_dir, job_id)
     (folder / CORPUS_FILE).unlink(missing_ok=True)
     shutil.rmtree(folder / STATE_DIR, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty (the file store's record and events), or already gone
+        folder.rmdir()

@@ -51,6 +51,7 @@ class JobRecord:
     worker: str | None = None  # the worker running it
     cancel_requested: bool = False
     heartbeat_at: float | None = None  # unix time of the running worker's last heartbeat
+    saved_epoch: int = 0  # internal: the last epoch whose resumable state was saved; a resume starts after it
     # internal: the active model id when the job first started ("" = none, None = not recorded);
     # the publish is a compare-and-set against it, so a newer promotion is never overwritten
     active_at_start: str | None = None
@@ -120,6 +121,21 @@ def final_event_data(record: JobRecord) -> dict[str, Any]:
         "error": record.error,
         "note": record.note,
     }
+
+
+def requeued_event_data(record: JobRecord, worker: str, reason: str) -> dict[str, Any]:
+    """The `requeued` event: the worker the job left, and the saved epoch it resumes after (0: from the start)."""
+    return {"state": "queued", "reason": reason, "worker": worker, "saved_epoch": record.saved_epoch}
+
+
+def takeover_event_data(record: JobRecord, worker: str, lease_s: float) -> dict[str, Any] | None:
+    """The `requeued` event of a job taken from a worker gone silent, `worker` (`record` as it was before
+    the take); None for a job that was simply queued, which its hand-back or submission already announced."""
+    if record.state != "running":
+        return None
+    saved = f"the state saved after epoch {record.saved_epoch}" if record.saved_epoch else "the start"
+    reason = f"worker {worker} stopped heartbeating for over {lease_s:g}s; the job resumes from {saved}"
+    return requeued_event_data(record, worker, reason)
 
 
 # ---------------------------------------------------------------------------- leases

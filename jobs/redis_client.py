@@ -33,7 +33,7 @@ def redis_errors() -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise StoreUnavailable(f"Redis is unreachable ({e}); retry in a few seconds") from None
+        raise StoreUnavailable("Redis is unreachable; retry in a few seconds", detail=str(e)) from None
 
 
 def client_url(client: Any) -> str:

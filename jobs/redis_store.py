@@ -234,7 +234,24 @@ class RedisStore:
         if not entry or "job_id" not in entry:  # trimmed away; nothing to run
             self._ack(entry_id)
             return None
+        if taken:
+            self._announce_takeover(entry["job_id"])
         return Claim(job_id=entry["job_id"], token=entry_id, worker=worker)
+
+    def _announce_takeover(self, job_id: str) -> None:
+        """A job taken from a worker gone silent (not a handed-back one) gets its `requeued` event.
+
+        Best effort: the job is ours now, and losing the event beats leaving it for another lease."""
+        try:
+            with redis_errors():
+                raw = self.redis.hgetall(self._job_key(job_id))
+            record = self._decode(raw) if raw else None
+            if record is not None and record.worker is not None:
+                data = records.takeover_event_data(record, record.worker, self.lease_s)
+                if data is not None:
+                    self.append_event(job_id, "requeued", data)
+        except StoreUnavailable as e:
+            log.warning("job %s: the takeover was not recorded as an event: %s", job_id, e)
 
     def _ack(self, entry_id: str) -> None:
         with redis_errors():
@@ -348,7 +365,7 @@ class RedisStore:
 
         _, record = self._transition(claim, records.hand_back, requeue)
         if record is not None:
-            self.append_event(claim.job_id, "requeued", {"state": "queued", "reason": reason})
+            self.append_event(claim.job_id, "requeued", records.requeued_event_data(record, claim.worker, reason))
         return record is not None
 
     def release(self, worker: str) -> None:

@@ -166,7 +166,9 @@ def _finite(value: object) -> object:
 
 def _refuse_existing(target: Path) -> None:
     if target.exists():
-        raise CheckpointError(f"a checkpoint named {target.name!r} already exists in {target.parent}; pick another id")
+        raise CheckpointError(
+            f"a checkpoint named {target.name!r} already exists; pick another id", detail=f"in {target.parent}"
+        )
 
 
 def _rename_into_place(tmp: Path, target: Path) -> None:
@@ -200,6 +202,14 @@ def _state_to_save(model: LSTMLanguageModel) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------- load
 
 
+def _refused(file: Path, reason: str, cause: Exception | None = None) -> CheckpointError:
+    """The file named as `<model folder>/<file>` (a message may reach an API client); its full path
+    and the library's own words in `detail`, for the log."""
+    shown = f"{file.parent.name}/{file.name}" if file.parent.name else file.name
+    detail = f"{file}: {reason}" + (f" ({cause})" if cause is not None else "")
+    return CheckpointError(f"{shown}: {reason}", detail=detail)
+
+
 def read_config(path: Path) -> dict:
     """config.json of a checkpoint folder (or the file itself), checked for shape; CheckpointError otherwise."""
     path = Path(path)
@@ -207,9 +217,9 @@ def read_config(path: Path) -> dict:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing; this folder is not a complete checkpoint") from None
+        raise _refused(file, "missing; this folder is not a complete checkpoint") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        raise _refused(file, "not valid JSON", e) from None
     _check_config(file, config)
     config.setdefault("chat_template", dict(DEFAULT_CHAT_TEMPLATE))
     return config
@@ -217,32 +227,33 @@ def read_config(path: Path) -> dict:
 
 def _check_config(file: Path, config: object) -> None:
     if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, found {type(config).__name__}")
+        raise _refused(file, f"expected a JSON object, found {type(config).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
-        raise CheckpointError(f"{file}: missing keys {missing}")
+        raise _refused(file, f"missing keys {missing}")
     if config["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{file}: format_version {config['format_version']!r} is not supported "
-            f"(this textgen reads version {FORMAT_VERSION})"
+        raise _refused(
+            file,
+            f"format_version {config['format_version']!r} is not supported "
+            f"(this textgen reads version {FORMAT_VERSION})",
         )
     for key in ("architecture", "tokenizer", "training", "metrics"):
         if not isinstance(config[key], dict):
-            raise CheckpointError(f"{file}: {key!r} must be an object")
+            raise _refused(file, f"{key!r} must be an object")
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Rebuild the model from config.json, load its tensors strictly; the model comes back in eval mode."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
+        raise _refused(path, "no such checkpoint folder")
     config = read_config(path)
     model = LSTMLanguageModel(_model_config(path / CONFIG_FILE, config))
     tokenizer = _load_tokenizer(path / TOKENIZER_FILE, config)
     if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise CheckpointError(
-            f"{path / TOKENIZER_FILE}: has {tokenizer.vocab_size} tokens but {CONFIG_FILE} "
-            f"architecture.vocab_size is {model.cfg.vocab_size}"
+        raise _refused(
+            path / TOKENIZER_FILE,
+            f"has {tokenizer.vocab_size} tokens but {CONFIG_FILE} architecture.vocab_size is {model.cfg.vocab_size}",
         )
     _load_weights(path / MODEL_FILE, model)
     model.eval()
@@ -254,30 +265,30 @@ def _model_config(file: Path, config: dict) -> ModelConfig:
     try:
         return ModelConfig.from_dict(config["architecture"])
     except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{file}: invalid architecture ({e})") from None
+        raise _refused(file, f"invalid architecture ({e})") from None
 
 
 def _load_tokenizer(file: Path, config: dict) -> Tokenizer:
     try:
         tokenizer = tokenizer_from_dict(json.loads(file.read_text(encoding="utf-8")))
     except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing; the checkpoint cannot encode or decode text") from None
+        raise _refused(file, "missing; the checkpoint cannot encode or decode text") from None
     except Exception as e:  # JSON errors, malformed dicts, and the tokenizers library's plain Exception
-        raise CheckpointError(f"{file}: not a valid tokenizer ({e})") from None
+        raise _refused(file, "not a valid tokenizer", e) from None
     if tokenizer.kind != config["tokenizer"].get("kind"):
-        raise CheckpointError(
-            f"{file}: is a {tokenizer.kind!r} tokenizer but {CONFIG_FILE} says {config['tokenizer'].get('kind')!r}"
+        raise _refused(
+            file, f"is a {tokenizer.kind!r} tokenizer but {CONFIG_FILE} says {config['tokenizer'].get('kind')!r}"
         )
     return tokenizer
 
 
 def _load_weights(file: Path, model: LSTMLanguageModel) -> None:
     if not file.exists():
-        raise CheckpointError(f"{file}: missing; the checkpoint has no weights")
+        raise _refused(file, "missing; the checkpoint has no weights")
     try:
         state = load_file(str(file))
     except Exception as e:  # safetensors raises SafetensorError / OSError on truncated or corrupt files
-        raise CheckpointError(f"{file}: truncated or corrupt ({e})") from None
+        raise _refused(file, "truncated or corrupt", e) from None
     if model.cfg.tie_weights and TIED_KEY not in state and "embedding.weight" in state:
         state[TIED_KEY] = state["embedding.weight"]  # re-tie: the head shares the embedding
     _check_tensors(file, state, model.state_dict())
@@ -288,18 +299,18 @@ def _check_tensors(file: Path, found: dict[str, Tensor], expected: dict[str, Ten
     """Name the first problem precisely (load_state_dict's own message lists everything at once)."""
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise CheckpointError(f"{file}: missing tensors {missing}")
+        raise _refused(file, f"missing tensors {missing}")
     unexpected = sorted(set(found) - set(expected))
     if unexpected:
-        raise CheckpointError(f"{file}: unexpected tensors {unexpected} for the architecture in {CONFIG_FILE}")
+        raise _refused(file, f"unexpected tensors {unexpected} for the architecture in {CONFIG_FILE}")
     for name, want in expected.items():
         got = found[name]
         if got.shape != want.shape:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} has shape {tuple(got.shape)}, but {CONFIG_FILE} implies {tuple(want.shape)}"
+            raise _refused(
+                file, f"tensor {name!r} has shape {tuple(got.shape)}, but {CONFIG_FILE} implies {tuple(want.shape)}"
             )
         if not got.dtype.is_floating_point:
-            raise CheckpointError(f"{file}: tensor {name!r} has dtype {got.dtype}, expected a float")
+            raise _refused(file, f"tensor {name!r} has dtype {got.dtype}, expected a float")
 
 
 def _model_id(path: Path, config: dict) -> str:

@@ -47,8 +47,8 @@ def decode_corpus(data: bytes, name: str = "corpus") -> str:
 def read_corpus(path: Path | str) -> str:
     path = Path(path)
     if not path.is_file():
-        raise CorpusError(f"corpus file not found: {path}")
-    return decode_corpus(path.read_bytes(), str(path))
+        raise CorpusError(f"corpus file not found: {path.name}", detail=str(path))
+    return decode_corpus(path.read_bytes(), path.name)
 
 
 def split_corpus(ids: Sequence[int] | Tensor, val_fraction: float) -> tuple[Tensor, Tensor]:

@@ -1,10 +1,18 @@
-"""Domain errors of the language-model core. Each message is a sentence a user can act on."""
+"""Domain errors of the language-model core. Each message is a sentence a user can act on.
+
+A message may reach an API client, so it names no server path, address or library exception text;
+those go in `detail`, which only the log and the command line show.
+"""
 
 from __future__ import annotations
 
 
 class TextgenError(Exception):
     """Base class of every error textgen raises on purpose."""
+
+    def __init__(self, *args: object, detail: str | None = None) -> None:
+        super().__init__(*args)
+        self.detail = detail  # for the log only: paths, addresses, the underlying exception's text
 
 
 class CorpusError(TextgenError, ValueError):
@@ -14,8 +22,8 @@ class CorpusError(TextgenError, ValueError):
 class ConfigError(TextgenError, ValueError):
     """A hyperparameter or sampling parameter is out of bounds; `param` names the field."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, param: str | None = None, *, detail: str | None = None) -> None:
+        super().__init__(message, detail=detail)
         self.param = param
 
 

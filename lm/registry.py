@@ -14,6 +14,7 @@ training job that finishes late cannot overwrite a newer promotion.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import logging
 import os
@@ -119,6 +120,14 @@ class ModelInfo:
     config: dict = field(default_factory=dict, repr=False)  # the whole config.json (architecture, chat_template...)
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A folder of the models folder that is not a checkpoint the registry can read, and why."""
+
+    name: str
+    reason: str  # names files relative to the models folder (lm/checkpoint.py), never its path
+
+
 class Registry:
     def __init__(self, models_dir: Path, pointer: ActivePointer | None = None) -> None:
         self.models_dir = Path(models_dir)
@@ -132,23 +141,33 @@ class Registry:
 
     def list(self) -> list[ModelInfo]:
         """Every valid checkpoint, newest first; temporary, reserved and broken folders are skipped."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[builtins.list[ModelInfo], builtins.list[Unreadable]]:  # `list` is a method here
+        """Every valid checkpoint, newest first, and every other folder that looks like one, with why it
+        cannot be read (a name that is not a model id, a missing or broken config.json). Temporary and
+        reserved folders are neither."""
         if not self.models_dir.is_dir():
-            return []
+            return [], []
         active = self.active_id()
-        infos = []
+        infos, unreadable = [], []
         for entry in self.models_dir.iterdir():
             if entry.name.startswith(".") or entry.name in RESERVED_IDS or not entry.is_dir():
                 continue
             try:
                 infos.append(self._info(validate_model_id(entry.name), active))
-            except (InvalidModelId, CheckpointError) as e:
-                log.debug("skipping %s: %s", entry, e)
-        return sorted(infos, key=lambda i: (i.created_at, i.model_id), reverse=True)
+            except InvalidModelId:
+                unreadable.append(Unreadable(entry.name, "the folder's name is not a model id"))
+            except CheckpointError as e:
+                unreadable.append(Unreadable(entry.name, str(e)))
+                log.debug("skipping %s: %s", entry, e.detail or e)
+        infos.sort(key=lambda i: (i.created_at, i.model_id), reverse=True)
+        return infos, sorted(unreadable, key=lambda u: u.name)
 
     def get(self, model_id: str) -> ModelInfo:
         """ModelNotFound for an unknown id; CheckpointError for a folder that is not a valid checkpoint."""
         if not self.path(model_id).is_dir():
-            raise ModelNotFound(f"no model named {model_id!r} in {self.models_dir}")
+            raise ModelNotFound(f"no model named {model_id!r}", detail=f"in {self.models_dir}")
         return self._info(model_id, self.active_id())
 
     def _info(self, model_id: str, active: str | None) -> ModelInfo:
@@ -222,7 +241,7 @@ class Registry:
         """Remove a checkpoint; ActiveModelError for the active one, ModelNotFound for an unknown one."""
         path = self.path(model_id)
         if not path.is_dir():
-            raise ModelNotFound(f"no model named {model_id!r} in {self.models_dir}")
+            raise ModelNotFound(f"no model named {model_id!r}", detail=f"in {self.models_dir}")
         self._refuse_active(model_id)
         # Rename first: readers see the whole checkpoint or no folder, never a half-deleted one.
         doomed = self.models_dir / f".tmp-deleting-{model_id}-{secrets.token_hex(4)}"
@@ -242,10 +261,10 @@ class Registry:
         if model_id is None:
             model_id = self.active_id()
             if model_id is None:
-                raise ModelNotFound(f"no model is active in {self.models_dir}; activate or train one first")
+                raise ModelNotFound("no model is active; activate or train one first", detail=f"in {self.models_dir}")
         path = self.path(model_id)
         if not path.is_dir():
-            raise ModelNotFound(f"no model named {model_id!r} in {self.models_dir}")
+            raise ModelNotFound(f"no model named {model_id!r}", detail=f"in {self.models_dir}")
         return load_checkpoint(path)
 
     def unique_id(self, base: str) -> str:

@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args, settings, argv) or 0
     except TextgenError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message holds
+        if exc.detail:  # the operator's own machine: the path or address helps
+            message += f" ({' '.join(exc.detail.split())})"
         print(f"textgen: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -34,7 +34,7 @@ from lm.errors import TrainingCancelled
 from lm.registry import ActivePointer, Registry
 from lm.train import TrainConfig, TrainEvent, train
 from worker.errors import EXIT_FINISHED, EXIT_HANDED_BACK, EXIT_PARENT_GONE, JobFailed, describe_failure
-from worker.progress import Reporter, Stopper
+from worker.progress import Reporter, Stopper, elapsed_before
 from worker.publish import Publication, promote, published_by, save_model
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def train_and_publish(
         text = decode_corpus(corpus_path(models_dir, job_id).read_bytes(), "the corpus")
         cfg = _train_config(params, torch.get_num_threads())
         base = registry.load(params["base_model"]) if params.get("base_model") else None
-        reporter = Reporter(store, job_id)
+        reporter = Reporter(store, job_id, elapsed_before_s=elapsed_before(record))
 
         def on_event(event: TrainEvent) -> None:
             stopper.observe(event)

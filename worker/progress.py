@@ -16,20 +16,33 @@ from types import FrameType
 from typing import Any
 
 from jobs.errors import StoreUnavailable
+from jobs.records import JobRecord
 from jobs.store import JobStore
 from lm.train import TrainEvent
 
 log = logging.getLogger(__name__)
 
-PROGRESS_KEYS = ("epoch", "epochs", "step", "total_steps", "train_loss", "tokens_per_s", "eta_s", "elapsed_s", "lr")
+PROGRESS_KEYS = ("epoch", "epochs", "step", "total_steps", "train_loss", "tokens_per_s", "eta_s", "lr")
+
+
+def elapsed_before(record: JobRecord) -> float:
+    """The job's training time over its earlier attempts: the total its last progress reported."""
+    return float((record.progress or {}).get("elapsed_s") or 0.0)
 
 
 class Reporter:
-    """lm.train's on_event: progress, each epoch's validation loss and sample, each saved epoch state."""
+    """lm.train's on_event: progress, each epoch's validation loss and sample, each saved epoch state.
 
-    def __init__(self, store: JobStore, job_id: str) -> None:
+    Progress carries two times: `attempt_elapsed_s`, this attempt's training time, and `elapsed_s`, the
+    job's over every attempt (`elapsed_before_s` plus this attempt's). lm's own elapsed_s would mix
+    them: after a takeover it is the saved state's time plus this attempt's, and the work lost with
+    the first worker is in neither.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, elapsed_before_s: float = 0.0) -> None:
         self.store = store
         self.job_id = job_id
+        self.elapsed_before_s = elapsed_before_s
         self.history: list[dict[str, Any]] = []
 
     def __call__(self, event: TrainEvent) -> None:
@@ -40,6 +53,8 @@ class Reporter:
 
     def _report(self, event: TrainEvent) -> None:
         progress = {key: getattr(event, key) for key in PROGRESS_KEYS}
+        progress["elapsed_s"] = self.elapsed_before_s + event.session_elapsed_s
+        progress["attempt_elapsed_s"] = event.session_elapsed_s
         if event.kind == "progress":
             self.store.update(self.job_id, progress=progress)
             self.store.append_event(self.job_id, "progress", progress)
@@ -52,6 +67,7 @@ class Reporter:
             )
             log.info("job %s: epoch %d/%d val loss %.4f", self.job_id, event.epoch, event.epochs, event.val_loss)
         elif event.kind == "state_saved":
+            self.store.update(self.job_id, saved_epoch=event.epoch)  # where a takeover resumes (its requeued event)
             self.store.append_event(self.job_id, "checkpoint", {"epoch": event.epoch, "step": event.step})
 
 

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(
     tags=["generation"],
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(400, 401, 404, 413, 422, 429, 500, 503),
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 500, 503),
 )
 
 SSE_RESPONSES = {
@@ -73,12 +73,12 @@ async def generate(
         return sse.EventStream(
             native_events(generation), keepalive_s=settings.keepalive_s, on_close=generation.close, headers=headers
         )
-    disconnected = True
+    dropped: str | None = "disconnected"  # unless the answer is collected
     try:
         (result,) = await unless_disconnected(request, generation.collect())
-        disconnected = False
+        dropped = None
     finally:
-        generation.close(disconnected)
+        generation.close(dropped)
     response.headers.update(headers)
     return GenerateResponse(
         id=f"gen-{generation.id}",

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 
-from app.auth import require_admin_key, require_api_key
+from app.auth import is_admin, require_admin_key, require_api_key
 from app.deps import HolderDep
 from app.errors import error_responses
 from app.holder import ModelHolder
-from app.schemas import ModelDetail, ModelList, ModelPublic
+from app.schemas import ModelDetail, ModelList, ModelPublic, UnreadableModel
 from lm.registry import ModelInfo
 
 router = APIRouter(
-    prefix="/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 409, 413, 422, 500, 503)
+    prefix="/models", tags=["models"], responses=error_responses(400, 401, 403, 404, 409, 413, 422, 500, 503, 507)
 )
 
 
@@ -44,11 +44,15 @@ def model_detail(info: ModelInfo, holder: ModelHolder) -> ModelDetail:
 
 
 @router.get("", response_model=ModelList, dependencies=[Depends(require_api_key)])
-async def list_models(holder: HolderDep) -> ModelList:
-    """Every model in the registry, newest first."""
-    infos = await asyncio.to_thread(holder.registry.list)
+async def list_models(request: Request, holder: HolderDep) -> ModelList:
+    """Every model in the registry, newest first; for admin keys, also the folders that cannot be read."""
+    infos, unreadable = await asyncio.to_thread(holder.registry.scan)
     active = await asyncio.to_thread(holder.registry.active_id)
-    return ModelList(active=active, models=[model_public(i, holder) for i in infos])
+    return ModelList(
+        active=active,
+        models=[model_public(i, holder) for i in infos],
+        unreadable=[UnreadableModel(id=u.name, reason=u.reason) for u in unreadable] if is_admin(request) else None,
+    )
 
 
 @router.get("/{model_id}", response_model=ModelDetail, dependencies=[Depends(require_api_key)])

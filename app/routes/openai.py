@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 
 from app import sse
-from app.auth import require_api_key
+from app.auth import may_load, require_api_key
 from app.chat import render_chat
 from app.deps import AdmissionDep, HolderDep, SettingsDep
 from app.engine import Failed, Finished, Token
@@ -51,7 +51,7 @@ router = APIRouter(
     prefix="/v1",
     tags=["openai"],
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(400, 401, 404, 413, 422, 429, 500, 503),
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 500, 503),
 )
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -124,7 +124,7 @@ async def chat_completions(
     settings: SettingsDep,
 ) -> Any:
     """OpenAI chat completion: the messages rendered by the model's chat template."""
-    lease = await holder.lease(body.model)
+    lease = await holder.lease(body.model, may_load=may_load(request, body.model))
     try:
         prompt, template_stop = render_chat(lease.loaded.chat_template, body.messages)
         stop = list(dict.fromkeys([*template_stop, *body.stop]))
@@ -198,13 +198,13 @@ def _params(body: Any, max_tokens: int, stop: list[str], choice: int) -> Samplin
 
 
 async def _collect(generation: Generation, request: Request) -> list[SequenceResult]:
-    disconnected = True
+    dropped: str | None = "disconnected"  # unless the answer is collected
     try:
         done = await unless_disconnected(request, generation.collect())
-        disconnected = False
+        dropped = None
         return done
     finally:
-        generation.close(disconnected)
+        generation.close(dropped)
 
 
 async def _list(holder: ModelHolder) -> list[Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from app.auth import require_api_key
+from app.auth import may_load, require_api_key
 from app.deps import HolderDep, SettingsDep
 from app.errors import error_responses
 from app.generation import check_prompt
@@ -13,7 +13,7 @@ from app.schemas import TokenizeRequest, TokenizeResponse
 router = APIRouter(
     tags=["generation"],
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(400, 401, 404, 413, 422, 500, 503),
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 500, 503),
 )
 
 
@@ -23,7 +23,7 @@ async def tokenize(
 ) -> TokenizeResponse:
     """Token ids and the text of each token, with the model's own tokenizer."""
     check_prompt(body.text, settings, request, "text")
-    lease = await holder.lease(body.model)
+    lease = await holder.lease(body.model, may_load=may_load(request, body.model))
     try:
         tokenizer = lease.loaded.checkpoint.tokenizer
         ids = tokenizer.encode(body.text)

@@ -7,7 +7,6 @@ a job that fails later fails for a reason only training can find (out of memory,
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import re
@@ -24,8 +23,9 @@ from starlette.datastructures import UploadFile
 
 from app import sse
 from app.auth import require_admin_key
+from app.bodies import parse_json_body
 from app.deps import SettingsDep
-from app.errors import ApiError, BodyLimit, error_responses
+from app.errors import ApiError, BodyLimit, error_responses, storage_error
 from app.settings import Settings
 from app.train_schemas import JobState, TrainJobCreate, TrainJobList, TrainJobPublic
 from app.training import Training, TrainingDep, training_lifespan
@@ -90,19 +90,17 @@ async def create_job(
 
 
 def store_job(training: Training, params: dict[str, Any], text: str, job_id: str, settings: Settings) -> JobRecord:
-    """Queue the job (its corpus goes to models/jobs/<id>/); 507 when the disk is full, with nothing left behind."""
+    """Queue the job (its corpus goes to models/jobs/<id>/). A disk fault (full: 507; read-only or not
+    ours to write: 503, app/errors.py) leaves nothing behind: the job's folder goes, half-written or not."""
     try:
         return training.store.submit(params, text, job_id)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
         shutil.rmtree(job_dir(settings.models_dir, job_id), ignore_errors=True)
-        log.error("training job %s refused: no space left for its corpus in %s", job_id, settings.models_dir)
-        raise ApiError(
-            507,
-            "no space left on the server's disk for the corpus; the job was not queued",
-            code="insufficient_storage",
-        ) from None
+        error = storage_error(e, "the job was not queued")
+        if error is None:
+            raise
+        log.error("training job %s: %s (%s)", job_id, error.message, e)
+        raise error from None
 
 
 def body_limit(settings: Settings) -> BodyLimit:
@@ -125,11 +123,7 @@ async def read_submission(request: Request, settings: Settings) -> tuple[TrainJo
         return await _read_form(request, settings)
     if content_type != "application/json":
         raise ApiError(415, "send application/json or multipart/form-data", code="unsupported_media_type")
-    raw = await request.body()
-    try:
-        return TrainJobCreate.model_validate_json(raw or b"{}"), None
-    except ValidationError as e:
-        raise RequestValidationError(e.errors()) from None
+    return parse_json_body(TrainJobCreate, await request.body()), None
 
 
 def _too_large(size: int, settings: Settings) -> ApiError:
@@ -149,7 +143,7 @@ async def _read_form(request: Request, settings: Settings) -> tuple[TrainJobCrea
     async with request.form(max_files=1, max_fields=64, max_part_size=part_limit) as form:
         fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str) and v != ""}
         try:
-            body = TrainJobCreate.model_validate(fields)
+            body = TrainJobCreate.model_validate(fields, strict=False)  # form fields are strings: "1" is 1
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
         upload = form.get("file")

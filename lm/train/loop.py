@@ -49,9 +49,10 @@ class TrainEvent:
     val_loss: float | None
     tokens_per_s: float
     eta_s: float | None
-    elapsed_s: float
+    elapsed_s: float  # training time, the resumed state's included (what time_budget_s counts)
     lr: float | None = None
     sample: str | None = None
+    session_elapsed_s: float = 0.0  # this call of train()'s share of elapsed_s (a resume starts at 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -361,6 +362,7 @@ class _Loop:
                 elapsed_s=self.elapsed(),
                 lr=self.lr,
                 sample=sample,
+                session_elapsed_s=time.perf_counter() - self.session_start,
             )
         )
 

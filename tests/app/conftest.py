@@ -213,12 +213,20 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def server(models_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One real server per test module: 2 running slots, 1 waiting, quick keep-alives, a huge token cap, JSON logs."""
+    """One real server per test module: 2 running slots, 1 waiting, quick keep-alives, a huge token cap, JSON logs;
+    one client (every test's address is 127.0.0.1) may take every slot."""
     root = tmp_path_factory.mktemp("server")
     models = root / "models"
     shutil.copytree(models_template, models)
     srv = start_server(
-        models, root, max_running="2", max_waiting="1", keepalive_s="0.2", max_tokens="1000000", log_json="true"
+        models,
+        root,
+        max_running="2",
+        max_waiting="1",
+        max_running_per_client="0",
+        keepalive_s="0.2",
+        max_tokens="1000000",
+        log_json="true",
     )
     yield srv
     stop_server(srv)

@@ -136,7 +136,8 @@ async def test_malformed_json_is_422_and_400_on_v1(strict_client: httpx.AsyncCli
 
 async def test_overload_is_429_with_retry_after(make_client: ClientFactory) -> None:
     client = await make_client(max_running=1, max_waiting=0, max_tokens=100_000)
-    long = asyncio.create_task(client.post("/generate", json={"prompt": "a", "max_tokens": 3000}))
+    # long enough (about 1 s here) to outlast the 0.25 s a client at its own limit waits for its slots
+    long = asyncio.create_task(client.post("/generate", json={"prompt": "a", "max_tokens": 50_000}))
     for _ in range(100):  # until the long one runs
         if client.app.state.admission.admitted:  # type: ignore[attr-defined]
             break

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.python.asgi import get_client
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -71,7 +73,13 @@ def fuzz_app(models_template: Path, redis_server: RedisServer, tmp_path_factory:
 
 @pytest.fixture(scope="module")
 def api_schema(fuzz_app: Any) -> Any:
-    return schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
+    client = get_client(fuzz_app)  # the app's lifespan runs from here; its model loads in the background
+    deadline = time.monotonic() + 60
+    while client.get("/readyz").status_code != 200:  # a generation before that is a documented 503, not a case
+        assert time.monotonic() < deadline, "the fuzzed app never became ready"
+        time.sleep(0.05)
+    return schema
 
 
 def fuzz(schema: Any, headers: dict[str, str]) -> list[str]:

@@ -1,11 +1,13 @@
-"""/readyz in Redis mode: it says whether the job system reaches Redis, stays 200 while a model
-serves without it, and never shows the Redis URL's password (nor do the logs)."""
+"""/readyz in Redis mode: it says whether Redis answers (within a second of a change), stays 200 while a
+model serves without it, and never shows the Redis URL's password (nor do the logs)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +71,30 @@ async def test_readyz_says_redis_is_down_and_up_again_and_never_shows_the_passwo
     assert server.password is not None
     assert not [text for text in [*bodies, caplog.text] if server.password in text]
     assert "Redis is down" in caplog.text  # the outage was logged (without the URL's secret)
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+async def test_readyz_sees_redis_down_within_a_second(
+    make_client: ClientFactory, redis_with_password: RedisServer, fault: str
+) -> None:
+    """A probe answers from the last PING, and PINGs come often and time out fast: neither a dead Redis
+    (connection refused) nor a hung one (SIGSTOP: no answer at all) reads "up" for a second."""
+    server = redis_with_password
+    client = await make_client(redis_url=server.url, default_model=MODEL_A, reconcile_s=30.0)
+    assert (await client.get("/readyz")).json()["redis"] == "up"
+    assert server.proc is not None
+    pid = server.proc.pid
+
+    os.kill(pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        down = await wait_for_redis(client, '"redis":"down"', timeout=10.0)
+        seen_after = time.monotonic() - stopped
+    finally:
+        if fault == "hung":
+            os.kill(pid, signal.SIGCONT)
+    assert (down.status_code, down.json()) == (200, {"status": "ready", "model": MODEL_A, "redis": "down"})
+    assert seen_after < 1.0, f"/readyz said Redis was up {seen_after:.2f}s after it was {fault}"
 
 
 async def test_not_ready_says_redis_is_down_too(

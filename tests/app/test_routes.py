@@ -167,10 +167,13 @@ async def test_generate_with_a_named_model(client: httpx.AsyncClient) -> None:
     assert (await client.get("/readyz")).json()["model"] == MODEL_A  # naming a model does not activate it
 
 
-async def test_only_the_active_model_stays_loaded_with_max_loaded_models_1(make_client: ClientFactory) -> None:
+async def test_max_loaded_models_1_serves_only_the_active_model(make_client: ClientFactory) -> None:
     client = await make_client(max_loaded_models=1)
     named = await client.post("/generate", json={"prompt": "x", "max_tokens": 3, "model": MODEL_B})
-    assert named.status_code == 200 and named.json()["model"] == MODEL_B
+    assert named.status_code == 503
+    error = named.json()["error"]
+    assert error["code"] == "models_busy" and error["param"] == "model"
+    assert "retry-after" not in named.headers  # retrying cannot help: the active model fills the bound
     loaded = {m["id"] for m in (await client.get("/models")).json()["models"] if m["loaded"]}
     assert loaded == {MODEL_A}
 
@@ -354,8 +357,10 @@ async def test_metrics_parse_and_count(client: httpx.AsyncClient) -> None:
     assert samples[("textgen_running_sequences", ())] == 0
     assert samples[("textgen_waiting_sequences", ())] == 0
     assert samples[("textgen_model_info", (("model_id", MODEL_A),))] == 1
-    for name in ("textgen_requests_dropped_total", "textgen_requests_rejected_total", "textgen_batch_size_count"):
+    for name in ("textgen_requests_rejected_total", "textgen_batch_size_count"):
         assert (name, ()) in samples
+    for reason in ("disconnected", "stalled"):
+        assert samples[("textgen_generations_dropped_total", (("reason", reason),))] == 0
 
 
 async def test_request_id_is_echoed_or_made_up(client: httpx.AsyncClient) -> None:

@@ -111,8 +111,8 @@ async def test_every_log_line_of_a_request_carries_its_id(keyed: httpx.AsyncClie
 
 
 async def test_one_key_cannot_take_every_slot(keyed: httpx.AsyncClient) -> None:
-    long = asyncio.create_task(
-        keyed.post("/generate", json={"prompt": "a", "max_tokens": 3000}, headers=bearer(USER_KEY))
+    long = asyncio.create_task(  # outlasts the 0.25 s a client at its limit waits for its own slots
+        keyed.post("/generate", json={"prompt": "a", "max_tokens": 50_000}, headers=bearer(USER_KEY))
     )
     await until_admitted(keyed, 1)
     short = {"prompt": "b", "max_tokens": 3}

@@ -22,6 +22,7 @@ from tests.app.test_routes import metric_samples, parse_sse
 pytestmark = pytest.mark.slow
 
 LONG = {"prompt": "To be", "max_tokens": 1_000_000, "stream": True}  # runs until the client leaves
+DROPPED = ("textgen_generations_dropped_total", (("reason", "disconnected"),))
 
 
 def metrics(server: Server) -> dict:
@@ -70,7 +71,7 @@ def test_sse_framing_on_the_wire(server: Server) -> None:
 
 
 def test_overload_keepalive_and_disconnect(server: Server) -> None:
-    dropped_before = metrics(server)[("textgen_requests_dropped_total", ())]
+    dropped_before = metrics(server)[DROPPED]
     with ExitStack() as running:
         first, first_lines = open_stream(running, server, LONG)
         second, second_lines = open_stream(running, server, LONG)
@@ -90,16 +91,16 @@ def test_overload_keepalive_and_disconnect(server: Server) -> None:
         assert wait_for(lambda: gauge(server, "textgen_waiting_sequences") == 0)
     # both running clients left: their sequences leave the batch at the next step
     assert wait_for(lambda: gauge(server, "textgen_running_sequences") == 0, timeout=2)
-    assert metrics(server)[("textgen_requests_dropped_total", ())] == dropped_before + 3
+    assert metrics(server)[DROPPED] == dropped_before + 3
     assert httpx.post(f"{server.url}/generate", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
 def test_a_client_that_gives_up_on_a_json_answer_frees_its_sequence(server: Server) -> None:
-    dropped_before = metrics(server)[("textgen_requests_dropped_total", ())]
+    dropped_before = metrics(server)[DROPPED]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/generate", json={**LONG, "stream": False}, timeout=0.5)
     assert wait_for(lambda: gauge(server, "textgen_running_sequences") == 0, timeout=2)
-    assert metrics(server)[("textgen_requests_dropped_total", ())] == dropped_before + 1
+    assert metrics(server)[DROPPED] == dropped_before + 1
 
 
 def test_openai_client_completions(server: Server) -> None:

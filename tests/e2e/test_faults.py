@@ -8,11 +8,9 @@ a restart, every job run once to publication, nothing half-published.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,8 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lm.checkpoint import CONFIG_FILE, MODEL_FILE
-from lm.tokenizers import TOKENIZER_FILE
 from tests.app.conftest import (
     MODEL_A,
     MODEL_B,
@@ -31,6 +27,7 @@ from tests.app.conftest import (
     start_server,
     stop_server,
 )
+from tests.broken_checkpoints import BREAKAGES
 from tests.e2e.conftest import (
     BASE_MODEL,
     TINY_JOB,
@@ -44,29 +41,12 @@ from tests.e2e.conftest import (
     wait_for_event,
     wait_for_job,
 )
+from tests.mounts import fill, small_tmpfs
 
 pytestmark = pytest.mark.slow
 
 
 # ---------------------------------------------------------------------------- broken checkpoints
-
-
-def truncate_weights(folder: Path) -> None:
-    weights = folder / MODEL_FILE
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-
-
-def wrong_shapes(folder: Path) -> None:
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    config["architecture"]["hidden_dim"] *= 2  # the weights are for the original size
-    (folder / CONFIG_FILE).write_text(json.dumps(config))
-
-
-def no_tokenizer(folder: Path) -> None:
-    (folder / TOKENIZER_FILE).unlink()
-
-
-BREAKAGES = {"truncated-weights": truncate_weights, "wrong-shapes": wrong_shapes, "no-tokenizer": no_tokenizer}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +73,7 @@ def test_a_broken_checkpoint_is_refused_and_the_old_model_keeps_serving(server: 
     refused = httpx.post(f"{server.url}/models/{broken}/activate", timeout=30)
     assert refused.status_code in (404, 422), refused.text
     assert refused.json()["error"]["request_id"]
+    assert str(server.log_path.parent) not in refused.text  # the file is named, not the server's path
     assert httpx.get(f"{server.url}/readyz", timeout=10).json()["model"] == before
     answer = generate(server.url)
     assert answer.status_code == 200 and answer.json()["model"] == before
@@ -184,21 +165,8 @@ def test_redis_killed_with_jobs_queued_and_running_loses_none_and_publishes_each
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MB tmpfs: a folder that fills up."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path, leave_bytes: int) -> None:
-    """Write a filler file until the file system has about `leave_bytes` free."""
-    stat = os.statvfs(folder)
-    free = stat.f_bavail * stat.f_frsize
-    with open(folder / "filler", "wb") as f:
-        f.write(b"\0" * max(0, free - leave_bytes))
 
 
 @pytest.mark.redis

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from jobs.file_store import FileStore
+from jobs.files import job_dir
 from jobs.redis_client import connect_redis
 from jobs.redis_store import RedisStore
 from jobs.store import JobStore
@@ -81,3 +82,14 @@ def corpus(chars: int = 4000) -> str:
     with open(SHAKESPEARE, encoding="utf-8") as f:
         text = f.read(chars)
     return text[: text.rindex("\n") + 1]
+
+
+def assert_job_files_removed(store: JobStore, job_id: str) -> None:
+    """An ended job leaves no corpus, no training state and no empty folder in models/jobs/: with Redis
+    nothing at all, with the file store only the record and the events (and their locks)."""
+    folder = job_dir(store.models_dir, job_id)
+    if isinstance(store, FileStore):
+        left = {path.name for path in folder.iterdir()}
+        assert left == {FileStore.RECORD, FileStore.EVENTS, ".lock", ".events.lock"}, left
+    else:
+        assert not folder.exists(), sorted(path.name for path in folder.iterdir())

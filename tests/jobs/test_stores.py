@@ -15,7 +15,7 @@ from jobs.records import validate_job_id
 from jobs.redis_client import connect_redis
 from jobs.redis_store import RedisStore
 from jobs.store import JobStore
-from tests.jobs.conftest import corpus, tiny_params
+from tests.jobs.conftest import assert_job_files_removed, corpus, tiny_params
 from tests.redis_server import RedisServer
 
 
@@ -75,13 +75,13 @@ def test_events_after_an_id_and_blocking_for_the_next(store: JobStore) -> None:
     assert (event.kind, event.data) == ("epoch", {"epoch": 1, "val_loss": 2.5})
 
 
-def test_cancelling_a_queued_job_is_immediate(store: JobStore, models_dir: Path) -> None:
+def test_cancelling_a_queued_job_is_immediate(store: JobStore) -> None:
     job = store.submit(tiny_params(), corpus())
     record = store.cancel(job.id)
 
     assert record.state == "cancelled"
     assert store.events(job.id)[-1].kind == "cancelled"
-    assert not corpus_path(models_dir, job.id).exists()
+    assert_job_files_removed(store, job.id)
     claim = store.claim("w1", block_s=0.2)
     assert claim is None or store.start(claim) is None  # nobody runs a cancelled job
     with pytest.raises(JobConflict, match="already cancelled"):
@@ -108,13 +108,16 @@ def test_a_job_handed_back_is_taken_before_newer_jobs(store: JobStore) -> None:
 
     assert store.hand_back(claim, "the worker was stopped")
     assert store.get(first.id).state == "queued"
-    assert store.events(first.id)[-1].kind == "requeued"
+    requeued = store.events(first.id)[-1]
+    assert requeued.kind == "requeued"
+    assert requeued.data == {"state": "queued", "reason": "the worker was stopped", "worker": "w1", "saved_epoch": 0}
     assert not store.heartbeat(claim)  # the old claim is over
 
     again = store.claim("w2", block_s=1.0)
     assert again is not None and again.job_id == first.id
     record = store.start(again)
     assert record is not None and record.attempts == 1  # a hand-back is not a failed attempt
+    assert [e.kind for e in store.events(first.id)].count("requeued") == 1  # taking it back is no takeover
     later = store.claim("w2", block_s=1.0)
     assert later is not None and later.job_id == second.id
 
@@ -123,11 +126,17 @@ def test_a_silent_worker_loses_its_job_to_another(store: JobStore) -> None:
     job = store.submit(tiny_params(), corpus())
     dead = store.claim("dead", block_s=1.0)
     assert dead is not None and store.start(dead) is not None
+    store.update(job.id, saved_epoch=2)  # what the training process records as it saves an epoch's state
     assert store.claim("alive", block_s=0.1) is None  # the lease (1 s in these tests) still holds
 
     time.sleep(1.3)
     taken = store.claim("alive", block_s=1.0)
     assert taken is not None and taken.job_id == job.id
+    requeued = store.events(job.id)[-1]  # the takeover says which worker was lost and where the job resumes
+    assert requeued.kind == "requeued"
+    assert (requeued.data["state"], requeued.data["worker"], requeued.data["saved_epoch"]) == ("queued", "dead", 2)
+    assert "worker dead stopped heartbeating" in requeued.data["reason"]
+    assert "after epoch 2" in requeued.data["reason"]
     record = store.start(taken)
     assert record is not None and record.attempts == 2
     assert not store.heartbeat(dead)

@@ -19,14 +19,14 @@ from jobs.file_store import FileStore
 from jobs.files import corpus_path, state_path
 from jobs.pointer import RedisPointer
 from jobs.records import JobEvent
+from jobs.redis_client import client_url
 from jobs.redis_store import RedisStore
 from jobs.store import JobStore
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import Registry
 from lm.tokenizers import fit_tokenizer
 from lm.train import STATE_JSON, TrainConfig, TrainEvent, train
-from tests.jobs.conftest import ROOT, corpus, tiny_params
-from tests.redis_server import RedisServer
+from tests.jobs.conftest import ROOT, assert_job_files_removed, corpus, tiny_params
 from worker.errors import EXIT_HANDED_BACK, JobFailed, describe_exit, describe_failure
 from worker.progress import Stopper
 from worker.publish import save_model
@@ -143,6 +143,58 @@ def test_cancelling_a_running_job_stops_it_and_publishes_nothing(file_store: Fil
 def start_local_worker(models_dir: Path) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "worker.local", "--models-dir", str(models_dir), "--threads", "1", "--lease", "1"]
     return subprocess.Popen(command, cwd=ROOT)
+
+
+def textgen_worker_command(store: RedisStore) -> list[str]:
+    """`textgen worker` on the Redis store's queue, models folder and prefix, with one training thread."""
+    command = [sys.executable, "-m", "textgen", "worker", "--redis-url", client_url(store.redis), "--threads", "1"]
+    return command + ["--models-dir", str(store.models_dir), "--prefix", store.prefix]
+
+
+def start_worker(store: JobStore) -> subprocess.Popen[bytes]:
+    """A worker process with a 1-second lease: `textgen worker` on Redis, the local worker on the file store."""
+    if isinstance(store, RedisStore):
+        return subprocess.Popen([*textgen_worker_command(store), "--lease", "1"], cwd=ROOT)
+    return start_local_worker(store.models_dir)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_job_leaves_a_requeued_event_and_elapsed_times_per_attempt(store: JobStore) -> None:
+    """The takeover names the worker lost and the saved epoch the job resumes after; `elapsed_s` is the
+    job's training time over both attempts and `attempt_elapsed_s` each attempt's own."""
+    job = store.submit(tiny_params(epochs=2), corpus(30_000))  # an epoch takes a second or two
+    worker = start_worker(store)
+    try:
+        wait_for_event(store, job.id, "checkpoint")
+        worker.kill()  # SIGKILL, early in epoch 2, far from its saved state; the training process dies with it
+        worker.wait(timeout=10)
+    finally:
+        worker.kill()
+    time.sleep(1.5)  # past the lease: the job is there to take over
+
+    Runner(store, FAST, name="rescuer").run(burst=True)
+
+    record = store.get(job.id)
+    assert (record.state, record.attempts) == ("succeeded", 2), record.error
+    events = store.events(job.id)
+    first, second = [i for i, e in enumerate(events) if e.kind == "started"]
+    lost = events[first].data["worker"]
+    (requeued,) = [e for e in events[first:second] if e.kind == "requeued"]
+    assert requeued.data["worker"] == lost != "rescuer" and lost in requeued.data["reason"]
+    resumed = next(e for e in events[second:] if e.kind == "epoch")
+    assert resumed.data["epoch"] == requeued.data["saved_epoch"] + 1 >= 2  # it resumed where the event said
+
+    timed = ("progress", "epoch")
+    before = [e.data for e in events[first:second] if e.kind in timed]
+    after = [e.data for e in events[second:] if e.kind in timed]
+    assert all(d["elapsed_s"] == pytest.approx(d["attempt_elapsed_s"]) for d in before)  # the only attempt so far
+    assert all(d["attempt_elapsed_s"] < d["elapsed_s"] for d in after)
+    # the first attempt counts whole, its validation and the work after its saved state included
+    assert after[0]["elapsed_s"] - after[0]["attempt_elapsed_s"] >= before[-1]["elapsed_s"] - 1e-6
+    totals = [d["elapsed_s"] for d in before + after]
+    assert totals == sorted(totals)  # the total never goes back
+    assert record.progress is not None and record.progress["elapsed_s"] == totals[-1]
+    assert_job_files_removed(store, job.id)
 
 
 @pytest.mark.slow
@@ -299,10 +351,9 @@ def test_sigterm_near_an_epoch_end_trains_on_until_its_state_is_saved(
 
 @pytest.mark.slow
 @pytest.mark.redis
-def test_textgen_worker_takes_jobs_from_redis(redis_store: RedisStore, redis_server: RedisServer) -> None:
+def test_textgen_worker_takes_jobs_from_redis(redis_store: RedisStore) -> None:
     job = redis_store.submit(tiny_params(name="from-redis"), corpus())
-    command = [sys.executable, "-m", "textgen", "worker", "--redis-url", redis_server.url, "--burst"]
-    command += ["--models-dir", str(redis_store.models_dir), "--threads", "1", "--prefix", redis_store.prefix]
+    command = [*textgen_worker_command(redis_store), "--burst"]
 
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
