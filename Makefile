@@ -71,7 +71,7 @@ models: install
 	bash scripts/build_models.sh
 
 # Serving benchmarks: each starts `textgen serve` in its own process and drives it from another.
-SERVE_BENCHES := decode_step serve_stream startup prompt_cache memory hot_swap soak
+SERVE_BENCHES := decode_step serve_stream constrained_load constraints startup prompt_cache memory hot_swap soak
 .PHONY: bench-serve $(addprefix bench-,$(SERVE_BENCHES))
 $(addprefix bench-,$(SERVE_BENCHES)): bench-%: dev
 	$(PY) bench/$*.py

@@ -18,9 +18,61 @@ from lm.checkpoint import DEFAULT_CHAT_TEMPLATE
 ROLE_OF = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def render_chat(template: dict[str, Any] | None, messages: list[ChatMessage]) -> tuple[str, list[str]]:
-    """The prompt for the next assistant turn and the template's stop strings."""
+def render_chat(
+    template: dict[str, Any] | None, messages: list[ChatMessage], *, add_generation_prompt: bool = True
+) -> tuple[str, list[str]]:
+    """The prompt for the next assistant turn (without the assistant's prefix when not
+    `add_generation_prompt`) and the template's stop strings."""
     t = {**DEFAULT_CHAT_TEMPLATE, **(template or {})}
     separator = str(t["separator"])
     turns = [f"{t[ROLE_OF[m.role]]}{m.text}{separator}" for m in messages]
-    return "".join(turns) + str(t["assistant"]), [str(s) for s in t.get("stop") or []]
+    prefix = str(t["assistant"]) if add_generation_prompt else ""
+    return "".join(turns) + prefix, [str(s) for s in t.get("stop") or []]
+
+
+def jinja_chat_template(template: dict[str, Any] | None) -> str:
+    """The same rendering as `render_chat`, as a Jinja template over Hugging Face's variables (`messages`,
+    `add_generation_prompt`), for clients that render chats themselves (GET /tokenizer_info).
+
+    It has no text outside its tags, so the Jinja environment's whitespace options (Hugging Face's
+    trim_blocks and lstrip_blocks, keep_trailing_newline) cannot change its output; every literal is
+    an escaped ASCII string, so no newline normalization applies either. It reads only defined
+    variables (it works under StrictUndefined): a message's content may be a string, a list of text
+    parts, null or absent."""
+    t = {**DEFAULT_CHAT_TEMPLATE, **(template or {})}
+    prefix = {role: _jinja_string(str(t[role])) for role in ("system", "user", "assistant")}
+    return "".join(
+        [
+            "{%- for message in messages -%}",
+            "{%- if message['role'] in ['system', 'developer'] -%}{{- " + prefix["system"] + " -}}",
+            "{%- elif message['role'] == 'user' -%}{{- " + prefix["user"] + " -}}",
+            "{%- elif message['role'] == 'assistant' -%}{{- " + prefix["assistant"] + " -}}",
+            "{%- endif -%}",
+            "{%- set content = message['content'] if message['content'] is defined else none -%}",
+            "{%- if content is string -%}{{- content -}}",
+            "{%- elif content is not none -%}{%- for part in content -%}{{- part['text'] -}}{%- endfor -%}",
+            "{%- endif -%}",
+            "{{- " + _jinja_string(str(t["separator"])) + " -}}",
+            "{%- endfor -%}",
+            "{%- if add_generation_prompt is defined and add_generation_prompt -%}",
+            "{{- " + prefix["assistant"] + " -}}",
+            "{%- endif -%}",
+        ]
+    )
+
+
+def _jinja_string(text: str) -> str:
+    """A Jinja string literal of `text`, in printable ASCII: Jinja reads its escapes as Python's
+    unicode-escape does (\\n, \\", \\\\, \\uXXXX, \\UXXXXXXXX)."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in '\\"':
+            out.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'

@@ -9,22 +9,27 @@ The `Generation` it returns must be closed exactly once, in a `finally` (or by `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections import abc
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from app import schemas
 from app.auth import may_load
 from app.engine import Admission, Event, Failed, Finished, KeyLimits, Overloaded, Sequence, Token
 from app.errors import ApiError, invalid
-from app.holder import Lease, ModelHolder
+from app.holder import Lease, LoadedModel, ModelHolder
 from app.metrics import Metrics
+from app.schemas import StructuredOutputs
 from app.settings import Settings
 from app.sse import wait_for_disconnect
+from lm.constrain import CompiledConstraint, Constraint
 from lm.errors import ConfigError
 from lm.sampler import SamplingParams, SequenceSampler, prompt_ids
 from lm.tokenizers import Tokenizer
@@ -134,11 +139,25 @@ def check_params(params: SamplingParams, settings: Settings, request: Request) -
         raise invalid(str(e), e.param, request) from None
 
 
-def check_prompt(prompt: str, settings: Settings, request: Request, param: str = "prompt") -> None:
+def check_prompt(prompt: str | list[int], settings: Settings, request: Request, param: str = "prompt") -> None:
+    """A text prompt holds at most TEXTGEN_MAX_PROMPT_CHARS characters, a prompt of token ids as many ids."""
     limit = settings.max_prompt_chars
     if len(prompt) > limit:
-        message = f"the prompt has {len(prompt)} characters; the limit is TEXTGEN_MAX_PROMPT_CHARS={limit}"
+        unit = "characters" if isinstance(prompt, str) else "tokens"
+        message = f"the prompt has {len(prompt)} {unit}; the limit is TEXTGEN_MAX_PROMPT_CHARS={limit}"
         raise invalid(message, param, request)
+
+
+def token_ids(tokenizer: Tokenizer, prompt: str | list[int], request: Request, param: str = "prompt") -> list[int]:
+    """The ids a prompt feeds: a text's encoding (an empty text: the start token), or token ids as given,
+    each checked against the model's vocabulary."""
+    if isinstance(prompt, str):
+        return prompt_ids(tokenizer, prompt)
+    bad = next((t for t in prompt if not 0 <= t < tokenizer.vocab_size), None)
+    if bad is not None:
+        message = f"token id {bad} is outside the model's vocabulary (ids 0 to {tokenizer.vocab_size - 1})"
+        raise invalid(message, param, request)
+    return list(prompt)
 
 
 async def start_generation(
@@ -147,16 +166,19 @@ async def start_generation(
     holder: ModelHolder,
     admission: Admission,
     settings: Settings,
-    prompts: list[str],
+    prompts: abc.Sequence[str | list[int]],
     params: list[SamplingParams],
     model: str | None = None,
     lease: Lease | None = None,
     logprobs: int | None = None,
     prompt_param: str = "prompt",
+    constraint: Constraint | None = None,
 ) -> Generation:
-    """Check limits, pin the model (or take over `lease`), submit one sequence per (prompt, params).
+    """Check limits, pin the model (or take over `lease`), submit one sequence per (prompt, params), each
+    constrained by `constraint` when there is one (compiled for the model's tokenizer, or from its cache).
 
-    ApiError 404 (unknown model), 422/400 (limits), 429 (overload, or the client's own limit), 503 (no model loaded).
+    ApiError 404 (unknown model), 422/400 (limits), 400 (a constraint the library refuses, or one the model's
+    vocabulary cannot spell), 429 (overload, or the client's own limit), 503 (no model loaded).
     """
     key_limits: KeyLimits = request.app.state.key_limits
     key = client_key(request)
@@ -172,7 +194,7 @@ async def start_generation(
             raise invalid(message, "n", request)
         for p in params:
             check_params(p, settings, request)
-        for prompt in set(prompts):
+        for prompt in prompts:
             check_prompt(prompt, settings, request, prompt_param)
     except ApiError:
         if lease is not None:
@@ -181,13 +203,14 @@ async def start_generation(
     if lease is None:
         lease = await holder.lease(model, may_load=may_load(request, model))
     try:
+        compiled = await compile_constraint(lease.loaded, constraint) if constraint is not None else None
         tokenizer = lease.loaded.checkpoint.tokenizer
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         sequences = []
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-            ids = prompt_ids(tokenizer, prompt)
-            sampler = SequenceSampler(tokenizer, p, ids)
+            ids = token_ids(tokenizer, prompt, request, prompt_param)
+            sampler = SequenceSampler(tokenizer, p, ids, compiled)
             sequences.append(Sequence(ids, sampler, loop, queue, index=i, logprobs=logprobs))
         await _admit(admission, key_limits, key, len(sequences), holder.metrics, settings)
         generation = Generation(lease, sequences, queue, admission, holder.metrics, key_limits=key_limits, key=key)
@@ -201,6 +224,28 @@ async def start_generation(
         generation.close()  # frees the slots and the lease
         raise
     return generation
+
+
+def request_constraint(structured_outputs: StructuredOutputs | None, response_format: Any = None) -> Constraint | None:
+    """The request's constraint (vLLM's structured_outputs or OpenAI's response_format), or None; ApiError 400
+    when both are given, or structured_outputs holds not exactly one kind."""
+    try:
+        return schemas.request_constraint(structured_outputs, response_format)
+    except ConfigError as e:
+        raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
+
+
+async def compile_constraint(loaded: LoadedModel, constraint: Constraint) -> CompiledConstraint:
+    """The constraint compiled for this model version's tokenizer: from its LRU, or compiled in a thread
+    (a large JSON schema takes milliseconds). ApiError 400 with the library's message when it is refused."""
+    compiler = loaded.constraints
+    try:
+        compiled = compiler.cached(constraint)
+        if compiled is None:
+            compiled = await asyncio.to_thread(compiler.compile, constraint)
+    except ConfigError as e:
+        raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
+    return compiled
 
 
 def client_limits(settings: Settings) -> KeyLimits:
@@ -221,6 +266,20 @@ def client_key(request: Request) -> str | None:
     if key is None and request.client is not None and not request.app.state.settings.auth_enabled:
         key = f"ip:{request.client.host}"
     return key
+
+
+@contextlib.asynccontextmanager
+async def admitted(request: Request, admission: Admission, metrics: Metrics, settings: Settings) -> AsyncIterator[None]:
+    """One admission slot (the process-wide bound and the client's own, 429 when either is full) held
+    for work that runs outside the engines, such as scoring a request's prompts."""
+    key_limits: KeyLimits = request.app.state.key_limits
+    key = client_key(request)
+    await _admit(admission, key_limits, key, 1, metrics, settings)
+    try:
+        yield
+    finally:
+        admission.release(1)
+        key_limits.release(key, 1)
 
 
 async def _admit(

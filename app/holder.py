@@ -29,6 +29,7 @@ from app.errors import ApiError
 from app.metrics import Metrics
 from app.settings import Settings
 from lm.checkpoint import Checkpoint, validate_model_id
+from lm.constrain import ConstraintCompiler
 from lm.devices import resolve_device
 from lm.errors import CheckpointError
 from lm.registry import ModelInfo, Registry
@@ -47,6 +48,11 @@ class LoadedModel:
     engine: Engine
     leases: int = 0
     retired: bool = False
+    # this version's compiled constraints (structured outputs), an LRU per tokenizer
+    constraints: ConstraintCompiler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.constraints = ConstraintCompiler(self.checkpoint.tokenizer)
 
     @property
     def model_id(self) -> str:

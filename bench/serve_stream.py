@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,8 +65,14 @@ async def single_stream(server: Server, tokens: int, runs: int) -> list[StreamRe
 
 
 async def concurrent(
-    server: Server, clients: int, requests: int, tokens: int, ramp: float = 2.0
+    server: Server,
+    clients: int,
+    requests: int,
+    tokens: int,
+    ramp: float = 2.0,
+    extra: Callable[[int], dict] | None = None,
 ) -> tuple[list[StreamResult], float]:
+    """`extra(i)`: more fields for client i's requests (bench/constrained_load.py constrains some clients)."""
     texts = prompts(clients * requests, seed=clients)
 
     async def client(i: int) -> list[StreamResult]:
@@ -73,6 +80,8 @@ async def concurrent(
         results = []
         for r in range(requests):
             body = {"prompt": texts[i * requests + r], "max_tokens": tokens, "stream": True, "temperature": 0.8}
+            if extra is not None:
+                body.update(extra(i))
             results.append(await post_stream(server.host, server.port, "/generate", body, record_gaps=True))
         return results
 

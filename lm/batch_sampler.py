@@ -2,7 +2,9 @@
 
 At 64 streams, `SequenceSampler.choose` per row costs more than the decode step itself (about ten
 small tensor ops per row). `choose_batch` runs the common processors over the (B, V) logits with
-per-row parameters: temperature, top-k, top-p and min-p, then one categorical draw per row from
+per-row parameters: first each row's additive bias (`batch_bias`: the special-token mask and
+logit_bias, one broadcast add when every row shares the tokenizer's mask, nothing when no row has
+one), then temperature, top-k, top-p and min-p, then one categorical draw per row from
 that row's own seeded generator. A row with repetition/presence/frequency penalties is handed to
 its sampler's own `choose()` (those depend on the sequence's token counts).
 
@@ -38,13 +40,16 @@ def choose_batch(samplers: Sequence[SequenceSampler], logits: Tensor, *, native_
 
     `native_draws`: the rows' random draws in one native call when lm/kernels/native.py's module is built."""
     x = logits.detach().to("cpu", torch.float32)  # (B, V)
+    bias = batch_bias(samplers)
+    if bias is not None:
+        x = x + bias  # a new tensor: the caller's logits stay the model's (logprobs, the prompt cache)
     ids: list[int] = [0] * len(samplers)
     greedy: list[int] = []
     sampled: list[int] = []
     for i, sampler in enumerate(samplers):
         p = sampler.params
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            ids[i] = sampler.choose(x[i])  # penalties need the sequence's counts: the per-row path
+            ids[i] = sampler.choose(x[i], biased=True)  # penalties need the sequence's counts: the per-row path
         elif p.temperature < GREEDY_BELOW:
             greedy.append(i)
         else:
@@ -59,6 +64,36 @@ def choose_batch(samplers: Sequence[SequenceSampler], logits: Tensor, *, native_
         for i, token in zip(sampled, picks, strict=True):
             ids[i] = token
     return ids
+
+
+def advance_constraints(samplers: Sequence[SequenceSampler], token_ids: Sequence[int]) -> None:
+    """Before a batch's tokens are pushed: advance every constrained row's constraint by its token at once,
+    the next masks computed in one call (lm/constrain.py `advance_all`) rather than one per row; each
+    sampler's `push()` then finds its constraint moved. Nothing to do with fewer than two such rows."""
+    rows = [(s, t) for s, t in zip(samplers, token_ids, strict=True) if s.constraint is not None and not s.finished]
+    if len(rows) < 2:
+        return
+    from lm.constrain import advance_all  # the constraint library loads only where a constraint exists
+
+    moved = advance_all([s.constraint for s, _ in rows if s.constraint is not None], [t for _, t in rows])
+    for (sampler, token_id), advanced in zip(rows, moved, strict=True):
+        if advanced:
+            sampler.advanced_by = token_id
+
+
+def batch_bias(samplers: Sequence[SequenceSampler]) -> Tensor | None:
+    """What to add to the batch's (B, V) logits: None when no row has a bias; the shared (V,) row when
+    every row has the same one (the tokenizer's special-token mask: one broadcast add); else (B, V),
+    zeros for the rows without. Each row's `step_bias()` is asked once per step, here."""
+    rows = [s.step_bias() for s in samplers]
+    present = [row for row in rows if row is not None]
+    if not present:
+        return None
+    first = present[0]
+    if len(present) == len(rows) and all(row is first for row in present):
+        return first
+    zeros = torch.zeros_like(first)
+    return torch.stack([zeros if row is None else row for row in rows])  # (B, V)
 
 
 def _column(values: list[float]) -> Tensor | float:

@@ -7,22 +7,32 @@ single-sequence loop built on it: the prompt in one forward call, then one token
 LSTM state carried, never re-feeding the sequence (as in pytorch/examples word_language_model).
 
 Order of the logits processors (the same as Hugging Face's and vLLM's):
-repetition penalty -> presence/frequency penalties -> temperature -> top-k -> top-p -> min-p -> sample.
+additive bias -> repetition penalty -> presence/frequency penalties -> temperature -> top-k -> top-p
+-> min-p -> sample. The additive bias is one (V,) row per sequence (`SequenceSampler.step_bias()`):
+-inf at the tokenizer's special ids (the unknown token: it is never sampled unless
+`skip_special_tokens` is false, as LLM servers keep special tokens out of the text) plus the
+request's `logit_bias` (OpenAI's: token id -> bias in [-100, 100]). The reported log-probabilities
+(`logprobs()`) are the model's own distribution, before any of it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from lm.errors import ConfigError
 from lm.tokenizers import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:  # the constraint library loads only where a constraint is compiled
+    from lm.constrain import CompiledConstraint
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +43,8 @@ FINISH_STOP = "stop"
 # passes validation) would make them +-inf, and softmax NaN. (The temperature divides logits less
 # their maximum instead, which are <= 0: a tiny temperature then leaves only the top token.)
 LOGIT_LIMIT = 1e30
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's bound: -100 bans a token in practice, +100 forces it
 MIN_LOGPROB = -9999.0  # the floor of a reported log-probability (OpenAI's value for "impossible")
 GREEDY_BELOW = 1e-30  # a temperature below this is greedy: it could round to 0 in float32 (0 / 0 = NaN)
 
@@ -49,11 +61,18 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # (token id, bias) pairs added to the logits before everything else (OpenAI's logit_bias); a dict is taken too
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    skip_special_tokens: bool = True  # never sample the tokenizer's special ids (the unknown token, U+FFFD)
 
     def __post_init__(self) -> None:
-        # accept a list (JSON bodies, argparse) but keep the frozen value hashable
+        # accept a list (JSON bodies, argparse) or a dict (logit_bias) but keep the frozen value hashable
         if not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
+        elif not isinstance(self.logit_bias, tuple):
+            object.__setattr__(self, "logit_bias", tuple(tuple(pair) for pair in self.logit_bias))
 
     def validate(self) -> None:
         """Raise ConfigError naming the first parameter that is out of bounds."""
@@ -71,6 +90,21 @@ class SamplingParams:
             raise ConfigError("every stop string must be a non-empty string", "stop")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"seed must be an integer or null, got {self.seed!r}", "seed")
+        self._validate_logit_bias()
+
+    def _validate_logit_bias(self) -> None:
+        """Ids are checked against a vocabulary where there is one (`bias_row`); here, their form and the biases."""
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ConfigError(
+                f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}", "logit_bias"
+            )
+        for token_id, bias in self.logit_bias:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise ConfigError(f"logit_bias: a token id is an integer >= 0, got {token_id!r}", "logit_bias")
+            ok = not isinstance(bias, bool) and isinstance(bias, int | float) and math.isfinite(bias)
+            if not ok or abs(bias) > LOGIT_BIAS_LIMIT:
+                message = f"logit_bias: the bias of token {token_id} must be in [-100, 100], got {bias!r}"
+                raise ConfigError(message, "logit_bias")
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None) -> None:
@@ -93,14 +127,62 @@ def _check_float(
         raise ConfigError(f"{name} must be in {interval}, got {value:g}", name)
 
 
+def special_mask(tokenizer: Tokenizer) -> Tensor | None:
+    """(V,) float32: -inf at the tokenizer's special ids, 0 elsewhere; None when there is nothing to mask
+    (or it would mask every token). Built once per tokenizer and shared by its sequences: never write to it."""
+    return _special_mask(tokenizer)
+
+
+@functools.lru_cache(maxsize=16)  # a few tokenizers at a time (one per loaded model version); small rows
+def _special_mask(tokenizer: Tokenizer) -> Tensor | None:
+    vocab = tokenizer.vocab_size
+    ids = sorted({i for i in tokenizer.special_ids if 0 <= i < vocab})
+    if not ids or len(ids) >= vocab:
+        return None
+    mask = torch.zeros(vocab)
+    mask[ids] = float("-inf")
+    return mask
+
+
+def bias_row(tokenizer: Tokenizer, params: SamplingParams) -> Tensor | None:
+    """The (V,) float32 row a sequence adds to every step's logits: the special-token mask (unless
+    `skip_special_tokens` is off) plus `logit_bias`; None when there is neither, so such a row costs
+    nothing. ConfigError naming logit_bias for an id outside the vocabulary."""
+    mask = special_mask(tokenizer) if params.skip_special_tokens else None
+    if not params.logit_bias:
+        return mask  # the shared row: a batch of default requests adds it with one broadcast
+    vocab = tokenizer.vocab_size
+    for token_id, _ in params.logit_bias:
+        if token_id >= vocab:
+            message = f"logit_bias: token id {token_id} is outside the vocabulary (ids 0 to {vocab - 1})"
+            raise ConfigError(message, "logit_bias")
+    row = torch.zeros(vocab) if mask is None else mask.clone()
+    ids = torch.tensor([token_id for token_id, _ in params.logit_bias], dtype=torch.long)
+    row[ids] += torch.tensor([bias for _, bias in params.logit_bias], dtype=torch.float32)  # ids are distinct
+    return row
+
+
 class SequenceSampler:
     """One sequence's sampling and detokenizing state.
 
     Call `choose(logits)` for the next id, then `push(id)` for the text that is safe to emit, until
     `finished`; then `flush()` for what was held back. Nothing here depends on the model.
+
+    `step_bias()` is the one place a sequence changes its logits additively (before penalties and
+    temperature): the batched sampler asks every row for it and adds them all at once. A bias that
+    depends on the tokens chosen so far (a constraint's mask) sets `bias_varies`, so that the engine
+    samples that row one step at a time instead of several steps in one native call.
     """
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_ids: list[int]) -> None:
+    bias_varies = False  # True when step_bias() may change after a push()
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        constraint: CompiledConstraint | None = None,
+    ) -> None:
         params.validate()
         self.tokenizer = tokenizer
         self.params = params
@@ -117,15 +199,34 @@ class SequenceSampler:
         self._penalized = params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
         self._decoder = StreamDecoder(tokenizer)
         self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
+        self.bias = bias_row(tokenizer, params)  # (V,) or None: the same every step
+        # the text must match this (lm/constrain.py): its mask joins the bias, and changes every step
+        self.constraint = constraint.start() if constraint is not None else None
+        self.bias_varies = self.constraint is not None
+        self.refused: int | None = None  # a sampled token the constraint took as the end: not in the text
+        self.advanced_by: int | None = None  # the token the constraint was already advanced by (`advance_constraints`)
+
+    def step_bias(self) -> Tensor | None:
+        """The (V,) float32 row to add to this step's logits, or None: `bias` (the special-token mask and
+        logit_bias), plus the constraint's mask where there is one. Never written to by the caller; it may
+        be shared with other sequences."""
+        mask = self.constraint.row if self.constraint is not None else None
+        if mask is None:
+            return self.bias
+        return mask if self.bias is None else self.bias + mask
 
     # -- choosing -------------------------------------------------------------------------------
 
-    def choose(self, logits: Tensor) -> int:
+    def choose(self, logits: Tensor, *, biased: bool = False) -> int:
         """logits (V,) -> the next token id. Sampling runs on CPU in float32, so a seed gives the same
-        draw whatever device produced the logits."""
+        draw whatever device produced the logits. `biased`: `step_bias()` is already added (the batched
+        sampler adds the whole batch's rows at once)."""
         x = logits.detach().to("cpu", torch.float32)  # (V,)
         if x.shape != self._counts.shape:
             raise ValueError(f"expected logits of shape ({self._counts.numel()},), got {tuple(x.shape)}")
+        bias = None if biased else self.step_bias()
+        if bias is not None:
+            x = x + bias  # -inf at a masked id stays -inf through every processor below
         x = self._penalize(x)
         p = self.params
         if p.temperature < GREEDY_BELOW:
@@ -156,7 +257,8 @@ class SequenceSampler:
         """Log-probability of `token_id` and of the `top` most likely tokens, as {piece: logprob}.
 
         The distribution is the model's softmax at the request's temperature (temperature 1 when greedy),
-        before penalties and top-k/top-p/min-p truncation, so it does not depend on the sequence's state.
+        before logit_bias, the special-token mask, penalties and top-k/top-p/min-p truncation, so it does
+        not depend on the sequence's state (and a masked token keeps its probability, as scoring needs).
         """
         temperature = self.params.temperature if self.params.temperature >= GREEDY_BELOW else 1.0
         x = logits.detach().to("cpu", torch.float32)  # (V,)
@@ -183,14 +285,36 @@ class SequenceSampler:
         """
         if self.finished:
             return ""
+        if self.constraint is not None and not self._constrain(token_id):
+            return ""
         self.completion_tokens += 1
         if self._penalized:  # two tensor writes per token: only when a penalty reads them
             self._counts[token_id] += 1
             self._seen[token_id] = True
         out = self._release(self._decoder.push(token_id))
+        if not self.finished and self.constraint is not None and (self.constraint.complete or self.constraint.dead_end):
+            # complete: the grammar allows nothing more; a dead end: no token of the vocabulary continues
+            # it, and the valid prefix ends here as at max_tokens
+            self._finish(FINISH_STOP if self.constraint.complete else FINISH_LENGTH)
         if not self.finished and self.completion_tokens >= self.params.max_tokens:
             self._finish(FINISH_LENGTH)
         return out
+
+    def _constrain(self, token_id: int) -> bool:
+        """Advance the constraint by a sampled token; False when the token is not part of the text: the
+        grammar accepts the text so far and the model chose to leave it (nothing was masked: see
+        lm/constrain.py), or it was complete before any token. The sequence then ends with "stop"."""
+        assert self.constraint is not None
+        if self.advanced_by is not None:  # lm/batch_sampler.py advanced the batch's constraints together
+            advanced, self.advanced_by = self.advanced_by == token_id, None
+            if advanced:
+                return True
+        if self.constraint.allows(token_id):
+            self.constraint.advance(token_id)
+            return True
+        self.refused = token_id
+        self._finish(FINISH_STOP if self.constraint.accepting else FINISH_LENGTH)
+        return False
 
     def flush(self) -> str:
         """The text held back so far (and any partial UTF-8 at the end), cut at a stop string.

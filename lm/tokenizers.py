@@ -67,6 +67,12 @@ class Tokenizer:
         """The UTF-8 bytes this token contributes to the text (U+FFFD for the unknown token)."""
         raise NotImplementedError
 
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """The ids that stand for no text: the unknown token (every kind's only special token; none has a
+        pad, start or end token). Generation never samples them unless asked (lm/sampler.py)."""
+        return (self.unk_id,)
+
     def decode(self, ids: Sequence[int]) -> str:
         # Same decoder and error handling as StreamDecoder, so streamed text == decode(ids).
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")

@@ -184,6 +184,12 @@ def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--stop", action="append", default=[], metavar="S", help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--no-skip-special-tokens",
+        dest="skip_special_tokens",
+        action="store_false",
+        help="let the model sample its unknown token (printed as U+FFFD), which is masked out by default",
+    )
     p.set_defaults(handler=cmd_generate)
 
 
@@ -392,6 +398,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings, argv: list[str]) 
         frequency_penalty=args.frequency_penalty,
         stop=tuple(args.stop),
         seed=args.seed,
+        skip_special_tokens=args.skip_special_tokens,
     )
     params.validate()
     ckpt = Registry(settings.models_dir).load(args.model)

@@ -24,7 +24,7 @@ from app.engine.events import Event, Failed, Finished, Sequence, State, Token, d
 from app.engine.slots import StateSlots
 from app.metrics import Metrics, now
 from app.prompt_cache import PromptCache
-from lm.batch_sampler import choose_batch
+from lm.batch_sampler import advance_constraints, choose_batch
 from lm.decode import ReferenceStep, Step
 from lm.decode.tune import Pins, Plan, build_planned, tune
 from lm.model import LSTMLanguageModel
@@ -423,8 +423,9 @@ class Engine:
     def _steps_at_once(self, batch: list[Sequence]) -> int:
         """How many decode steps to run in one native call (vLLM's multi-step scheduling): up to
         `decode_chunk_s` of them at this batch size (from the plan's measured speed), when nothing
-        waits to join the batch and no row needs its logits seen token by token (logprobs, or the
-        penalties, which count tokens as they come). One step otherwise. The tokens are the same
+        waits to join the batch and no row needs its logits seen token by token (logprobs, the
+        penalties, which count tokens as they come, or a bias that varies per step: `bias_varies`).
+        One step otherwise. The tokens are the same
         either way; the Python work between two steps (the call, the sampler's dispatch) is paid
         once per chunk: at one stream it was as much as the step (docs/PERFORMANCE.md)."""
         chunk_s = self.options.decode_chunk_s
@@ -435,6 +436,8 @@ class Engine:
         for seq in batch:
             p = seq.sampler.params
             if seq.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                return 1
+            if seq.sampler.bias_varies:
                 return 1
         rates = self.plan.chosen_tokens_per_s()
         size = min((b for b in rates if b >= len(batch)), default=max(rates, default=0))
@@ -468,14 +471,17 @@ class Engine:
     def _sample(self, batch: list[Sequence], logits: Tensor) -> None:
         """Choose each row's next token (one batched draw), record it, queue its text."""
         rows = logits.detach().to("cpu", torch.float32)  # (B, V): sampling runs on CPU, as in lm.sampler
-        ids = choose_batch([s.sampler for s in batch], rows, native_draws=self.options.native_loops)
+        samplers = [s.sampler for s in batch]
+        ids = choose_batch(samplers, rows, native_draws=self.options.native_loops)
+        advance_constraints(samplers, ids)  # the constrained rows' next masks in one call
         t = now()
         self.metrics.generated_tokens.inc(len(batch))
         for i, (seq, token_id) in enumerate(zip(batch, ids, strict=True)):
             sampler = seq.sampler
             text = sampler.push(token_id)
             self._observe_token(seq, t)
-            self._queue_token(seq, token_id, text, rows, i, t)
+            if sampler.refused is None:  # else a constraint took the token as the end: it is not in the text
+                self._queue_token(seq, token_id, text, rows, i, t)
             if sampler.finished:
                 self._finish(seq, rows[i], t)
             else:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,10 +23,18 @@ from app import sse
 from app.auth import may_load, require_api_key
 from app.chat import render_chat
 from app.deps import AdmissionDep, HolderDep, SettingsDep
-from app.engine import Failed, Finished, Token
+from app.engine import Admission, Failed, Finished, Token
 from app.errors import ERROR_TYPES, error_responses, invalid
-from app.generation import Generation, SequenceResult, start_generation, unless_disconnected
-from app.holder import ModelHolder
+from app.generation import (
+    Generation,
+    SequenceResult,
+    check_prompt,
+    request_constraint,
+    start_generation,
+    token_ids,
+    unless_disconnected,
+)
+from app.holder import Lease, ModelHolder
 from app.logging import request_id_var
 from app.schemas import (
     AssistantMessage,
@@ -41,7 +51,10 @@ from app.schemas import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    logit_bias_ids,
 )
+from app.scoring import score_prompts
+from app.settings import Settings
 from lm.sampler import MAX_STOP_STRINGS, SamplingParams
 from lm.tokenizers import Tokenizer
 
@@ -77,11 +90,18 @@ async def completions(
     admission: AdmissionDep,
     settings: SettingsDep,
 ) -> Any:
-    """OpenAI text completion: one choice per (prompt, n)."""
-    if body.echo:
-        raise invalid("echo is not supported", "echo", request)
+    """OpenAI text completion: one choice per (prompt, n); with `echo`, the prompt first (scored with `logprobs`)."""
+    constraint = request_constraint(body.structured_outputs, body.response_format)
+    if body.max_tokens == 0 and not body.echo:
+        message = "max_tokens 0 asks for no completion: it is only allowed with echo, which returns the prompt"
+        raise invalid(message + " (and with logprobs, its tokens' log-probabilities)", "max_tokens", request)
+    max_tokens = min(DEFAULT_MAX_TOKENS, settings.max_tokens) if body.max_tokens is None else body.max_tokens
+    lease, echoes = await _echo(body, request, holder, admission, settings) if body.echo else (None, None)
+    if echoes is not None and max_tokens == 0:
+        assert lease is not None
+        lease.release()
+        return _echo_only(body, echoes, lease.model_id, response, settings)
     prompts = [p for p in body.prompts for _ in range(body.n)]
-    max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     params = [_params(body, max_tokens, list(body.stop), j) for _ in body.prompts for j in range(body.n)]
     generation = await start_generation(
         request=request,
@@ -89,28 +109,40 @@ async def completions(
         admission=admission,
         settings=settings,
         model=body.model,
+        lease=lease,
         prompts=prompts,
         params=params,
         logprobs=body.logprobs,
+        constraint=constraint,
     )
     meta = {"id": f"cmpl-{generation.id}", "created": int(time.time()), "model": generation.model_id}
     headers = {"X-Model-Version": generation.model_id}
     if body.stream:
         chunks = completion_chunks(
-            generation, meta, n=body.n, include_usage=body.include_usage, logprobs=body.logprobs is not None
+            generation,
+            meta,
+            n=body.n,
+            include_usage=body.include_usage,
+            logprobs=body.logprobs is not None,
+            echoes=echoes,
         )
         return sse.EventStream(chunks, keepalive_s=settings.keepalive_s, on_close=generation.close, headers=headers)
     done = await _collect(generation, request)
     response.headers.update(headers)
-    choices = [
-        CompletionChoice(
-            index=i,
-            text=c.text,
-            logprobs=_completion_logprobs(c.tokens, generation.tokenizer) if body.logprobs is not None else None,
-            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+    choices = []
+    for i, c in enumerate(done):
+        echo = echoes[i // body.n] if echoes is not None else Echo("", None, 0)
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = _joined(echo.logprobs, _completion_logprobs(c.tokens, generation.tokenizer, len(echo.text)))
+        choices.append(
+            CompletionChoice(
+                index=i,
+                text=echo.text + c.text,
+                logprobs=logprobs,
+                finish_reason=c.finish_reason,  # type: ignore[arg-type]
+            )
         )
-        for i, c in enumerate(done)
-    ]
     return Completion.model_validate({**meta, "choices": choices, "usage": _usage(generation, done, body.n)})
 
 
@@ -124,6 +156,7 @@ async def chat_completions(
     settings: SettingsDep,
 ) -> Any:
     """OpenAI chat completion: the messages rendered by the model's chat template."""
+    constraint = request_constraint(body.structured_outputs, body.response_format)
     lease = await holder.lease(body.model, may_load=may_load(request, body.model))
     try:
         prompt, template_stop = render_chat(lease.loaded.chat_template, body.messages)
@@ -148,6 +181,7 @@ async def chat_completions(
         params=params,
         logprobs=top,
         prompt_param="messages",
+        constraint=constraint,
     )
     meta = {"id": f"chatcmpl-{generation.id}", "created": int(time.time()), "model": generation.model_id}
     headers = {"X-Model-Version": generation.model_id}
@@ -182,6 +216,124 @@ async def get_model(model_id: str, holder: HolderDep) -> ModelObject:
     return ModelObject(id=info.model_id, created=_epoch(info.created_at))
 
 
+# ---------------------------------------------------------------------------- echo
+
+
+@dataclass
+class Echo:
+    """A prompt as its echoed choices begin: its text, with logprobs its tokens scored, and its token count."""
+
+    text: str
+    logprobs: CompletionLogprobs | None
+    tokens: int
+
+
+async def _echo(
+    body: CompletionRequest, request: Request, holder: ModelHolder, admission: Admission, settings: Settings
+) -> tuple[Lease, list[Echo]]:
+    """Pin the model and read each prompt back: its text (token ids decoded) and, with logprobs, its tokens
+    scored by the fp32 forward `textgen eval` runs (app/scoring.py). The caller releases the lease."""
+    lease = await holder.lease(body.model, may_load=may_load(request, body.model))
+    try:
+        tokenizer = lease.loaded.checkpoint.tokenizer
+        ids, texts = [], []
+        for prompt in body.prompts:
+            check_prompt(prompt, settings, request)
+            if isinstance(prompt, str):
+                ids.append(tokenizer.encode(prompt))  # as written: an empty prompt echoes no token
+                texts.append(prompt)
+            else:
+                ids.append(token_ids(tokenizer, prompt, request))
+                texts.append(tokenizer.decode(prompt))
+        if body.logprobs is None:
+            return lease, [Echo(text, None, len(i)) for text, i in zip(texts, ids, strict=True)]
+        scores = await score_prompts(request, lease, admission, settings, ids, body.logprobs)
+        echoes = []
+        for text, score in zip(texts, scores, strict=True):
+            logprobs = CompletionLogprobs(
+                tokens=score.pieces, token_logprobs=score.logprobs, top_logprobs=score.top, text_offset=score.offsets
+            )
+            echoes.append(Echo(text, logprobs, len(score.ids)))
+        return lease, echoes
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _echo_only(
+    body: CompletionRequest, echoes: list[Echo], model_id: str, response: Response, settings: Settings
+) -> Any:
+    """max_tokens 0: each prompt echoed as its choices' whole text, finished by "length"; no engine involved."""
+    meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
+    headers = {"X-Model-Version": model_id}
+    prompt_tokens = sum(echo.tokens for echo in echoes)
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
+    indexed = [(i * body.n + j, echo) for i, echo in enumerate(echoes) for j in range(body.n)]
+    if body.stream:
+        logprobs = body.logprobs is not None
+        chunks = [_text_chunk(meta, i, echo.text, echo.logprobs, None, body.include_usage) for i, echo in indexed]
+        for i, _ in indexed:
+            chunks.append(_text_chunk(meta, i, "", _no_logprobs() if logprobs else None, "length", body.include_usage))
+        if body.include_usage:
+            chunks.append(
+                sse.event(None, {**meta, "object": "text_completion", "choices": [], "usage": usage.model_dump()})
+            )
+        return sse.EventStream(_then(chunks + [DONE]), keepalive_s=settings.keepalive_s, headers=headers)
+    response.headers.update(headers)
+    choices = [
+        CompletionChoice(index=i, text=echo.text, logprobs=echo.logprobs, finish_reason="length") for i, echo in indexed
+    ]
+    return Completion.model_validate({**meta, "choices": choices, "usage": usage})
+
+
+def _joined(first: CompletionLogprobs | None, then: CompletionLogprobs) -> CompletionLogprobs:
+    if first is None:
+        return then
+    return CompletionLogprobs(
+        tokens=first.tokens + then.tokens,
+        token_logprobs=first.token_logprobs + then.token_logprobs,
+        top_logprobs=first.top_logprobs + then.top_logprobs,
+        text_offset=first.text_offset + then.text_offset,
+    )
+
+
+def _no_logprobs() -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+
+
+def _text_chunk(
+    meta: dict[str, Any],
+    index: int,
+    text: str,
+    logprobs: CompletionLogprobs | None,
+    finish_reason: str | None,
+    include_usage: bool,
+) -> bytes:
+    choice = {
+        "index": index,
+        "text": text,
+        "logprobs": logprobs and logprobs.model_dump(),
+        "finish_reason": finish_reason,
+    }
+    body: dict[str, Any] = {**meta, "object": "text_completion", "choices": [choice]}
+    if include_usage:
+        body["usage"] = None
+    return sse.event(None, body)
+
+
+async def _then(first: list[bytes], rest: AsyncGenerator[bytes] | None = None) -> AsyncIterator[bytes]:
+    """`first`, then what `rest` yields (closed with this stream)."""
+    for chunk in first:
+        yield chunk
+    if rest is None:
+        return
+    try:
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
+
+
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -194,6 +346,8 @@ def _params(body: Any, max_tokens: int, stop: list[str], choice: int) -> Samplin
         frequency_penalty=body.frequency_penalty,
         stop=tuple(stop),
         seed=None if body.seed is None else body.seed + choice,
+        logit_bias=logit_bias_ids(body.logit_bias),
+        skip_special_tokens=body.skip_special_tokens,
     )
 
 
@@ -272,10 +426,17 @@ ChoiceOf = Callable[[int, Any, str | None, list[Token]], dict[str, Any]]
 
 
 def completion_chunks(
-    generation: Generation, meta: dict[str, Any], *, n: int, include_usage: bool, logprobs: bool
+    generation: Generation,
+    meta: dict[str, Any],
+    *,
+    n: int,
+    include_usage: bool,
+    logprobs: bool,
+    echoes: list[Echo] | None = None,
 ) -> AsyncIterator[bytes]:
-    """text_completion chunks: text pieces per choice, a finish chunk per choice, [usage], [DONE]."""
-    offsets = [0] * len(generation.sequences)
+    """text_completion chunks: [the echoed prompt per choice], text pieces per choice, a finish chunk per
+    choice, [usage], [DONE]."""
+    offsets = [len(echoes[i // n].text) if echoes else 0 for i in range(len(generation.sequences))]
 
     def choice(index: int, text: str, finish_reason: str | None, tokens: list[Token]) -> dict[str, Any]:
         lp = None
@@ -284,7 +445,14 @@ def completion_chunks(
             offsets[index] += len(text)
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
 
-    return _chunks(generation, meta, "text_completion", choice, text=str, end="", n=n, include_usage=include_usage)
+    chunks = _chunks(generation, meta, "text_completion", choice, text=str, end="", n=n, include_usage=include_usage)
+    if echoes is None:
+        return chunks
+    first = []
+    for i in range(len(generation.sequences)):
+        echo = echoes[i // n]
+        first.append(_text_chunk(meta, i, echo.text, echo.logprobs if logprobs else None, None, include_usage))
+    return _then(first, chunks)
 
 
 def chat_chunks(
@@ -320,7 +488,7 @@ async def _chunks(
     n: int,
     include_usage: bool,
     first: Any = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes]:
     """The stream both OpenAI routes share: a chunk per piece of text as the engine's events come (its
     `text(piece)`), one per finish (`end`), then [usage] and [DONE]; `first` opens each choice."""
     pending: list[list[Token]] = [[] for _ in generation.sequences]  # tokens whose logprobs are not sent yet

@@ -13,6 +13,7 @@ from types import ModuleType
 
 from torch import Tensor
 
+from lm.batch_sampler import batch_bias
 from lm.decode.fused import FusedStep
 from lm.decode.quantize import Int8Matrix
 from lm.model import LSTMLanguageModel
@@ -61,7 +62,8 @@ class NativeInt8Step(FusedStep):
         self, tokens: Tensor, h: Tensor, c: Tensor, n: int, samplers: Sequence[SequenceSampler]
     ) -> tuple[Tensor, Tensor]:
         """n steps in one call, each row's next token chosen as `lm.batch_sampler.choose_batch` would
-        (the rows must have no penalties) and fed back: ids (B, n) and the last step's logits (B, V).
+        (the rows must have no penalties, and no bias that varies from step to step) and fed back: ids
+        (B, n) and the last step's logits (B, V), without the rows' bias.
         The same tokens, states and draws as n steps each followed by choose_batch."""
         params = [s.params for s in samplers]
         return self.native.decode(
@@ -75,6 +77,7 @@ class NativeInt8Step(FusedStep):
             [p.top_p for p in params],
             [p.min_p for p in params],
             [s.generator for s in samplers],
+            batch_bias(samplers),
         )
 
     def advance(self, tokens: Tensor, h: Tensor, c: Tensor) -> None:

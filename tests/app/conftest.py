@@ -9,6 +9,7 @@ The models folder holds three char models built from a 1-KB corpus with fixed ra
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -123,6 +124,17 @@ async def make_client(models_dir: Path) -> AsyncIterator[ClientFactory]:
     for lifespan, client in reversed(stack):
         await client.aclose()
         await lifespan.__aexit__(None, None, None)  # type: ignore[attr-defined]
+
+
+async def occupy_the_only_slot(client: httpx.AsyncClient) -> asyncio.Task[httpx.Response]:
+    """On a client made with max_running=1, max_waiting=0: a generation long enough (about 1 s) to outlast
+    the 0.25 s a client at its own limit waits for its slots, once it holds the slot. Await it at the end."""
+    long = asyncio.create_task(client.post("/generate", json={"prompt": "a", "max_tokens": 50_000}))
+    for _ in range(100):  # until the long one runs
+        if client.app.state.admission.admitted:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.01)
+    return long
 
 
 @pytest.fixture

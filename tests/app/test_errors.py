@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import httpx
 import pytest
 
 from app.settings import Settings
-from tests.app.conftest import MODEL_A, MODEL_B, ClientFactory
+from tests.app.conftest import MODEL_A, MODEL_B, ClientFactory, occupy_the_only_slot
 
 pytestmark = pytest.mark.anyio
 
@@ -64,7 +63,9 @@ BAD_INPUTS = [
     ("POST", "/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
     ("POST", "/v1/completions", {"prompt": [], "max_tokens": 1}, 400, "prompt"),
     ("POST", "/v1/completions", {"prompt": "x" * (PROMPT_CAP + 1)}, 400, "prompt"),
-    ("POST", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),  # 0 only with echo
+    ("POST", "/v1/completions", {"prompt": [[1], []], "echo": True}, 400, "prompt.id_lists.1"),
+    ("POST", "/v1/completions", {"prompt": [1, 100000], "max_tokens": 1}, 400, "prompt"),
     ("POST", "/v1/completions", {"prompt": "x", "stop": ["a"] * 9}, 400, "stop"),
     ("POST", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages"),
@@ -136,12 +137,7 @@ async def test_malformed_json_is_422_and_400_on_v1(strict_client: httpx.AsyncCli
 
 async def test_overload_is_429_with_retry_after(make_client: ClientFactory) -> None:
     client = await make_client(max_running=1, max_waiting=0, max_tokens=100_000)
-    # long enough (about 1 s here) to outlast the 0.25 s a client at its own limit waits for its slots
-    long = asyncio.create_task(client.post("/generate", json={"prompt": "a", "max_tokens": 50_000}))
-    for _ in range(100):  # until the long one runs
-        if client.app.state.admission.admitted:  # type: ignore[attr-defined]
-            break
-        await asyncio.sleep(0.01)
+    long = await occupy_the_only_slot(client)
     refused = await client.post("/generate", json={"prompt": "b", "max_tokens": 5})
     assert refused.status_code == 429
     assert refused.headers["retry-after"] == "1"

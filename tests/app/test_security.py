@@ -53,7 +53,7 @@ ERRORS = [  # (method, path, JSON body, headers, status)
     ("POST", "/generate", {"prompt": "x"}, bearer(WRONG_KEY), 401),
     ("POST", "/generate", {"model": "../tiny-a"}, bearer(USER_KEY), 404),
     ("POST", "/generate", {"prompt": "x" * 3_000_000}, bearer(USER_KEY), 413),
-    ("POST", "/v1/completions", {"prompt": "x", "echo": True}, bearer(USER_KEY), 400),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 0}, bearer(USER_KEY), 400),
     ("POST", f"/models/{MODEL_A}/activate", None, bearer(USER_KEY), 403),
     ("DELETE", f"/models/{MODEL_A}", None, bearer(ADMIN_KEY), 409),
     ("GET", "/train/no-such-job", None, bearer(ADMIN_KEY), 404),

@@ -126,7 +126,7 @@ async def test_what_the_openai_sdk_sends_is_accepted(sdk: openai.AsyncOpenAI) ->
         presence_penalty=0,
         frequency_penalty=0.5,
         echo=False,
-        logit_bias={"50256": -100},  # not used here, and ignored as an unknown field
+        logit_bias={"5": -100, "6": 2.5},  # token ids of the model's tokenizer
     )
     assert len(completion.choices) == 4
     assert completion.choices[0].logprobs is not None

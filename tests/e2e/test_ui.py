@@ -275,6 +275,35 @@ def test_the_curl_command_is_the_request_the_page_sent(shared_server: Server, ta
     assert tab.console_errors == []
 
 
+def test_the_constraint_field_constrains_and_shows_in_curl(shared_server: Server, tab: Tab) -> None:
+    page = tab.page
+    tab.open(shared_server)
+    page.fill("#gen-prompt", "Shall I")
+    page.select_option("#gen-constraint-kind", "regex")
+    page.fill("#gen-constraint", "[a-z]{3} [a-z]{2}")
+    page.fill("#gen-max-tokens", "40")
+    page.fill("#gen-seed", "5")
+    page.click("#gen-start")
+    expect(page.locator("#gen-stat-finish")).to_have_text("stop")  # the regex is complete
+    shown = page.inner_text("#gen-out-text")
+    assert re.fullmatch("[a-z]{3} [a-z]{2}", shown), shown
+
+    words = shlex.split(page.inner_text("#gen-curl"))
+    body = json.loads(words[words.index("-d") + 1])
+    assert body["structured_outputs"] == {"regex": "[a-z]{3} [a-z]{2}"}
+    answer = httpx.post(f"{shared_server.url}/generate", json={**body, "stream": False}).json()
+    assert answer["text"] == shown
+
+    page.select_option("#gen-constraint-kind", "json")
+    page.fill("#gen-constraint", "{not json")
+    expect(page.locator("#gen-curl")).to_contain_text("the JSON schema is not JSON")
+    page.select_option("#gen-constraint-kind", "choice")
+    page.fill("#gen-constraint", "yes\nno")
+    words = shlex.split(page.inner_text("#gen-curl"))
+    assert json.loads(words[words.index("-d") + 1])["structured_outputs"] == {"choice": ["yes", "no"]}
+    assert tab.console_errors == []
+
+
 # ---------------------------------------------------------------------------- models
 
 

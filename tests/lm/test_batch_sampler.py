@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm.batch_sampler import choose_batch
+from lm.batch_sampler import advance_constraints, choose_batch
+from lm.constrain import Constraint, ConstraintCompiler
 from lm.sampler import SamplingParams, SequenceSampler
 from lm.tokenizers import CharTokenizer
 
@@ -50,3 +51,36 @@ def test_a_batch_with_only_greedy_rows_is_argmax(char_tokenizer: CharTokenizer) 
     samplers = _samplers(char_tokenizer, [SamplingParams(temperature=0.0)] * 4)
     logits = torch.randn(4, char_tokenizer.vocab_size)
     assert choose_batch(samplers, logits) == logits.argmax(dim=1).tolist()
+
+
+def test_constraints_advanced_together_give_the_tokens_and_ends_of_each_alone(char_tokenizer: CharTokenizer) -> None:
+    """advance_constraints (the engine's path: every constrained row's next mask in one pass) leaves each
+    sequence where advancing it alone would: the same tokens, text, and finish."""
+    compiler = ConstraintCompiler(char_tokenizer)
+    constraints = [
+        compiler.compile(Constraint.regex("[a-e]{3,12}")),
+        compiler.compile(Constraint.choice(["abc", "bad", "cab dab"])),
+        compiler.compile(Constraint.regex("[a-z ]+")),  # open-ended: may be left by a refused token
+        None,  # an unconstrained row beside them
+    ]
+
+    def make() -> list[SequenceSampler]:
+        return [
+            SequenceSampler(char_tokenizer, SamplingParams(temperature=1.2, seed=i, max_tokens=20), [1], constraint=c)
+            for i, c in enumerate(constraints * 2)
+        ]
+
+    together, alone = make(), make()
+    gen = torch.Generator().manual_seed(0)
+    for step in range(25):
+        logits = torch.randn(len(together), char_tokenizer.vocab_size, generator=gen)
+        ids = choose_batch(together, logits)
+        assert ids == choose_batch(alone, logits), f"step {step}"
+        advance_constraints(together, ids)
+        assert [a.push(t) for a, t in zip(together, ids, strict=True)] == [
+            b.push(t) for b, t in zip(alone, ids, strict=True)
+        ]
+    assert [(s.finish_reason, s.refused, s.completion_tokens) for s in together] == [
+        (s.finish_reason, s.refused, s.completion_tokens) for s in alone
+    ]
+    assert all(s.finished for s in together[:3])

@@ -125,6 +125,28 @@ def test_generate_prints_the_continuation(trained):
     assert again.stdout == first.stdout
 
 
+def test_generate_never_prints_the_unknown_token_unless_asked(tmp_path):
+    """A model that always prefers <unk> (U+FFFD): masked out by default, sampled with --no-skip-special-tokens."""
+    from lm.model import LSTMLanguageModel, ModelConfig
+    from lm.registry import Registry
+    from lm.tokenizers import UNK_TEXT, fit_tokenizer
+
+    tokenizer = fit_tokenizer("char", CORPUS)
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(ModelConfig(tokenizer.vocab_size, embedding_dim=16, hidden_dim=16, layers=1)).eval()
+    with torch.no_grad():
+        model.head.bias[tokenizer.unk_id] = 50.0
+    models = tmp_path / "models"
+    training = {"recipe": {}, "corpus_sha256": "0" * 64, "corpus_bytes": len(CORPUS)}
+    Registry(models).publish(model, tokenizer, model_id="unk-lover", training=training, metrics={}, activate=True)
+    args = ("generate", "the ", "--max-tokens", "20", "--temperature", "0.8", "--seed", "1")
+    masked = textgen(*args, models_dir=models)
+    assert masked.returncode == 0, masked.stderr
+    assert len(masked.stdout) == 20 + 1 and UNK_TEXT not in masked.stdout
+    raw = textgen(*args, "--no-skip-special-tokens", models_dir=models)
+    assert raw.stdout == UNK_TEXT * 20 + "\n"
+
+
 def test_generate_stops_before_a_stop_string(trained):
     models, _ = trained
     full = textgen("generate", "the ", "--temperature", "0", "--max-tokens", "40", models_dir=models).stdout[:-1]

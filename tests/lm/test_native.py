@@ -147,11 +147,13 @@ def test_a_plan_cannot_ask_for_products_the_cpu_lacks(steps: tuple[FusedStep, Fu
             fast.set_plan(8, 1)  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("biases", ["shared", "mixed"])
 @pytest.mark.parametrize("chunk", [1, 2, 9])
 def test_a_chunk_of_steps_gives_the_tokens_states_and_draws_of_one_step_at_a_time(
-    steps: tuple[FusedStep, FusedStep], char_tokenizer: CharTokenizer, chunk: int
+    steps: tuple[FusedStep, FusedStep], char_tokenizer: CharTokenizer, chunk: int, biases: str
 ) -> None:
-    """decode(n): n steps, each row's token chosen as choose_batch would and fed back, in one call."""
+    """decode(n): n steps, each row's token chosen as choose_batch would and fed back, in one call; with
+    every row's bias the tokenizer's shared special-token mask, or rows of their own (logit_bias, no mask)."""
     from lm.batch_sampler import choose_batch
     from lm.sampler import SamplingParams, SequenceSampler
 
@@ -162,6 +164,12 @@ def test_a_chunk_of_steps_gives_the_tokens_states_and_draws_of_one_step_at_a_tim
         SamplingParams(temperature=1.1, top_p=0.9, min_p=0.05, seed=3),
         SamplingParams(temperature=0.7, seed=4),
     ]
+    if biases == "mixed":
+        rows += [
+            SamplingParams(temperature=0.9, seed=5, logit_bias={2: 3.0, 5: -100.0, 7: 100.0}),
+            SamplingParams(temperature=1.0, seed=6, skip_special_tokens=False),
+            SamplingParams(temperature=0.0, logit_bias={3: 100.0}),  # greedy, forced
+        ]
     chunked = [SequenceSampler(char_tokenizer, p, [1]) for p in rows]
     stepped = [SequenceSampler(char_tokenizer, p, [1]) for p in rows]
     h, c = _random_state(fast, len(rows))

@@ -14,7 +14,7 @@ from lm.errors import ConfigError, CorpusError, TrainingCancelled
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import Registry
 from lm.tokenizers import fit_tokenizer
-from lm.train import STATE_JSON, TrainConfig, TrainEvent, evaluate, lr_at, planned_parameters, train
+from lm.train import STATE_JSON, TrainConfig, TrainEvent, evaluate, lr_at, planned_parameters, score_ids, train
 
 from .conftest import CHINESE_CORPUS, TINY_CORPUS
 
@@ -232,6 +232,32 @@ def test_evaluate_reports_loss_perplexity_bits_per_char() -> None:
     assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
     assert report["bits_per_char"] == pytest.approx(report["loss"] / math.log(2), rel=0.01)
     assert 400 < report["tokens"] <= 500
+
+
+def test_score_ids_is_evaluate_loss_token_by_token() -> None:
+    """Prompt scoring (lm.train.score_ids) over eval's streams gives eval's loss; ragged prompts in one
+    batch, over several windows, score as each alone does; a prompt's first token has no score."""
+    r = train(TINY_CORPUS, tiny(epochs=1))
+    model = r.model.eval()
+    text = TINY_CORPUS[:700]
+    report = evaluate(model, r.tokenizer, text)
+    rows = batchify(torch.tensor(r.tokenizer.encode(text)), 16).tolist()
+    scores = score_ids(model, rows, 3, seq_len=8)  # windows of 8: the state is carried across them
+    nll = -sum(float(chosen.sum()) for chosen, _, _ in scores)
+    assert sum(len(chosen) for chosen, _, _ in scores) == report["tokens"]
+    assert nll / report["tokens"] == pytest.approx(report["loss"], abs=1e-5)
+
+    prompts = [rows[0][:5], rows[1], [], rows[2][:1], rows[3][:20]]
+    batched = score_ids(model, prompts, 3, seq_len=8)
+    for prompt, (chosen, values, ids) in zip(prompts, batched, strict=True):
+        assert chosen.shape == (max(0, len(prompt) - 1),) and values.shape == ids.shape == (len(chosen), 3)
+        if len(prompt) > 1:
+            alone, alone_values, alone_ids = score_ids(model, [prompt], 3)[0]
+            assert torch.allclose(chosen, alone, atol=1e-5) and torch.allclose(values, alone_values, atol=1e-5)
+            assert torch.all(values[:, 0] >= chosen - 1e-6)  # the likeliest is at least the chosen one
+    assert score_ids(model, [], 2) == []
+    with pytest.raises(ValueError, match="eval mode"):
+        score_ids(model.train(), prompts, 1)
 
 
 def test_split_is_by_position_and_batches_are_contiguous() -> None:

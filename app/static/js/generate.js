@@ -133,6 +133,10 @@ export class GeneratePanel {
       }
       body.seed = Number(seed.value);
     }
+    const kind = $("#gen-constraint-kind", this.root).value;
+    const constraint = structuredOutputs(kind, $("#gen-constraint", this.root).value);
+    if (constraint.error) return { error: constraint.error };
+    if (constraint.value) body.structured_outputs = constraint.value;
     body.stream = true;
     return { body };
   }
@@ -297,6 +301,21 @@ function stopStrings(text) {
 
 function shellQuote(text) {
   return `'${text.replaceAll("'", "'\\''")}'`;
+}
+
+// The constraint field as the request's `structured_outputs` ({value}), nothing ({}) when none is set,
+// or {error} for a JSON schema that is not JSON. A choice list is one choice per line.
+export function structuredOutputs(kind, text) {
+  if (!kind || !text.trim()) return {};
+  if (kind === "choice") return { value: { choice: text.split("\n").filter((line) => line !== "") } };
+  if (kind === "json") {
+    try {
+      return { value: { json: JSON.parse(text) } };
+    } catch (e) {
+      return { error: `Constraint: the JSON schema is not JSON (${e.message}).` };
+    }
+  }
+  return { value: { [kind]: text } };
 }
 
 // The curl command that sends `body` to `path`; the key itself is never printed.

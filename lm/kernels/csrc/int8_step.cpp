@@ -488,11 +488,14 @@ at::Tensor choose_rows(const at::Tensor& logits, const std::vector<uint8_t>& gre
 // (choose_rows) and fed to the next: the ids (B, n) and the last step's logits (B, V). The same tokens,
 // states and draws as n calls of `step` each followed by choose_batch: vLLM's multi-step scheduling,
 // for the rows whose sampling the engine does not need to see token by token (app/engine/loop.py).
+// `bias`: lm.batch_sampler.batch_bias, (V,) or (B, V), added to each step's logits before the choice
+// (the same for the n steps); the logits returned are the model's, without it.
 std::tuple<at::Tensor, at::Tensor> decode_steps(const Int8Step& step, const at::Tensor& tokens, at::Tensor h, at::Tensor c,
                                                 int64_t n, const std::vector<uint8_t>& greedy,
                                                 const std::vector<double>& temperature, const std::vector<int64_t>& ks,
                                                 const std::vector<double>& top_ps, const std::vector<double>& min_ps,
-                                                const std::vector<at::Generator>& generators) {
+                                                const std::vector<at::Generator>& generators,
+                                                const std::optional<at::Tensor>& bias) {
   c10::InferenceMode guard;
   const int64_t B = tokens.size(0);
   TORCH_CHECK(n >= 1, "n must be >= 1");
@@ -505,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor> decode_steps(const Int8Step& step, const at::
   at::Tensor logits;
   for (int64_t t = 0; t < n; ++t) {
     logits = step.step(current, h, c);  // (B, V)
-    current = choose_rows(logits, greedy, temperature, ks, top_ps, min_ps, generators);
+    current = choose_rows(bias ? logits + *bias : logits, greedy, temperature, ks, top_ps, min_ps, generators);
     ids.select(1, t).copy_(current);
   }
   return {ids, logits};
