@@ -13,21 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from app.schemas import ChatMessage
-from lm.checkpoint import DEFAULT_CHAT_TEMPLATE
-
-ROLE_OF = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+from lm.chat import full_template, render_turns
 
 
 def render_chat(
     template: dict[str, Any] | None, messages: list[ChatMessage], *, add_generation_prompt: bool = True
 ) -> tuple[str, list[str]]:
     """The prompt for the next assistant turn (without the assistant's prefix when not
-    `add_generation_prompt`) and the template's stop strings."""
-    t = {**DEFAULT_CHAT_TEMPLATE, **(template or {})}
-    separator = str(t["separator"])
-    turns = [f"{t[ROLE_OF[m.role]]}{m.text}{separator}" for m in messages]
-    prefix = str(t["assistant"]) if add_generation_prompt else ""
-    return "".join(turns) + prefix, [str(s) for s in t.get("stop") or []]
+    `add_generation_prompt`) and the template's stop strings: lm/chat.py's rendering, which training uses too."""
+    return render_turns(template, [(m.role, m.text) for m in messages], add_generation_prompt=add_generation_prompt)
 
 
 def jinja_chat_template(template: dict[str, Any] | None) -> str:
@@ -39,7 +33,7 @@ def jinja_chat_template(template: dict[str, Any] | None) -> str:
     an escaped ASCII string, so no newline normalization applies either. It reads only defined
     variables (it works under StrictUndefined): a message's content may be a string, a list of text
     parts, null or absent."""
-    t = {**DEFAULT_CHAT_TEMPLATE, **(template or {})}
+    t = full_template(template)
     prefix = {role: _jinja_string(str(t[role])) for role in ("system", "user", "assistant")}
     return "".join(
         [

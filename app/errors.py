@@ -36,6 +36,7 @@ from app.logging import REQUEST_ID_KEY, request_id_var
 from jobs.errors import StoreUnavailable
 from lm.errors import (
     ActiveModelError,
+    AliasNotFound,
     CheckpointError,
     ConfigError,
     InvalidModelId,
@@ -165,6 +166,8 @@ def from_domain_error(exc: TextgenError, request: Request | None = None) -> ApiE
         log.warning("%s: %s (%s)", type(exc).__name__, exc, exc.detail)
     if isinstance(exc, ModelNotFound | InvalidModelId):
         return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, AliasNotFound):
+        return ApiError(404, str(exc), param="alias", code="alias_not_found")
     if isinstance(exc, ConfigError):
         return invalid(str(exc), exc.param, request)
     if isinstance(exc, ActiveModelError | PromotionConflict):

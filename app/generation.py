@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import abc
 from collections.abc import AsyncIterator, Awaitable
@@ -63,6 +64,11 @@ class Generation:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     closed: bool = False
     slots_freed: bool = False
+    # what the per-version metrics and the canary watch see (app/canary.py)
+    created_at: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None  # seconds from submission to the first token
+    failed: bool = False  # a sequence failed on the server
+    reasons: list[str] = field(default_factory=list)  # the finished sequences' finish reasons
 
     @property
     def model_id(self) -> str:
@@ -72,11 +78,21 @@ class Generation:
     def tokenizer(self) -> Tokenizer:
         return self.lease.loaded.checkpoint.tokenizer
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return version_headers(self.lease)
+
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         """(sequence index, event) as they come, until every sequence has finished or failed."""
         remaining = len(self.sequences)
         while remaining:
             index, event = await self.queue.get()
+            if isinstance(event, Token) and self.first_token_s is None:
+                self.first_token_s = time.perf_counter() - self.created_at
+            elif isinstance(event, Finished):
+                self.reasons.append(event.finish_reason)
+            elif isinstance(event, Failed):
+                self.failed = True
             if isinstance(event, Finished | Failed):
                 remaining -= 1
                 if not remaining:  # the engine holds none of them: free the slots before the last event
@@ -115,6 +131,11 @@ class Generation:
             self.metrics.dropped.labels(reason=dropped).inc()
             log.info("request %s: client %s, %d sequences dropped", self.id, dropped, len(unfinished))
         self._free_slots()
+        outcome = "failed" if self.failed else "cancelled" if unfinished else "ok"
+        self.metrics.version_done(self.model_id, self.lease.alias, outcome, self.reasons)  # while still loaded
+        if outcome != "cancelled":
+            watch = self.lease.holder.canary
+            watch.record(self.lease.alias, self.model_id, failed=self.failed, ttft_s=self.first_token_s)
         self.lease.release()
 
     def _free_slots(self) -> None:
@@ -173,6 +194,7 @@ async def start_generation(
     logprobs: int | None = None,
     prompt_param: str = "prompt",
     constraint: Constraint | None = None,
+    user: str | None = None,
 ) -> Generation:
     """Check limits, pin the model (or take over `lease`), submit one sequence per (prompt, params), each
     constrained by `constraint` when there is one (compiled for the model's tokenizer, or from its cache).
@@ -201,7 +223,7 @@ async def start_generation(
             lease.release()
         raise
     if lease is None:
-        lease = await holder.lease(model, may_load=may_load(request, model))
+        lease = await lease_model(holder, request, model, user)
     try:
         compiled = await compile_constraint(lease.loaded, constraint) if constraint is not None else None
         tokenizer = lease.loaded.checkpoint.tokenizer
@@ -211,7 +233,8 @@ async def start_generation(
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             ids = token_ids(tokenizer, prompt, request, prompt_param)
             sampler = SequenceSampler(tokenizer, p, ids, compiled)
-            sequences.append(Sequence(ids, sampler, loop, queue, index=i, logprobs=logprobs))
+            series = holder.metrics.version(lease.model_id, lease.alias)
+            sequences.append(Sequence(ids, sampler, loop, queue, index=i, logprobs=logprobs, series=series))
         await _admit(admission, key_limits, key, len(sequences), holder.metrics, settings)
         generation = Generation(lease, sequences, queue, admission, holder.metrics, key_limits=key_limits, key=key)
     except BaseException:
@@ -224,6 +247,26 @@ async def start_generation(
         generation.close()  # frees the slots and the lease
         raise
     return generation
+
+
+async def lease_model(holder: ModelHolder, request: Request, model: str | None, user: str | None = None) -> Lease:
+    """Pin the version that serves this request: `model` (a model id or an alias; None: production), an
+    alias's version picked by the request's routing key (`route_key`)."""
+    return await holder.lease(model, may_load=may_load(request, model), route_key=route_key(request, user))
+
+
+def route_key(request: Request, user: str | None = None) -> str | None:
+    """What picks an alias's version: the first of the OpenAI `user` field, the X-Route-Key header, the API
+    key (its digest, app/auth.py); None (a random draw per request) without any of them."""
+    return user or request.headers.get("x-route-key") or getattr(request.state, "key_id", None)
+
+
+def version_headers(lease: Lease) -> dict[str, str]:
+    """X-Model-Version (the version that serves the answer) and, when an alias was resolved, X-Model-Alias."""
+    headers = {"X-Model-Version": lease.model_id}
+    if lease.alias is not None:
+        headers["X-Model-Alias"] = lease.alias
+    return headers
 
 
 def request_constraint(structured_outputs: StructuredOutputs | None, response_format: Any = None) -> Constraint | None:

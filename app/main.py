@@ -29,7 +29,7 @@ from app.holder import ModelHolder
 from app.logging import RequestLogMiddleware
 from app.metrics import Metrics, RequestMetricsMiddleware
 from app.reconcile import RedisHealth, following
-from app.routes import generate, health, models, openai, tokenize, train, ui
+from app.routes import aliases, files, fine_tuning, generate, health, models, openai, tokenize, train, ui
 from app.settings import Settings
 from app.training import Training
 from jobs.store import Backend, backend_from_settings
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.backend = backend
     app.state.redis_health = RedisHealth(backend)
-    app.state.holder = ModelHolder(settings, metrics, registry=registry)
+    app.state.holder = ModelHolder(settings, metrics, registry=registry, aliases=backend.aliases)
     app.state.training = Training(settings, backend, registry)
     app.state.admission = Admission(settings.max_running, settings.max_waiting)
     app.state.key_limits = client_limits(settings)  # per API key, or per client address without keys
@@ -95,20 +95,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_middleware(
-        BodyLimitMiddleware, default=body_limit(settings), routes={("POST", "/train"): train.body_limit(settings)}
+        BodyLimitMiddleware,
+        default=body_limit(settings),
+        routes={("POST", "/train"): train.body_limit(settings), ("POST", "/v1/files"): files.body_limit(settings)},
     )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Model-Version", "X-Request-ID", "Retry-After"],
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-Route-Key"],
+            expose_headers=["X-Model-Version", "X-Model-Alias", "X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestLogMiddleware)  # added last = outermost: it sees every response
 
-    for router in (generate.router, openai.router, tokenize.router, models.router, health.router, train.router):
+    routers = (generate.router, openai.router, tokenize.router, aliases.router, models.router, health.router)
+    for router in (*routers, train.router, files.router, fine_tuning.router):
         app.include_router(router)
     app.include_router(ui.router)  # the playground page at /
     return app

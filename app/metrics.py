@@ -7,8 +7,10 @@ metrics directly: prometheus-client's metrics are thread-safe.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -20,6 +22,15 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+VERSION_LABELS = ("model", "alias")  # alias "" = the request named the version itself
+
+
+@dataclass(frozen=True)
+class VersionSeries:
+    """One (model, alias)'s latency series, resolved once per request: the engine thread observes into them."""
+
+    ttft: Any  # a Histogram child
+    inter_token: Any
 
 
 class Metrics:
@@ -90,6 +101,65 @@ class Metrics:
         self.prompt_cache_bytes = Gauge(
             "textgen_prompt_cache_bytes", "Bytes held by the prompt-state caches of all loaded versions", registry=r
         )
+
+        # per version (and the alias that routed to it): only loaded versions have series (`forget_version`)
+        self.version_requests = Counter(
+            "textgen_version_requests",
+            "Generation requests by the version that served them, the alias, and outcome (ok, failed, cancelled)",
+            [*VERSION_LABELS, "outcome"],
+            registry=r,
+        )
+        self.version_finish = Counter(
+            "textgen_version_finish_reasons",
+            "Finished sequences by version, alias and finish reason",
+            [*VERSION_LABELS, "reason"],
+            registry=r,
+        )
+        self.version_ttft = Histogram(
+            "textgen_version_time_to_first_token_seconds",
+            "From admission to the first generated token, by version and alias",
+            VERSION_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.version_inter_token = Histogram(
+            "textgen_version_inter_token_latency_seconds",
+            "Between two consecutive tokens of one sequence, by version and alias",
+            VERSION_LABELS,
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.canary_aborts = Counter(
+            "textgen_canary_aborts",
+            "Canaries aborted automatically, by alias and reason (failures, ttft)",
+            ["alias", "reason"],
+            registry=r,
+        )
+        self._version_series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}  # model -> (metric, labels)
+
+    def _labelled(self, metric: Any, *labels: str) -> Any:
+        self._version_series.setdefault(labels[0], set()).add((metric, labels))
+        return metric.labels(*labels)
+
+    def version(self, model: str, alias: str | None) -> VersionSeries:
+        """The latency series of `model` served through `alias` (None: named directly)."""
+        labels = (model, alias or "")
+        return VersionSeries(
+            self._labelled(self.version_ttft, *labels), self._labelled(self.version_inter_token, *labels)
+        )
+
+    def version_done(self, model: str, alias: str | None, outcome: str, reasons: list[str]) -> None:
+        """One generation request ended: its outcome and its sequences' finish reasons."""
+        labels = (model, alias or "")
+        self._labelled(self.version_requests, *labels, outcome).inc()
+        for reason in reasons:
+            self._labelled(self.version_finish, *labels, reason).inc()
+
+    def forget_version(self, model: str) -> None:
+        """Drop an unloaded version's series, so that label values stay bounded by the loaded versions."""
+        for metric, labels in self._version_series.pop(model, set()):
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
 
     def observe_plan(self, plan: Plan) -> None:
         """The chosen decode step (lm/decode/tune.py) and its measured speed."""

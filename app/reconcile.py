@@ -14,6 +14,9 @@ Following never moves the pointer (`activate(..., persist=False)`): if it moved 
 replica was loading, writing the id it loaded would undo a newer promotion. If it did move on,
 the next reconcile follows the newer id.
 
+Aliases (lm/aliases.py) are followed the same way: each reconcile reads them all and loads what
+they name, woken at once by a notice on the aliases channel (jobs/aliases.py).
+
 A checkpoint that fails validation is refused once and remembered: the old model keeps
 serving, and the replica does not reload the broken one every few seconds.
 
@@ -37,9 +40,11 @@ from redis.backoff import NoBackoff
 from app.errors import ApiError
 from app.holder import ModelHolder
 from app.settings import Settings
+from jobs.aliases import aliases_channel
 from jobs.errors import StoreUnavailable
 from jobs.pointer import activated_channel
 from jobs.store import Backend
+from lm.aliases import AliasStore
 from lm.errors import CheckpointError, ModelNotFound, TextgenError
 from lm.registry import ActivePointer
 
@@ -60,13 +65,18 @@ class Reconciler:
         interval_s: float,
         redis_url: str | None = None,
         channel: str | None = None,
+        aliases: AliasStore | None = None,
+        alias_channel: str | None = None,
     ) -> None:
         self.holder = holder
         self.pointer = pointer
         self.interval_s = interval_s
         self.redis_url = redis_url
         self.channel = channel
+        self.aliases = aliases
+        self.alias_channel = alias_channel
         self.refused: str | None = None  # the id whose checkpoint failed validation
+        self.refused_targets: set[str] = set()  # alias targets whose checkpoints failed validation
         self.wake = asyncio.Event()
 
     async def run(self) -> None:
@@ -86,7 +96,18 @@ class Reconciler:
                 await asyncio.wait_for(self.wake.wait(), self.interval_s)
 
     async def reconcile(self) -> None:
-        """Swap in the model the pointer names, unless it is already active or was refused."""
+        """Swap in the model the pointer names, unless it is already active or was refused; load what the
+        aliases name."""
+        await self._follow_pointer()
+        if self.aliases is not None:
+            try:
+                aliases = await asyncio.to_thread(self.aliases.all)
+            except StoreUnavailable as e:
+                log.warning("not following the aliases now: %s", e)
+                return
+            await self.holder.follow_aliases(aliases, self.refused_targets)
+
+    async def _follow_pointer(self) -> None:
         target = await asyncio.to_thread(self.pointer.get)
         current = self.holder.active.model_id if self.holder.active is not None else None
         if target is None or target == current or target == self.refused:
@@ -109,11 +130,11 @@ class Reconciler:
             client: Any = redis.asyncio.Redis.from_url(self.redis_url, decode_responses=True)
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(self.channel)
+                    await pubsub.subscribe(*[c for c in (self.channel, self.alias_channel) if c])
                     self.wake.set()  # notices sent while we were away are lost: reconcile now
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
-                            log.info("activated notice: %s", message.get("data"))
+                            log.info("notice on %s: %s", message.get("channel"), message.get("data"))
                             self.wake.set()
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 log.warning("activated notices: %s; resubscribing in 1s", e)
@@ -187,6 +208,8 @@ async def following(
         interval_s=settings.reconcile_s,
         redis_url=settings.redis_url,
         channel=activated_channel(settings.redis_prefix) if settings.redis_url else None,
+        aliases=backend.aliases,
+        alias_channel=aliases_channel(settings.redis_prefix) if settings.redis_url else None,
     )
 
     async def run() -> None:

@@ -278,7 +278,8 @@ class HealthStatus(BaseModel):
 
 class ReadyStatus(BaseModel):
     status: Literal["ready"]
-    model: str
+    model: str = Field(description="production's model: the active version this replica serves")
+    canary: dict[str, Any] | None = Field(None, description="production's canary, {model, weight}, if it has one")
     redis: Literal["up", "down"] | None = Field(
         None, description="Redis mode only: whether the job system reaches Redis (generation does not need it)"
     )
@@ -491,6 +492,8 @@ class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "textgen"
+    alias_for: str | None = Field(default=None, description="aliases only: the model id the alias names")
+    canary: dict[str, Any] | None = Field(default=None, description="aliases only: the alias's canary, {model, weight}")
 
 
 class ModelObjectList(BaseModel):

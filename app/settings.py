@@ -28,6 +28,7 @@ class Settings(JobSettings):
     # training jobs (docs/TRAINING.md; the lease, the threads and the Redis prefix: JobSettings)
     data_dir: Path = Path(__file__).resolve().parent.parent / "data"  # shipped corpora, POST /train {"corpus": ...}
     max_corpus_bytes: int = Field(default=50_000_000, ge=1)  # the largest training text POST /train accepts
+    max_file_bytes: int = Field(default=50_000_000, ge=1)  # the largest file POST /v1/files accepts
     max_train_parameters: int = Field(default=100_000_000, ge=1)  # the largest model POST /train may ask for
     reconcile_s: float = Field(default=2.0, gt=0)  # how often a replica checks the active pointer
 
@@ -45,6 +46,11 @@ class Settings(JobSettings):
     max_loaded_models: int = Field(default=2, ge=1)  # model versions loaded at once (the active one included)
     # which models an inference key may have loaded by naming them ("*": any); admin keys may load any
     load_on_demand: CommaList = []
+    # automatic abort of a canary (app/canary.py): after this many canary requests in the rolling window...
+    canary_min_requests: int = Field(default=100, ge=1)
+    canary_window: int = Field(default=1000, ge=1)  # ...of each version's last requests, per replica
+    canary_failure_margin: float = Field(default=0.05, ge=0, le=1)  # its failure rate may exceed the model's by this
+    canary_ttft_margin_s: float = Field(default=0.5, ge=0)  # and its TTFT p99 the model's by this
     retry_after_s: int = Field(default=1, ge=1)  # the Retry-After header of a 429
 
     # runtime

@@ -5,9 +5,10 @@ lm.train.BOUNDS, and an omitted one keeps TrainConfig's default.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo
+from pydantic_core import PydanticCustomError
 
 from app.bodies import RequestBody
 from lm.train import BOUNDS
@@ -18,6 +19,19 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 def _bounded(name: str, description: str) -> Any:
     lo, hi = BOUNDS[name]
     return Field(None, ge=lo, le=hi, description=f"{description} ({lo:g}..{hi:g})")
+
+
+def _activate(value: object, info: ValidationInfo) -> object:
+    """`activate` is true, false or "always": never 1 or 0 (which equal True and False); a form's "true" and
+    "false" are the booleans (form fields are strings: `read_submission` validates them with context form)."""
+    if isinstance(value, str) and info.context and info.context.get("form"):
+        value = {"true": True, "false": False}.get(value.lower(), value)
+    if value is True or value is False or value == "always":
+        return value
+    raise PydanticCustomError("literal_error", 'Input should be true, false or "always"')
+
+
+Activate = Annotated[Literal[True, False, "always"], BeforeValidator(_activate)]
 
 
 class TrainHyperparameters(RequestBody):
@@ -51,6 +65,11 @@ class TrainHyperparameters(RequestBody):
     threads: int | None = _bounded("threads", "torch threads (at most the worker's cap)")
     precision: Literal["auto", "bf16", "fp32"] | None = None
     device: Literal["auto", "cpu", "cuda"] | None = None
+    data_format: Literal["text", "chat", "completion"] | None = Field(
+        None,
+        description="the corpus's format: plain text, OpenAI chat JSONL or prompt/completion JSONL (default: "
+        "detected from the corpus; given, it must match)",
+    )
 
     def given(self) -> dict[str, Any]:
         """The hyperparameters the request set (the others keep TrainConfig's defaults)."""
@@ -64,7 +83,16 @@ class TrainJobCreate(TrainHyperparameters):
     corpus: str | None = Field(None, description="the name of a shipped corpus instead, e.g. 'shakespeare'")
     name: str | None = Field(None, description="id of the model to publish (default: from the corpus and job id)")
     base_model: str | None = Field(None, description="fine-tune this model; keeps its tokenizer and architecture")
-    activate: bool = Field(True, description="make the new model active when it is published")
+    validation_text: str | None = Field(
+        None,
+        description="a validation text in the corpus's format (e.g. held-out conversations), instead of the "
+        "corpus's last val_fraction",
+    )
+    activate: Activate = Field(
+        True,
+        description="make the new model active when it is published, if it passes the quality gate (its "
+        'validation loss no worse than the active model\'s on the same held-out text); "always": without the gate',
+    )
 
 
 HYPER = frozenset(TrainHyperparameters.model_fields)
@@ -87,6 +115,11 @@ class TrainJobPublic(BaseModel):
     activated: bool | None = None
     error: str | None = Field(None, description="why the job failed")
     note: str | None = Field(None, description="e.g. why a published model was not activated")
+    gate: dict[str, Any] | None = Field(
+        None,
+        description="the quality gate's verdict before activation: result (passed, held_back, skipped), reason, "
+        "val_loss and active_val_loss on the same held-out tokens",
+    )
     cancel_requested: bool = False
     attempts: int
     worker: str | None

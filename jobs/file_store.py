@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,8 @@ from jobs.records import (
     validate_job_id,
 )
 from lm.files import atomic_write
+
+REQUESTS_DIR = ".requests"  # idempotency keys of job creations, one file each
 
 
 class FileStore:
@@ -152,7 +155,7 @@ class FileStore:
                 break  # a line being appended right now
             offset += len(line)
             entry = json.loads(line)
-            found.append(JobEvent(id=str(offset), kind=entry["kind"], data=entry["data"]))
+            found.append(JobEvent(str(offset), entry["kind"], entry["data"], records.unix_time(entry.get("time"))))
         return found
 
     def queue_position(self, job_id: str) -> int | None:
@@ -166,6 +169,32 @@ class FileStore:
             with contextlib.suppress(JobNotFound, json.JSONDecodeError):
                 ahead += self._read(other).state == "queued"
         return None
+
+    def remember_request(self, key: str, job_id: str) -> str:
+        """Bind an idempotency key to `job_id` unless it is bound already; returns the job it is bound to.
+
+        The binding is a file under models/jobs/.requests/, linked into place (a link never replaces a
+        file): of two requests with one key, exactly one binds it."""
+        folder = self.root / REQUESTS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / records.request_digest(key)
+        tmp = folder / f".tmp-{secrets.token_hex(4)}"
+        try:
+            atomic_write(tmp, job_id.encode("ascii"))
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return target.read_text(encoding="ascii").strip()
+        finally:
+            tmp.unlink(missing_ok=True)
+        return job_id
+
+    def forget_request(self, key: str, job_id: str) -> None:
+        """Unbind a key from `job_id` (its job was not stored after all)."""
+        target = self.root / REQUESTS_DIR / records.request_digest(key)
+        with contextlib.suppress(FileNotFoundError):
+            if target.read_text(encoding="ascii").strip() == job_id:
+                target.unlink()
 
     # -- the workers' side
 

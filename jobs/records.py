@@ -11,6 +11,7 @@ and the write one atomic step: FileStore under an flock, RedisStore in a WATCH/M
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -26,6 +27,7 @@ FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 FINAL_EVENTS = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}
 JOB_ID_RE = re.compile(r"job-[0-9]{17}-[0-9a-f]{6}")
 DEFAULT_LEASE_S = 30.0  # a running job whose worker is silent this long is claimed by another worker
+REQUEST_TTL_S = 24 * 3600  # how long Redis keeps an idempotency key of a job creation
 MAX_ATTEMPTS = 3  # starts that ended with the worker dying; then the job fails
 
 Changes = dict[str, Any]
@@ -55,6 +57,9 @@ class JobRecord:
     # internal: the active model id when the job first started ("" = none, None = not recorded);
     # the publish is a compare-and-set against it, so a newer promotion is never overwritten
     active_at_start: str | None = None
+    # the quality gate's verdict before activation (worker/publish.py `Gate`): result, reason, losses;
+    # recorded once, so a resumed run of a published job decides as the first did
+    gate: dict[str, Any] | None = None
 
     @property
     def final(self) -> bool:
@@ -80,6 +85,7 @@ class JobEvent:
     id: str
     kind: str  # queued | started | progress | epoch | checkpoint | requeued | published | done | failed | cancelled
     data: dict[str, Any] = field(default_factory=dict)
+    at: float | None = None  # unix time it was recorded (None where the store does not know)
 
 
 @dataclass
@@ -104,8 +110,21 @@ def validate_job_id(job_id: str) -> str:
     return job_id
 
 
+def request_digest(key: str) -> str:
+    """An idempotency key as the stores keep it: a digest (any length, any characters, never a path)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def unix_time(iso: str | None) -> float | None:
+    """A `utc_now()` string as unix time; None for None or a string that is not one."""
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() if iso else None
+    except ValueError:
+        return None
 
 
 def worker_name() -> str:
@@ -120,6 +139,7 @@ def final_event_data(record: JobRecord) -> dict[str, Any]:
         "metrics": record.metrics,
         "error": record.error,
         "note": record.note,
+        "gate": record.gate,
     }
 
 

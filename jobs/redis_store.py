@@ -205,12 +205,30 @@ class RedisStore:
                 entries = reply[0][1] if reply else []
             else:
                 entries = self.redis.xrange(key, min=f"({after}" if after else "-", count=500)
-        return [JobEvent(id=eid, kind=f["kind"], data=json.loads(f["data"])) for eid, f in entries]
+        return [JobEvent(eid, f["kind"], json.loads(f["data"]), int(eid.split("-")[0]) / 1000) for eid, f in entries]
 
     def queue_position(self, job_id: str) -> int | None:
         with redis_errors():
             rank = self.redis.zrank(f"{self.prefix}jobs:queued", job_id)
         return None if rank is None else rank + 1
+
+    def _request_key(self, key: str) -> str:
+        return f"{self.prefix}request:{records.request_digest(key)}"
+
+    def remember_request(self, key: str, job_id: str) -> str:
+        """Bind an idempotency key to `job_id` unless it is bound already (SET NX, for every replica);
+        returns the job it is bound to. A binding lasts `records.REQUEST_TTL_S`."""
+        with redis_errors():
+            if self.redis.set(self._request_key(key), job_id, nx=True, ex=records.REQUEST_TTL_S):
+                return job_id
+            bound = self.redis.get(self._request_key(key))
+        return str(bound) if bound is not None else self.remember_request(key, job_id)
+
+    def forget_request(self, key: str, job_id: str) -> None:
+        """Unbind a key from `job_id` (its job was not stored after all)."""
+        with redis_errors():
+            if self.redis.get(self._request_key(key)) == job_id:
+                self.redis.delete(self._request_key(key))
 
     # -- the workers' side
 

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from jobs.aliases import RedisAliases
 from jobs.file_store import FileStore
 from jobs.pointer import RedisPointer
 from jobs.records import DEFAULT_LEASE_S, Claim, JobEvent, JobRecord
 from jobs.redis_client import DEFAULT_PREFIX, connect_redis
 from jobs.redis_store import RedisStore
 from jobs.settings import JobSettings
+from lm.aliases import AliasStore, FileAliases
 from lm.registry import ActivePointer, FilePointer
 
 
@@ -33,6 +35,8 @@ class JobStore(Protocol):
     def cancel(self, job_id: str) -> JobRecord: ...
     def events(self, job_id: str, after: str | None = None, block_s: float = 0.0) -> list[JobEvent]: ...
     def queue_position(self, job_id: str) -> int | None: ...
+    def remember_request(self, key: str, job_id: str) -> str: ...
+    def forget_request(self, key: str, job_id: str) -> None: ...
     def ping(self) -> None: ...
 
     # -- the workers' side
@@ -51,10 +55,11 @@ class JobStore(Protocol):
 
 @dataclass
 class Backend:
-    """A deployment's job store and active pointer, and the Redis client behind both in Redis mode."""
+    """A deployment's job store, active pointer and aliases, and the Redis client behind them in Redis mode."""
 
     store: JobStore
     pointer: ActivePointer
+    aliases: AliasStore
     redis: Any = None  # redis.Redis in Redis mode; None embedded
 
     @property
@@ -76,10 +81,11 @@ def open_backend(
     """Redis mode when `redis_url` is given, else embedded mode (files in the models folder)."""
     models_dir = Path(models_dir)
     if redis_url is None:
-        return Backend(FileStore(models_dir, lease_s=lease_s), FilePointer(models_dir))
+        return Backend(FileStore(models_dir, lease_s=lease_s), FilePointer(models_dir), FileAliases(models_dir))
     client = connect_redis(redis_url)
     store = RedisStore(client, models_dir, prefix=prefix, lease_s=lease_s)
-    return Backend(store, RedisPointer(client, prefix=prefix), client)
+    pointer = RedisPointer(client, prefix=prefix)
+    return Backend(store, pointer, RedisAliases(client, pointer, prefix=prefix), client)
 
 
 def backend_from_settings(settings: JobSettings) -> Backend:

@@ -1,8 +1,10 @@
-"""Corpus reading, the train/validation split, and contiguous batching for truncated BPTT.
+"""Corpus reading, the train/validation split, contiguous batching for truncated BPTT, and the
+trainable-token mask of chat and prompt/completion data (lm/formats.py).
 
 Batching follows pytorch/examples word_language_model: the token stream is cut into B
 contiguous streams (one per batch row), so row b of window k+1 continues row b of window k
-and the hidden state can be carried across windows.
+and the hidden state can be carried across windows. A mask, where there is one, is a (N,) bool
+tensor beside the ids, split, batchified and windowed the same way, so each target has its flag.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lm.errors import CorpusError
+from lm.tokenizers import Tokenizer
 
 # A text file with more than this share of control characters is treated as binary.
 _MAX_CONTROL_SHARE = 0.01
@@ -77,3 +80,21 @@ def windows(data: Tensor, seq_len: int) -> Iterator[tuple[Tensor, Tensor]]:
 def num_windows(data: Tensor, seq_len: int) -> int:
     n = data.size(1) - 1
     return max(0, (n + seq_len - 1) // seq_len)
+
+
+def encode_segments(tokenizer: Tokenizer, pieces: Sequence[tuple[str, bool]]) -> tuple[Tensor, Tensor | None]:
+    """(piece, trainable) pieces (lm/formats.py `segments`) -> the token ids (N,) and the trainable mask (N,),
+    True where the loss counts the token as a target; the mask is None when every token counts (plain text),
+    so plain text trains exactly as without formats.
+
+    Each piece is encoded on its own, so a token never straddles a trainable and a context piece: the
+    way serving encodes a prompt and then generates the answer after it."""
+    if all(trainable for _, trainable in pieces):
+        return torch.as_tensor(tokenizer.encode("".join(piece for piece, _ in pieces)), dtype=torch.long), None
+    ids: list[int] = []
+    mask: list[bool] = []
+    for piece, trainable in pieces:
+        piece_ids = tokenizer.encode(piece)
+        ids += piece_ids
+        mask += [trainable] * len(piece_ids)
+    return torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.bool)

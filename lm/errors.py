@@ -42,6 +42,13 @@ class ModelNotFound(TextgenError, KeyError):
         return str(self.args[0]) if self.args else "model not found"
 
 
+class AliasNotFound(TextgenError, KeyError):
+    """No alias of this name exists."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "alias not found"
+
+
 class ActiveModelError(TextgenError):
     """The operation would remove the model that is currently active."""
 

@@ -9,6 +9,7 @@ training job that finishes late cannot overwrite a newer promotion.
         .lock               flock'ed around every compare-and-set of ACTIVE
         <model_id>/         one checkpoint each (lm/checkpoint.py)
         jobs/               training jobs' resumable state, never listed
+        files/              files uploaded through /v1/files (jobs/uploads.py), never listed
         .tmp-*/             checkpoints being written, never listed
 """
 

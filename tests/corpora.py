@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 # Shakespeare, Sonnet 18 (public domain).
 SONNET_18 = """\
 Shall I compare thee to a summer's day?
@@ -73,3 +75,15 @@ CHINESE_CORPUS = """\
 
 def first_lines(text: str, n: int) -> str:
     return "".join(text.splitlines(keepends=True)[:n])
+
+
+def chat_jsonl(text: str) -> str:
+    """OpenAI chat JSONL from a text: each line as the user's turn, the next line as the assistant's answer."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "".join(
+        json.dumps({"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": b}]}) + "\n"
+        for a, b in zip(lines, lines[1:], strict=False)
+    )
+
+
+CHAT_JSONL = chat_jsonl(TINY_CORPUS)  # about 40 conversations

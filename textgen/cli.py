@@ -34,6 +34,7 @@ log = logging.getLogger("textgen")
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EVAL_KEYS = ("tokens", "chars", "loss", "perplexity", "bits_per_char")
+SCORED = {"text": "every token", "chat": "the assistant's tokens", "completion": "the completions' tokens"}
 
 # `textgen train` flag -> (TrainConfig field, type, help). Each field keeps its TrainConfig default
 # unless the flag is given, so the defaults live in one place.
@@ -60,7 +61,10 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--threads", "threads", int, "torch CPU threads"),
     ("--precision", "precision", str, "auto, bf16 or fp32"),
     ("--device", "device", str, "auto, cpu or cuda"),
+    ("--data-format", "data_format", str, "the corpus's format: text, chat or completion JSONL (docs/TRAINING.md)"),
 ]
+# flags whose TrainConfig default is not what an omitted flag means
+OMITTED_MEANS = {"data_format": "detected from the corpus"}
 
 
 # flags that override a setting: settings field -> the flag's name in an error message
@@ -151,7 +155,7 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("corpus", type=Path, help="UTF-8 text file")
     defaults = _train_defaults()
     for flag, dest, kind, text in TRAIN_FLAGS:
-        default = defaults.get(dest)
+        default = OMITTED_MEANS.get(dest, defaults.get(dest))
         help_text = text if default is None else f"{text} (default: {default})"
         if kind is argparse.BooleanOptionalAction:
             p.add_argument(flag, dest=dest, action=kind, default=argparse.SUPPRESS, help=help_text)
@@ -161,6 +165,12 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", metavar="ID", help="fine-tune this model (keeps its tokenizer and shape)")
     p.add_argument("--activate", action="store_true", help="make the new model the active one")
     p.add_argument("--state-dir", type=Path, help="write per-epoch resumable state here; resume from it")
+    p.add_argument(
+        "--validation-file",
+        type=Path,
+        metavar="PATH",
+        help="validate on this text (the corpus's format) instead of the corpus's last --val-fraction",
+    )
     p.set_defaults(handler=cmd_train)
 
 
@@ -255,19 +265,31 @@ def cmd_train(args: argparse.Namespace, settings: Settings, argv: list[str]) -> 
     from lm.registry import Registry
     from lm.train import TrainConfig, train
 
+    text = read_corpus(args.corpus)
     cfg = TrainConfig(**{dest: getattr(args, dest) for _, dest, _, _ in TRAIN_FLAGS if hasattr(args, dest)})
+    cfg.data_format = _data_format(text, getattr(args, "data_format", None), "--data-format")
     cfg.validate()
+    val_text = read_corpus(args.validation_file) if args.validation_file else None
+    if val_text is not None:
+        _data_format(val_text, cfg.data_format, "--validation-file")
     registry = Registry(settings.models_dir)
     # without --name the id comes from the file name: 'Owl Songs.txt' -> 'owl-songs' (or owl-songs-2, ...)
     model_id = validate_model_id(args.name) if args.name else registry.unique_id(args.corpus.stem)
     if args.name and _exists(registry, model_id):
         raise ConfigError(f"a model named {model_id!r} already exists; choose another --name", "name")
     base = registry.load(args.base_model) if args.base_model else None
-    text = read_corpus(args.corpus)
 
     progress = ProgressBar(sys.stderr)
     try:
-        result = train(text, cfg, on_event=progress, state_dir=args.state_dir, base=base, native=settings.native)
+        result = train(
+            text,
+            cfg,
+            on_event=progress,
+            state_dir=args.state_dir,
+            base=base,
+            native=settings.native,
+            val_text=val_text,
+        )
     finally:
         progress.close()
     training = {
@@ -281,10 +303,26 @@ def cmd_train(args: argparse.Namespace, settings: Settings, argv: list[str]) -> 
     }
     activate = args.activate or registry.active_id() is None  # the first model becomes active
     model_id = registry.publish(
-        result.model, result.tokenizer, model_id=model_id, training=training, metrics=result.metrics, activate=activate
+        result.model,
+        result.tokenizer,
+        model_id=model_id,
+        training=training,
+        metrics=result.metrics,
+        activate=activate,
+        chat_template=result.chat_template,  # a fine-tune keeps its base model's
     )
     _print_summary(model_id, result.metrics, registry.path(model_id), registry.active_id() == model_id)
     return 0
+
+
+def _data_format(text: str, expected: str | None, flag: str) -> Any:
+    """The text's format (lm/formats.py: checked line by line); ConfigError when it is not `expected`."""
+    from lm.formats import validate_text
+
+    found = validate_text(text)
+    if expected is not None and found != expected:
+        raise ConfigError(f"{flag}: the text is {found!r} data, not {expected!r}", "data_format")
+    return found
 
 
 def _exists(registry: Any, model_id: str) -> bool:
@@ -416,12 +454,16 @@ def cmd_eval(args: argparse.Namespace, settings: Settings, argv: list[str]) -> i
 
     text = read_corpus(args.corpus)
     ckpt = Registry(settings.models_dir).load(args.model)
-    metrics = evaluate(ckpt.model, ckpt.tokenizer, text)
+    data_format = _data_format(text, None, "corpus")  # chat: the assistant's tokens only (docs/TRAINING.md)
+    metrics = evaluate(
+        ckpt.model, ckpt.tokenizer, text, data_format=data_format, chat_template=ckpt.config.get("chat_template")
+    )
     result = {key: metrics[key] for key in EVAL_KEYS}
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"{'model':<11} {ckpt.model_id}")
+    print(f"{'scored':<11} {SCORED[data_format]}")
     print(f"{'tokens':<11} {result['tokens']}")
     print(f"{'chars':<11} {result['chars']}")
     print(f"{'loss':<11} {result['loss']:.4f}")

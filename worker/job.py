@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from jobs.files import corpus_path, remove_job_files, state_path
+from jobs.files import corpus_path, remove_job_files, state_path, validation_path
 from jobs.records import Claim, JobRecord
 from jobs.retry import until_available
 from jobs.store import JobStore, backend_from_spec
@@ -35,7 +35,7 @@ from lm.registry import ActivePointer, Registry
 from lm.train import TrainConfig, TrainEvent, train
 from worker.errors import EXIT_FINISHED, EXIT_HANDED_BACK, EXIT_PARENT_GONE, JobFailed, describe_failure
 from worker.progress import Reporter, Stopper, elapsed_before
-from worker.publish import Publication, promote, published_by, save_model
+from worker.publish import Publication, promote, published_by, quality_gate, save_model
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,14 @@ def train_and_publish(
     models_dir = store.models_dir
     registry = Registry(models_dir, pointer)
     model_id = params["name"]
+    activate = params.get("activate", True)  # True: if the quality gate passes; "always"; False
     # "" = no model was active; recorded once, at the first start, and kept across resumes
     active_at_start = store.set_once(job_id, "active_at_start", pointer.get() or "")
     config = published_by(registry, model_id, job_id)
     if config is None:
         text = decode_corpus(corpus_path(models_dir, job_id).read_bytes(), "the corpus")
+        val_file = validation_path(models_dir, job_id)
+        val_text = decode_corpus(val_file.read_bytes(), "the validation text") if val_file.is_file() else None
         cfg = _train_config(params, torch.get_num_threads())
         base = registry.load(params["base_model"]) if params.get("base_model") else None
         reporter = Reporter(store, job_id, elapsed_before_s=elapsed_before(record))
@@ -94,7 +97,16 @@ def train_and_publish(
             reporter(event)
 
         state_dir = state_path(models_dir, job_id)
-        result = train(text, cfg, on_event=on_event, should_stop=stopper, state_dir=state_dir, base=base, native=native)
+        result = train(
+            text,
+            cfg,
+            on_event=on_event,
+            should_stop=stopper,
+            state_dir=state_dir,
+            base=base,
+            native=native,
+            val_text=val_text,
+        )
         if stopper.cancelled:  # cancelled during the last validation: publish nothing
             raise TrainingCancelled("training was cancelled")
         training = {
@@ -108,10 +120,18 @@ def train_and_publish(
             "job_id": job_id,
             "history": result.history,
         }
+        if activate is True:  # "always" skips the gate; recorded before publishing, so a resumed run agrees
+            verdict = quality_gate(registry, result, active_at_start or None)
+            store.set_once(job_id, "gate", verdict.to_dict())
+            store.append_event(job_id, "gate", verdict.to_dict())
+            log.info("job %s: quality gate %s: %s", job_id, verdict.result, verdict.reason)
         config = save_model(registry, result, model_id=model_id, training=training)
         store.append_event(job_id, "published", {"model_id": model_id})
     activated, note = False, None
-    if params.get("activate", True):
+    gate = store.get(job_id).gate if activate is True else None
+    if gate is not None and gate["result"] == "held_back":
+        note = f"published but not activated by the quality gate: {gate['reason']}"
+    elif activate:
         activated, note = promote(registry, model_id, active_at_start or None)
     return Publication(model_id=model_id, metrics=config["metrics"], activated=activated, note=note)
 

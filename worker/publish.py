@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from lm.checkpoint import read_config
-from lm.errors import CheckpointError, ModelNotFound, PromotionConflict
+from lm.errors import CheckpointError, ModelNotFound, PromotionConflict, TextgenError
 from lm.registry import Registry
 from lm.train import TrainResult
+from lm.train.evaluate import evaluate_ids
 from worker.errors import JobFailed
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,56 @@ class Publication:
     metrics: dict[str, Any]
     activated: bool
     note: str | None = None  # why it was not activated
+
+
+@dataclass
+class Gate:
+    """The quality gate's verdict before activation: "passed" (no worse than the active model), "held_back"
+    (worse: published, not activated), or "skipped" (nothing to compare with: no active model, or one whose
+    tokenizer differs, so that losses per token do not compare). Losses in nats per token."""
+
+    result: str
+    reason: str
+    val_loss: float | None = None
+    active_val_loss: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "result": self.result,
+            "reason": self.reason,
+            "val_loss": self.val_loss,
+            "active_val_loss": self.active_val_loss,
+        }
+
+
+def quality_gate(registry: Registry, result: TrainResult, active_id: str | None) -> Gate:
+    """Score the new model and the active one on the same held-out tokens (the ones training validated on,
+    with their target mask: the assistant's tokens of chat data), when their tokenizers are the same."""
+    if active_id is None:
+        return Gate("skipped", "no model was active")
+    try:
+        active = registry.load(active_id)
+    except TextgenError as e:
+        return Gate("skipped", f"the active model {active_id!r} could not be loaded ({e})")
+    if active.tokenizer.to_dict() != result.tokenizer.to_dict():
+        return Gate(
+            "skipped",
+            f"the active model {active_id!r} has another tokenizer ({active.tokenizer.kind}, "
+            f"{active.tokenizer.vocab_size} tokens, against {result.tokenizer.kind}, {result.tokenizer.vocab_size}): "
+            "losses per token do not compare",
+        )
+    if result.val_data is None:
+        return Gate("skipped", "training kept no held-out tokens")
+    seq_len = result.config.seq_len
+    new = evaluate_ids(result.model.eval(), result.val_data, seq_len, mask=result.val_targets)
+    old = evaluate_ids(active.model.eval(), result.val_data, seq_len, mask=result.val_targets)
+    if new <= old:
+        reason = (
+            f"validation loss {new:.4f} is no worse than the active model {active_id!r} ({old:.4f}) on the same text"
+        )
+        return Gate("passed", reason, new, old)
+    reason = f"validation loss {new:.4f} is worse than the active model {active_id!r} ({old:.4f}) on the same text"
+    return Gate("held_back", reason, new, old)
 
 
 def published_by(registry: Registry, model_id: str, job_id: str) -> dict[str, Any] | None:
@@ -54,6 +105,7 @@ def save_model(registry: Registry, result: TrainResult, *, model_id: str, traini
             training=training,
             metrics=result.metrics,
             activate=False,
+            chat_template=result.chat_template,  # a fine-tune keeps its base model's
         )
     except CheckpointError:
         config = published_by(registry, model_id, training["job_id"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -81,6 +82,7 @@ class Sequence:
     pending: str = ""  # coalesced text not yet delivered
     pending_id: int | None = None
     flushed_at: float | None = None  # when text was last delivered; None = nothing delivered yet
+    series: Any = None  # app.metrics.VersionSeries: its version's (and alias's) latency series, if any
 
     def cancel(self) -> None:
         self.cancelled = True

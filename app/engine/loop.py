@@ -537,10 +537,15 @@ class Engine:
         self._end(seq, Finished(sampler.finish_reason or "length", sampler.usage))
 
     def _observe_token(self, seq: Sequence, t: float) -> None:
+        series = seq.series
         if seq.last_token_at is None:
             self.metrics.ttft.observe(t - seq.submitted_at)
+            if series is not None:
+                series.ttft.observe(t - seq.submitted_at)
         else:
             self.metrics.inter_token.observe(t - seq.last_token_at)
+            if series is not None:
+                series.inter_token.observe(t - seq.last_token_at)
         seq.last_token_at = t
 
     # -- leaving and delivering -------------------------------------------------------------------

@@ -9,11 +9,19 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request, Response
 
 from app import sse
-from app.auth import may_load, require_api_key
+from app.auth import require_api_key
 from app.deps import AdmissionDep, HolderDep, SettingsDep
 from app.engine import Admission, Failed, Finished, Token
 from app.errors import ERROR_TYPES, error_responses, invalid
-from app.generation import Generation, check_prompt, request_constraint, start_generation, unless_disconnected
+from app.generation import (
+    Generation,
+    check_prompt,
+    lease_model,
+    request_constraint,
+    start_generation,
+    unless_disconnected,
+    version_headers,
+)
 from app.holder import Lease, ModelHolder
 from app.logging import request_id_var
 from app.schemas import GenerateRequest, GenerateResponse, PromptLogprob, Usage, logit_bias_ids
@@ -77,7 +85,7 @@ async def generate(
     if scored is not None and body.max_tokens == 0:
         assert lease is not None
         lease.release()
-        return _prompt_only(body, lease.model_id, scored, response, settings)
+        return _prompt_only(body, lease.model_id, version_headers(lease), scored, response, settings)
     generation = await start_generation(
         request=request,
         holder=holder,
@@ -89,7 +97,7 @@ async def generate(
         params=[sampling_params(body, settings)],
         constraint=constraint,
     )
-    headers = {"X-Model-Version": generation.model_id}
+    headers = generation.headers
     if body.stream:
         return sse.EventStream(
             native_events(generation, scored),
@@ -121,7 +129,7 @@ async def _score_prompt(
     releases the lease. Without: (None, None)."""
     if body.prompt_logprobs is None:
         return None, None
-    lease = await holder.lease(body.model, may_load=may_load(request, body.model))
+    lease = await lease_model(holder, request, body.model)
     try:
         check_prompt(body.prompt, settings, request)
         ids = lease.loaded.checkpoint.tokenizer.encode(body.prompt)  # as written: an empty prompt has no token
@@ -134,11 +142,15 @@ async def _score_prompt(
 
 
 def _prompt_only(
-    body: GenerateRequest, model_id: str, scored: list[PromptLogprob], response: Response, settings: Settings
+    body: GenerateRequest,
+    model_id: str,
+    headers: dict[str, str],
+    scored: list[PromptLogprob],
+    response: Response,
+    settings: Settings,
 ) -> GenerateResponse | sse.EventStream:
     """max_tokens 0: the prompt's scores alone, finished by "length"; no engine involved."""
     usage = Usage(prompt_tokens=len(scored), completion_tokens=0, total_tokens=len(scored))
-    headers = {"X-Model-Version": model_id}
     if body.stream:
         done = {"finish_reason": "length", "usage": usage.model_dump(), "model": model_id}
         events = [_prompt_event(scored), sse.event("done", done)]

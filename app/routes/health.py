@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, Response
 from app.deps import HolderDep, MetricsDep, RedisHealthDep
 from app.errors import ApiError, error_response, error_responses
 from app.schemas import HealthStatus, ReadyStatus
+from lm.aliases import PRODUCTION
 
 router = APIRouter(tags=["health"], responses=error_responses(500))
 
@@ -32,7 +33,10 @@ async def readyz(request: Request, holder: HolderDep, redis_health: RedisHealthD
         reason = holder.not_ready_reason + ("; Redis is down" if redis == "down" else "")
         error = ApiError(503, f"not ready: {reason}", code="model_not_ready")
         return error_response(error, request.scope)
-    return ReadyStatus(status="ready", model=holder.active.model_id, redis=redis)
+    production = holder.aliases.get(PRODUCTION)
+    canary = production.canary if production is not None else None
+    canary_body = None if canary is None else {"model": canary.model, "weight": canary.weight}
+    return ReadyStatus(status="ready", model=holder.active.model_id, canary=canary_body, redis=redis)
 
 
 @router.get("/metrics", response_class=Response)

@@ -11,6 +11,7 @@ from app.deps import HolderDep
 from app.errors import error_responses
 from app.holder import ModelHolder
 from app.schemas import ModelDetail, ModelList, ModelPublic, UnreadableModel
+from lm.aliases import PRODUCTION
 from lm.registry import ModelInfo
 
 router = APIRouter(
@@ -63,8 +64,8 @@ async def get_model(model_id: str, holder: HolderDep) -> ModelDetail:
 
 @router.post("/{model_id}/activate", response_model=ModelDetail, dependencies=[Depends(require_admin_key)])
 async def activate_model(model_id: str, holder: HolderDep) -> ModelDetail:
-    """Load, validate and swap in a model; requests already running finish on the old one."""
-    await holder.activate(model_id)
+    """Load, validate and swap in a model (= PUT /models/aliases/production); running requests finish on the old one."""
+    await holder.set_alias(PRODUCTION, model_id, None)
     return model_detail(await holder.info(model_id), holder)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 
 from app import sse
-from app.auth import may_load, require_api_key
+from app.auth import require_api_key
 from app.chat import render_chat
 from app.deps import AdmissionDep, HolderDep, SettingsDep
 from app.engine import Admission, Failed, Finished, Token
@@ -29,10 +29,12 @@ from app.generation import (
     Generation,
     SequenceResult,
     check_prompt,
+    lease_model,
     request_constraint,
     start_generation,
     token_ids,
     unless_disconnected,
+    version_headers,
 )
 from app.holder import Lease, ModelHolder
 from app.logging import request_id_var
@@ -55,6 +57,7 @@ from app.schemas import (
 )
 from app.scoring import score_prompts
 from app.settings import Settings
+from lm.aliases import Alias
 from lm.sampler import MAX_STOP_STRINGS, SamplingParams
 from lm.tokenizers import Tokenizer
 
@@ -100,7 +103,7 @@ async def completions(
     if echoes is not None and max_tokens == 0:
         assert lease is not None
         lease.release()
-        return _echo_only(body, echoes, lease.model_id, response, settings)
+        return _echo_only(body, echoes, lease.model_id, version_headers(lease), response, settings)
     prompts = [p for p in body.prompts for _ in range(body.n)]
     params = [_params(body, max_tokens, list(body.stop), j) for _ in body.prompts for j in range(body.n)]
     generation = await start_generation(
@@ -114,9 +117,10 @@ async def completions(
         params=params,
         logprobs=body.logprobs,
         constraint=constraint,
+        user=body.user,
     )
     meta = {"id": f"cmpl-{generation.id}", "created": int(time.time()), "model": generation.model_id}
-    headers = {"X-Model-Version": generation.model_id}
+    headers = generation.headers
     if body.stream:
         chunks = completion_chunks(
             generation,
@@ -157,7 +161,7 @@ async def chat_completions(
 ) -> Any:
     """OpenAI chat completion: the messages rendered by the model's chat template."""
     constraint = request_constraint(body.structured_outputs, body.response_format)
-    lease = await holder.lease(body.model, may_load=may_load(request, body.model))
+    lease = await lease_model(holder, request, body.model, body.user)
     try:
         prompt, template_stop = render_chat(lease.loaded.chat_template, body.messages)
         stop = list(dict.fromkeys([*template_stop, *body.stop]))
@@ -184,7 +188,7 @@ async def chat_completions(
         constraint=constraint,
     )
     meta = {"id": f"chatcmpl-{generation.id}", "created": int(time.time()), "model": generation.model_id}
-    headers = {"X-Model-Version": generation.model_id}
+    headers = generation.headers
     if body.stream:
         chunks = chat_chunks(generation, meta, n=body.n, include_usage=body.include_usage, logprobs=top is not None)
         return sse.EventStream(chunks, keepalive_s=settings.keepalive_s, on_close=generation.close, headers=headers)
@@ -202,18 +206,31 @@ async def chat_completions(
     return ChatCompletion.model_validate({**meta, "choices": choices, "usage": _usage(generation, done, body.n)})
 
 
-@router.get("/models", response_model=ModelObjectList)
+@router.get("/models", response_model=ModelObjectList, response_model_exclude_none=True)
 async def list_models(holder: HolderDep) -> ModelObjectList:
-    """The registry's models, as OpenAI model objects."""
+    """The registry's models, then the aliases (with `alias_for` and `canary`), as OpenAI model objects."""
     infos = await _list(holder)
-    return ModelObjectList(data=[ModelObject(id=i.model_id, created=_epoch(i.created_at)) for i in infos])
+    aliases = await holder.read_aliases()
+    models = [ModelObject(id=i.model_id, created=_epoch(i.created_at)) for i in infos]
+    created = {m.id: m.created for m in models}
+    return ModelObjectList(data=models + [_alias_object(a, created.get(a.model, 0)) for a in aliases.values()])
 
 
-@router.get("/models/{model_id}", response_model=ModelObject)
+@router.get("/models/{model_id}", response_model=ModelObject, response_model_exclude_none=True)
 async def get_model(model_id: str, holder: HolderDep) -> ModelObject:
-    """One model, as an OpenAI model object."""
+    """One model or alias, as an OpenAI model object."""
+    alias = (await holder.read_aliases()).get(model_id)
+    if alias is not None:
+        return _alias_object(alias, _epoch((await holder.info(alias.model)).created_at))
     info = await holder.info(model_id)
     return ModelObject(id=info.model_id, created=_epoch(info.created_at))
+
+
+def _alias_object(alias: Alias, model_created: int) -> ModelObject:
+    """An alias as a model object: `created` is when it was last set (production, never set: its model's)."""
+    canary = None if alias.canary is None else {"model": alias.canary.model, "weight": alias.canary.weight}
+    created = _epoch(alias.updated_at) if alias.updated_at else model_created
+    return ModelObject(id=alias.name, created=created, alias_for=alias.model, canary=canary)
 
 
 # ---------------------------------------------------------------------------- echo
@@ -233,7 +250,7 @@ async def _echo(
 ) -> tuple[Lease, list[Echo]]:
     """Pin the model and read each prompt back: its text (token ids decoded) and, with logprobs, its tokens
     scored by the fp32 forward `textgen eval` runs (app/scoring.py). The caller releases the lease."""
-    lease = await holder.lease(body.model, may_load=may_load(request, body.model))
+    lease = await lease_model(holder, request, body.model, body.user)
     try:
         tokenizer = lease.loaded.checkpoint.tokenizer
         ids, texts = [], []
@@ -261,11 +278,15 @@ async def _echo(
 
 
 def _echo_only(
-    body: CompletionRequest, echoes: list[Echo], model_id: str, response: Response, settings: Settings
+    body: CompletionRequest,
+    echoes: list[Echo],
+    model_id: str,
+    headers: dict[str, str],
+    response: Response,
+    settings: Settings,
 ) -> Any:
     """max_tokens 0: each prompt echoed as its choices' whole text, finished by "length"; no engine involved."""
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
-    headers = {"X-Model-Version": model_id}
     prompt_tokens = sum(echo.tokens for echo in echoes)
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
     indexed = [(i * body.n + j, echo) for i, echo in enumerate(echoes) for j in range(body.n)]

@@ -11,11 +11,11 @@ import functools
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from app.auth import may_load, require_api_key
+from app.auth import require_api_key
 from app.chat import jinja_chat_template, render_chat
 from app.deps import HolderDep, SettingsDep
 from app.errors import error_responses, invalid
-from app.generation import check_prompt
+from app.generation import check_prompt, lease_model
 from app.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -45,7 +45,7 @@ async def tokenize(
         raise invalid("give one of text, prompt (vLLM's) or messages (vLLM's)", given[-1] if given else "text", request)
     if body.messages is None:
         check_prompt(body.text if body.text is not None else body.prompt or "", settings, request, given[0])
-    lease = await holder.lease(body.model, may_load=may_load(request, body.model))
+    lease = await lease_model(holder, request, body.model)
     try:
         tokenizer = lease.loaded.checkpoint.tokenizer
         if body.text is not None:
@@ -71,7 +71,7 @@ async def tokenize(
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, request: Request, holder: HolderDep) -> DetokenizeResponse:
     """The text of token ids (vLLM's route)."""
-    lease = await holder.lease(body.model, may_load=may_load(request, body.model))
+    lease = await lease_model(holder, request, body.model)
     try:
         tokenizer = lease.loaded.checkpoint.tokenizer
         vocab = tokenizer.vocab_size
@@ -92,7 +92,7 @@ async def tokenizer_info(
     model: str | None = Query(None, description="model id; default: the active model"),
 ) -> TokenizerInfo:
     """The tokenizer's special tokens, length limit and chat template as Jinja (vLLM's route)."""
-    lease = await holder.lease(model, may_load=may_load(request, model))
+    lease = await lease_model(holder, request, model)
     try:
         tokenizer = lease.loaded.checkpoint.tokenizer
         return TokenizerInfo(

@@ -30,11 +30,12 @@ from app.settings import Settings
 from app.train_schemas import JobState, TrainJobCreate, TrainJobList, TrainJobPublic
 from app.training import Training, TrainingDep, training_lifespan
 from jobs.errors import JobConflict, JobNotFound, StoreUnavailable
-from jobs.files import job_dir
+from jobs.files import job_dir, write_validation
 from jobs.records import FINAL_EVENTS, JobRecord, new_job_id, validate_job_id
 from lm.checkpoint import validate_model_id
 from lm.data import check_text, decode_corpus, read_corpus
 from lm.errors import CorpusError, InvalidModelId, ModelNotFound
+from lm.formats import DataFormat, FormatError, detect, segments, validate_text
 from lm.train import TrainConfig, planned_parameters
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,27 @@ async def create_job(
     text, corpus_name = await resolve_corpus(body, upload, settings)
     job_id = new_job_id()
     params = await asyncio.to_thread(plan_job, body, text, corpus_name, job_id, training, settings)
-    record = await asyncio.to_thread(store_job, training, params, text, job_id, settings)
+    record = await asyncio.to_thread(store_job, training, params, text, job_id, settings, body.validation_text)
     training.ensure_local_worker()
     log.info("queued training job %s for model %s (%d parameters)", job_id, params["name"], params["parameters"])
     response.headers["Location"] = f"/train/{record.id}"
     return await public(training, record)
 
 
-def store_job(training: Training, params: dict[str, Any], text: str, job_id: str, settings: Settings) -> JobRecord:
-    """Queue the job (its corpus goes to models/jobs/<id>/). A disk fault (full: 507; read-only or not
-    ours to write: 503, app/errors.py) leaves nothing behind: the job's folder goes, half-written or not."""
+def store_job(
+    training: Training,
+    params: dict[str, Any],
+    text: str,
+    job_id: str,
+    settings: Settings,
+    validation_text: str | None = None,
+) -> JobRecord:
+    """Queue the job (its corpus, and its validation text if any, go to models/jobs/<id>/). A disk fault
+    (full: 507; read-only or not ours to write: 503, app/errors.py) leaves nothing behind: the job's folder
+    goes, half-written or not."""
     try:
+        if validation_text is not None:
+            write_validation(settings.models_dir, job_id, validation_text)
         return training.store.submit(params, text, job_id)
     except OSError as e:
         shutil.rmtree(job_dir(settings.models_dir, job_id), ignore_errors=True)
@@ -143,7 +154,7 @@ async def _read_form(request: Request, settings: Settings) -> tuple[TrainJobCrea
     async with request.form(max_files=1, max_fields=64, max_part_size=part_limit) as form:
         fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str) and v != ""}
         try:
-            body = TrainJobCreate.model_validate(fields, strict=False)  # form fields are strings: "1" is 1
+            body = TrainJobCreate.model_validate(fields, strict=False, context={"form": True})  # strings: "1" is 1
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
         upload = form.get("file")
@@ -155,25 +166,40 @@ async def _read_form(request: Request, settings: Settings) -> tuple[TrainJobCrea
 
 
 async def resolve_corpus(body: TrainJobCreate, upload: tuple[str, bytes] | None, settings: Settings) -> tuple[str, str]:
-    """(the training text, a name for it); exactly one of `text`, `corpus`, `file`."""
+    """(the training text, a name for it); exactly one of `text`, `corpus`, `file`. The text is checked in its
+    format (lm/formats.py: plain text, chat or prompt/completion JSONL): 422 naming the first bad line."""
     given = [name for name, value in (("text", body.text), ("corpus", body.corpus), ("file", upload)) if value]
     if len(given) != 1:
         raise ApiError(
             422, "give the corpus one way: `text`, `corpus` (a shipped corpus) or a `file` upload", param="text"
         )
+    if upload is None and body.text is None:
+        assert body.corpus is not None
+        return await asyncio.to_thread(read_shipped_corpus, body.corpus, settings.data_dir), body.corpus
+    if body.text is not None:
+        size = len(body.text.encode("utf-8"))
+        if size > settings.max_corpus_bytes:
+            raise _too_large(size, settings)
     try:
-        if upload is not None:
-            filename, data = upload  # within the limit: _read_form checked its size
-            return decode_corpus(data, f"the uploaded file {filename!r}"), Path(filename).stem
-        if body.text is not None:
-            size = len(body.text.encode("utf-8"))
-            if size > settings.max_corpus_bytes:
-                raise _too_large(size, settings)
-            return check_text(body.text, "the text"), "text"
+        return await asyncio.to_thread(_checked_corpus, body.text, upload)  # off the event loop: 50 MB of JSONL
+    except FormatError as e:
+        message = f"the {given[0]} is not valid training data: {e}"
+        raise ApiError(422, message, param=given[0], code="invalid_corpus") from None
     except CorpusError as e:
         raise ApiError(422, str(e), param=given[0], code="invalid_corpus") from None
-    assert body.corpus is not None
-    return await asyncio.to_thread(read_shipped_corpus, body.corpus, settings.data_dir), body.corpus
+
+
+def _checked_corpus(text: str | None, upload: tuple[str, bytes] | None) -> tuple[str, str]:
+    """The inline text or the upload (within the limit: _read_form checked its size), decoded and validated
+    in its format; CorpusError (FormatError: naming the first bad line) otherwise."""
+    if upload is not None:
+        filename, data = upload
+        text = decode_corpus(data, f"the uploaded file {filename!r}")
+        validate_text(text)
+        return text, Path(filename).stem
+    assert text is not None
+    validate_text(check_text(text, "the text"))
+    return text, "text"
 
 
 def read_shipped_corpus(name: str, data_dir: Path) -> str:
@@ -193,13 +219,14 @@ def plan_job(
     body: TrainJobCreate, text: str, corpus_name: str, job_id: str, training: Training, settings: Settings
 ) -> dict[str, Any]:
     """The job's params, or a 4xx that says which field is wrong (runs in a thread: it reads the registry)."""
-    hyper = body.given()
+    hyper = {**body.given(), "data_format": _data_format(body, text)}
     cfg = TrainConfig.from_dict(hyper)
     cfg.validate()  # ConfigError -> 422 naming the field
     base = _base_architecture(body.base_model, training)
+    rendered = "".join(piece for piece, _ in segments(text, cfg.data_format, None))  # chat: the transcript
     if base is None:
-        _check_long_enough(text, cfg)
-    parameters = planned_parameters(cfg, text, base)
+        _check_long_enough(rendered, cfg)
+    parameters = planned_parameters(cfg, rendered, base)
     if parameters > settings.max_train_parameters:
         raise ApiError(
             422,
@@ -217,7 +244,47 @@ def plan_job(
         "corpus_name": corpus_name,
         "corpus_bytes": len(text.encode("utf-8")),
         "parameters": parameters,
+        **_validation_params(body.validation_text, cfg.data_format, settings),
     }
+
+
+def _data_format(body: TrainJobCreate, text: str) -> DataFormat:
+    """The corpus's format, detected (resolve_corpus has validated it); a given `data_format` must match."""
+    detected = detect(text)
+    if body.data_format is not None and body.data_format != detected:
+        raise ApiError(
+            422, f"data_format is {body.data_format!r}, but the corpus is {detected!r} data", param="data_format"
+        )
+    return detected
+
+
+def _validation_params(validation_text: str | None, data_format: DataFormat, settings: Settings) -> dict[str, Any]:
+    """{"validation_bytes": n} for a valid validation text in the corpus's format, {} without one."""
+    if validation_text is None:
+        return {}
+    size = len(validation_text.encode("utf-8"))
+    if size > settings.max_corpus_bytes:
+        raise ApiError(
+            413,
+            f"the validation text is too large ({size:,} bytes); TEXTGEN_MAX_CORPUS_BYTES allows "
+            f"{settings.max_corpus_bytes:,} bytes",
+            param="validation_text",
+            code="corpus_too_large",
+        )
+    try:
+        found = validate_text(check_text(validation_text, "the validation text"))
+    except CorpusError as e:
+        raise ApiError(
+            422, f"the validation_text is not valid: {e}", param="validation_text", code="invalid_corpus"
+        ) from None
+    if found != data_format:
+        raise ApiError(
+            422,
+            f"the validation_text is {found!r} data, but the corpus is {data_format!r} data",
+            param="validation_text",
+            code="invalid_corpus",
+        )
+    return {"validation_bytes": size}
 
 
 def _base_architecture(base_model: str | None, training: Training) -> dict[str, Any] | None:

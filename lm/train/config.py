@@ -13,6 +13,7 @@ import torch
 
 from lm.devices import DEVICES
 from lm.errors import ConfigError
+from lm.formats import DATA_FORMATS, DataFormat
 from lm.model import LSTMLanguageModel, ModelConfig, count_parameters
 from lm.tokenizers import KINDS, planned_vocab_size
 
@@ -68,8 +69,11 @@ class TrainConfig:
     threads: int | None = None
     precision: str = "auto"
     device: str = "auto"
+    data_format: DataFormat = "text"  # text, chat (loss on the assistant's tokens) or completion: lm/formats.py
 
     def validate(self) -> None:
+        if self.data_format not in DATA_FORMATS:
+            raise ConfigError(f"data_format must be one of {', '.join(DATA_FORMATS)}", "data_format")
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}", "tokenizer")
         if self.precision not in PRECISIONS:

@@ -3,32 +3,53 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lm.data import batchify, check_text, windows
+from lm.data import batchify, check_text, encode_segments, windows
 from lm.errors import CorpusError
+from lm.formats import DataFormat, segments
 from lm.model import LSTMLanguageModel, State
 from lm.sampler import SamplingParams, generate
 from lm.tokenizers import Tokenizer
 
 
 @torch.inference_mode()
-def evaluate_ids(model: LSTMLanguageModel, data: Tensor, seq_len: int, *, bf16: bool = False) -> float:
-    """Mean cross-entropy (nats per token) over batchified `data`, carrying the state across windows."""
+def evaluate_ids(
+    model: LSTMLanguageModel, data: Tensor, seq_len: int, *, bf16: bool = False, mask: Tensor | None = None
+) -> float:
+    """Mean cross-entropy (nats per token) over batchified `data`, carrying the state across windows;
+    with a `mask` (data's shape, lm/data.py `encode_segments`), over the targets it marks only."""
     was_training = model.training
     model.eval()
     state: State | None = None
     total, count = 0.0, 0
+    masks = windows(mask, max(seq_len, 256)) if mask is not None else None
     for x, y in windows(data, max(seq_len, 256)):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits, state = model(x, state)
-        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        target_mask = next(masks)[1] if masks is not None else None
+        loss, n = token_loss(logits, y, target_mask, reduction="sum")
         total += loss.item()
-        count += y.numel()
+        count += n
     model.train(was_training)
     return total / max(1, count)
+
+
+def token_loss(logits: Tensor, y: Tensor, mask: Tensor | None, *, reduction: str = "mean") -> tuple[Tensor, int]:
+    """Cross-entropy of logits (B, t, V) against targets y (B, t), over the targets `mask` (B, t) marks
+    (every target when None): the mean or the sum, and how many targets it counts. Without a mask this is
+    the plain cross-entropy of every target, so plain text trains as it always did."""
+    flat = logits.float().reshape(-1, logits.size(-1))  # (B*t, V)
+    if mask is None:
+        return nn.functional.cross_entropy(flat, y.reshape(-1), reduction=reduction), y.numel()
+    losses = nn.functional.cross_entropy(flat, y.reshape(-1), reduction="none")  # (B*t,)
+    keep = mask.reshape(-1)
+    count = int(keep.sum())
+    total = losses.masked_fill(~keep, 0.0).sum()
+    return (total if reduction == "sum" else total / max(1, count)), count
 
 
 @torch.inference_mode()
@@ -79,24 +100,42 @@ def score_ids(
 
 
 def evaluate(
-    model: LSTMLanguageModel, tokenizer: Tokenizer, text: str, *, seq_len: int = 256, batch_size: int = 16
+    model: LSTMLanguageModel,
+    tokenizer: Tokenizer,
+    text: str,
+    *,
+    seq_len: int = 256,
+    batch_size: int = 16,
+    data_format: DataFormat = "text",
+    chat_template: dict[str, Any] | None = None,
 ) -> dict[str, float | int]:
-    """Loss, perplexity and bits per character of `model` on `text` (the whole text is scored)."""
+    """Loss, perplexity and bits per character of `model` on `text` (the whole text is scored). A chat or
+    prompt/completion text (lm/formats.py) is scored on its trainable tokens only (the assistant's, the
+    completions), rendered with `chat_template`; `tokens` and `chars` then count those."""
     check_text(text, "evaluation text")
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    ids, mask = encode_segments(tokenizer, segments(text, data_format, chat_template))
     if len(ids) < 2:
         raise CorpusError("evaluation text is too short: it needs at least 2 tokens")
     streams = max(1, min(batch_size, (len(ids) - 1) // 2))
-    data = batchify(ids, streams).to(next(model.parameters()).device)
-    loss = evaluate_ids(model, data, seq_len)
-    tokens = streams * (data.size(1) - 1)
-    chars = tokens * len(text) / len(ids)
+    device = next(model.parameters()).device
+    data = batchify(ids, streams).to(device)
+    target_mask = batchify(mask, streams).to(device) if mask is not None else None
+    if target_mask is not None and not bool(target_mask[:, 1:].any()):
+        raise CorpusError("the evaluation text has no tokens to score (no assistant message, no completion)")
+    loss = evaluate_ids(model, data, seq_len, mask=target_mask)
+    if target_mask is None:
+        tokens = streams * (data.size(1) - 1)
+        chars = tokens * len(text) / len(ids)
+    else:
+        tokens = int(target_mask[:, 1:].sum())
+        scored = ids[mask]
+        chars = tokens * len(tokenizer.decode(scored.tolist())) / max(1, len(scored))
     return {
         "tokens": tokens,
         "chars": round(chars),
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
-        "bits_per_char": loss * tokens / (chars * math.log(2)),
+        "bits_per_char": loss * tokens / (max(chars, 1e-9) * math.log(2)),
     }
 
 

@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from lm.data import batchify, check_text, num_windows, split_corpus, windows
+from lm.data import batchify, check_text, encode_segments, num_windows, split_corpus, windows
 from lm.devices import resolve_device
 from lm.errors import ConfigError, CorpusError, TrainingCancelled
+from lm.formats import DataFormat, segments
 from lm.kernels import train_lstm
 from lm.model import LSTMLanguageModel, State
 from lm.tokenizers import Tokenizer, fit_tokenizer, load_tokenizer
 from lm.train.config import TrainConfig
-from lm.train.evaluate import evaluate_ids, sample_text
+from lm.train.evaluate import evaluate_ids, sample_text, token_loss
 from lm.train.state import STATE_JSON, STATE_TOKENIZER, Progress, load_state, save_state
 
 if TYPE_CHECKING:
@@ -67,6 +68,12 @@ class TrainResult:
     corpus_sha256: str
     corpus_bytes: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    chat_template: dict[str, Any] | None = None  # the base model's, which chat data was rendered with
+    # the held-out tokens the model was validated on, as `evaluate_ids` takes them (CPU): (B, T) ids and
+    # their target mask (None: every target counts); worker/publish.py's quality gate scores the active
+    # model on the same tokens
+    val_data: Tensor | None = None
+    val_targets: Tensor | None = None
 
 
 def sha256_text(text: str) -> str:
@@ -130,15 +137,21 @@ def train(
     progress_interval_s: float = 2.0,
     val_every_s: float | None = None,
     native: bool = True,
+    val_text: str | None = None,
 ) -> TrainResult:
     """Train a model on `text`. Resumes from `state_dir` when it holds a saved epoch state.
 
+    `text` is in `cfg.data_format` (lm/formats.py): chat and prompt/completion data are rendered (with the
+    base model's chat template) and the loss counts their trainable tokens only, in training and in
+    validation. `val_text` (same format) validates instead of the last `cfg.val_fraction` of `text`.
     `val_every_s` adds "validation" events every so many seconds of training, besides the
     per-epoch ones (useful when one epoch is long). `native` (the `TEXTGEN_NATIVE` setting) lets the
     LSTM train through textgen's own kernel (lm/kernels/train_lstm.py); False trains nn.LSTM.
     """
     cfg.validate()
     check_text(text)
+    if val_text is not None:
+        check_text(val_text, "the validation text")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -146,6 +159,9 @@ def train(
     if device.type == "cpu":
         keep_freed_memory()
     corpus_sha = sha256_text(text)
+    chat_template = base.config.get("chat_template") if base is not None else None
+    fmt = cfg.data_format
+    pieces = segments(text, fmt, chat_template)
     state_path = Path(state_dir) if state_dir else None
     resuming = state_path is not None and (state_path / STATE_JSON).is_file()
 
@@ -156,16 +172,21 @@ def train(
     elif base is not None:
         tokenizer = base.tokenizer
     else:
-        tokenizer = fit_tokenizer(cfg.tokenizer, text, cfg.vocab_size)
+        tokenizer = fit_tokenizer(cfg.tokenizer, "".join(piece for piece, _ in pieces), cfg.vocab_size)
     if base is not None:
         cfg = _adopt_architecture(cfg, base)
 
-    ids = tokenizer.encode(text)
-    train_ids, val_ids = split_corpus(ids, cfg.val_fraction)
+    split = _split(tokenizer, pieces, val_text, fmt, chat_template, cfg)
+    (train_ids, train_mask), (val_ids, val_mask) = split
     _check_corpus_size(len(train_ids), len(val_ids), cfg)
+    _check_trainable(train_mask, val_mask)
+    val_rows = min(cfg.batch_size, len(val_ids) // 2)
     train_data = batchify(train_ids, cfg.batch_size).to(device)  # (B, N)
-    val_data = batchify(val_ids, min(cfg.batch_size, len(val_ids) // 2)).to(device)
-    val_chars_per_token = len(tokenizer.decode(val_ids.tolist())) / max(1, len(val_ids))
+    val_data = batchify(val_ids, val_rows).to(device)
+    train_targets = batchify(train_mask, cfg.batch_size).to(device) if train_mask is not None else None  # (B, N)
+    val_targets = batchify(val_mask, val_rows).to(device) if val_mask is not None else None
+    scored_val = val_ids if val_mask is None else val_ids[val_mask]
+    val_chars_per_token = len(tokenizer.decode(scored_val.tolist())) / max(1, len(scored_val))
 
     model = LSTMLanguageModel(cfg.model_config(tokenizer.vocab_size))
     if base is not None:
@@ -187,8 +208,9 @@ def train(
     loop = _Loop(
         cfg, model, optimizer, train_data, bf16, total_steps, prog, on_event, should_stop, progress_interval_s, native
     )
+    loop.targets = train_targets  # (B, N) bool beside train_data, or None: every target counts
     if val_every_s:
-        loop.validate_every(val_every_s, val_data)
+        loop.validate_every(val_every_s, val_data, val_targets)
 
     stopped_by = "epochs"
     last_train_loss: float | None = None
@@ -198,7 +220,7 @@ def train(
         if epoch_loss is None:  # no step ran this epoch: a limit was already reached
             stopped_by = stop_reason or stopped_by
             break
-        val = evaluate_ids(model, val_data, cfg.seq_len, bf16=False)
+        val = evaluate_ids(model, val_data, cfg.seq_len, bf16=False, mask=val_targets)
         prog.epoch += 1
         improved = prog.best_val is None or val < prog.best_val
         if improved:
@@ -222,7 +244,7 @@ def train(
     if best_weights is not None and prog.history and prog.history[-1]["val_loss"] > (prog.best_val or math.inf):
         model.load_state_dict(best_weights)  # early stopping keeps the best epoch's weights
     model.eval()
-    val_loss = evaluate_ids(model, val_data, cfg.seq_len, bf16=False)
+    val_loss = evaluate_ids(model, val_data, cfg.seq_len, bf16=False, mask=val_targets)
     metrics = _metrics(last_train_loss, val_loss, val_chars_per_token, prog, stopped_by, loop.kernel)
     log.info("training done: %s", json.dumps(metrics))
     return TrainResult(
@@ -233,6 +255,9 @@ def train(
         corpus_sha256=corpus_sha,
         corpus_bytes=len(text.encode("utf-8")),
         history=prog.history,
+        chat_template=chat_template,
+        val_data=val_data.cpu(),
+        val_targets=val_targets.cpu() if val_targets is not None else None,
     )
 
 
@@ -266,16 +291,18 @@ class _Loop:
         self.lr: float | None = None
         self.val_every_s: float | None = None
         self.val_data: Tensor | None = None
+        self.val_targets: Tensor | None = None
+        self.targets: Tensor | None = None  # (B, N) bool: which targets the loss counts; None = every one
         self.next_val_s = math.inf
 
-    def validate_every(self, seconds: float, val_data: Tensor) -> None:
-        self.val_every_s, self.val_data = seconds, val_data
+    def validate_every(self, seconds: float, val_data: Tensor, val_targets: Tensor | None = None) -> None:
+        self.val_every_s, self.val_data, self.val_targets = seconds, val_data, val_targets
         self.next_val_s = (self.elapsed() // seconds + 1) * seconds
 
     def maybe_validate(self) -> None:
         if self.val_every_s is None or self.val_data is None or self.elapsed() < self.next_val_s:
             return
-        val = evaluate_ids(self.model, self.val_data, self.cfg.seq_len)
+        val = evaluate_ids(self.model, self.val_data, self.cfg.seq_len, mask=self.val_targets)
         self.emit("validation", train_loss=self.recent_loss, val_loss=val)
         self.next_val_s += self.val_every_s
 
@@ -295,8 +322,9 @@ class _Loop:
         model.train()
         state: State | None = None
         loss_sum, n = 0.0, 0
-        vocab = model.cfg.vocab_size
+        masks = windows(self.targets, cfg.seq_len) if self.targets is not None else None
         for x, y in windows(self.data, cfg.seq_len):
+            target_mask = next(masks)[1] if masks is not None else None  # (B, t) or None
             if self.should_stop is not None and self.should_stop():
                 raise TrainingCancelled("training was cancelled")
             reason = self.limit_reached()
@@ -308,8 +336,10 @@ class _Loop:
                 group["lr"] = self.lr
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits, state = self.forward(x, state)  # (B, t, V)
-            loss = nn.functional.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1))
+            loss, counted = token_loss(logits, y, target_mask)  # the mean over the targets the mask keeps
             state = (state[0].detach(), state[1].detach())  # detach: truncated BPTT
+            if counted == 0:  # a window of context only (a long prompt): nothing to learn, carry the state on
+                continue
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -318,7 +348,8 @@ class _Loop:
             value = loss.item()
             if not math.isfinite(value):
                 raise ConfigError(f"training diverged (loss {value}); lower lr (now {cfg.lr:g})", "lr")
-            loss_sum, n = loss_sum + value, n + 1
+            weight = 1 if target_mask is None else counted  # masked: the epoch's mean over its counted tokens
+            loss_sum, n = loss_sum + value * weight, n + weight
             self.recent_loss = value if self.recent_loss is None else 0.9 * self.recent_loss + 0.1 * value
             self.prog.step += 1
             self.prog.tokens += x.numel()
@@ -380,6 +411,36 @@ def _adopt_architecture(cfg: TrainConfig, base: Checkpoint) -> TrainConfig:
         dropout=arch.dropout,
         tie_weights=arch.tie_weights,
     )
+
+
+def _split(
+    tokenizer: Tokenizer,
+    pieces: list[tuple[str, bool]],
+    val_text: str | None,
+    fmt: DataFormat,
+    chat_template: dict[str, Any] | None,
+    cfg: TrainConfig,
+) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
+    """((train ids, mask), (validation ids, mask)): the validation text's own, or the corpus's last
+    `val_fraction` of tokens (nanoGPT's split, by position)."""
+    ids, mask = encode_segments(tokenizer, pieces)
+    if val_text is not None:
+        return (ids, mask), encode_segments(tokenizer, segments(val_text, fmt, chat_template))
+    train_ids, val_ids = split_corpus(ids, cfg.val_fraction)
+    if mask is None:
+        return (train_ids, None), (val_ids, None)
+    return (train_ids, mask[: len(train_ids)]), (val_ids, mask[len(train_ids) :])
+
+
+def _check_trainable(train_mask: Tensor | None, val_mask: Tensor | None) -> None:
+    """Chat and prompt/completion data: each part needs tokens the loss counts (its first token is no target)."""
+    if train_mask is not None and not bool(train_mask[1:].any()):
+        raise CorpusError("the training part has no tokens to learn (no assistant message, no completion)")
+    if val_mask is not None and not bool(val_mask[1:].any()):
+        raise CorpusError(
+            "the validation part has no tokens to score (no assistant message, no completion); "
+            "raise val_fraction or give a validation text"
+        )
 
 
 def _check_corpus_size(n_train: int, n_val: int, cfg: TrainConfig) -> None:

@@ -261,7 +261,7 @@ async def test_delete_model(client: httpx.AsyncClient, models_dir: Path) -> None
 async def test_v1_models(client: httpx.AsyncClient) -> None:
     listing = (await client.get("/v1/models")).json()
     assert listing["object"] == "list"
-    assert {m["id"] for m in listing["data"]} == {MODEL_A, MODEL_B, MODEL_NAN}
+    assert {m["id"] for m in listing["data"]} == {MODEL_A, MODEL_B, MODEL_NAN, "production"}  # + the aliases
     assert all(m["object"] == "model" and m["created"] > 0 for m in listing["data"])
     one = (await client.get(f"/v1/models/{MODEL_B}")).json()
     assert one["id"] == MODEL_B

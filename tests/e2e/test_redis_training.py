@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from jobs.pointer import RedisPointer
+from tests.corpora import chat_jsonl
 from tests.e2e.conftest import (
     BASE_MODEL,
     TEXT,
@@ -150,7 +151,7 @@ def test_a_checkpoint_that_fails_validation_is_refused_and_the_old_model_keeps_s
 
 def test_a_job_finishing_late_does_not_overwrite_a_newer_activation(rc: RedisCluster) -> None:
     api1, api2 = rc.apis
-    job = submit(api1, name="late-v3", epochs=12)
+    job = submit(api1, name="late-v3", epochs=12, activate="always")  # past the quality gate: the CAS decides
     wait_for_event(api1, job["id"], "epoch")
 
     response = httpx.post(f"{api2.url}/models/{BASE_MODEL}/activate", timeout=30)  # the rollback
@@ -197,6 +198,7 @@ def test_a_redis_restart_mid_job_loses_nothing(rc: RedisCluster) -> None:
         ({"text": " \n\n "}, 422, "empty"),
         ({"text": "\x00\x01binary\x02" * 100}, 422, "binary"),
         ({"text": TEXT * 40}, 413, "TEXTGEN_MAX_CORPUS_BYTES"),
+        ({"text": '{"messages": [{"content": "x"}]}\n'}, 422, 'line 1: message 1 has no "role"'),
     ],
 )
 def test_bad_corpora_are_refused_before_they_reach_the_queue(
@@ -205,3 +207,18 @@ def test_bad_corpora_are_refused_before_they_reach_the_queue(
     api = rc.apis[0]
     response = httpx.post(f"{api.url}/train", json=body, timeout=30)
     assert response.status_code == status and words in response.json()["error"]["message"]
+
+
+def test_a_chat_job_through_one_replica_is_followed_through_the_other(rc: RedisCluster) -> None:
+    api1, api2 = rc.apis
+    chats = chat_jsonl(TEXT).splitlines(keepends=True)
+    body = {"text": "".join(chats[:-10]), "validation_text": "".join(chats[-10:]), "base_model": BASE_MODEL}
+    job = submit(api1, **body, name="chat-v1", activate=False)
+    assert job["params"]["data_format"] == "chat"
+
+    done = wait_for_job(api2, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert done["metrics"]["val_loss"] > 0 and done["activated"] is False
+    model = httpx.get(f"{api2.url}/models/chat-v1", timeout=10).json()
+    assert model["training"]["recipe"]["data_format"] == "chat"
+    assert published_for(rc.models_dir, job["id"]) == ["chat-v1"]

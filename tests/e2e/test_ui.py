@@ -367,6 +367,9 @@ def test_a_training_job_draws_its_loss_curve_and_its_model_can_be_tried(registry
     assert page.locator("#loss-chart .val circle").count() == 8
     expect(page.locator("#job-samples li")).to_have_count(8)
     expect(page.locator("#job-result")).to_contain_text("Published fresh-model and activated")
+    expect(page.locator("#job-result")).to_contain_text(
+        "Quality gate passed: validation loss"
+    )  # tiny-a: random weights
     expect(page.locator("#job-step")).to_have_text(re.compile(r"^(\d+) of \1$"))
     expect(page.locator("#job-list li").first).to_contain_text("fresh-model")
     screenshot(page, "train")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,27 @@ def test_set_once_keeps_the_first_value(store: JobStore) -> None:
 
 
 # ---------------------------------------------------------------------------- Redis only
+
+
+def test_an_idempotency_key_binds_one_job_even_when_requests_race(store: JobStore) -> None:
+    candidates = [f"job-2025010112000012{i}-abcdef" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        bound = list(pool.map(lambda job_id: store.remember_request("retry-me", job_id), candidates))
+    assert len(set(bound)) == 1 and bound[0] in candidates  # one winner; every request is told which
+    assert store.remember_request("retry-me", candidates[-1]) == bound[0]
+    assert store.remember_request("another key", candidates[0]) == candidates[0]
+
+    store.forget_request("retry-me", "job-20250101120000999-abcdef")  # not its job: kept
+    assert store.remember_request("retry-me", candidates[-1]) == bound[0]
+    store.forget_request("retry-me", bound[0])  # its job was never stored: the key is free again
+    assert store.remember_request("retry-me", candidates[-1]) == candidates[-1]
+
+
+def test_events_carry_the_time_they_were_recorded(store: JobStore) -> None:
+    before = time.time()
+    job = store.submit(tiny_params(), corpus())
+    [queued] = store.events(job.id)
+    assert queued.at is not None and before - 1 <= queued.at <= time.time() + 1
 
 
 def test_redis_pointer_compare_and_set_and_activated_notice(redis_server: RedisServer, prefix: str) -> None:

@@ -7,6 +7,8 @@ import { LossChart } from "./chart.js";
 import { $, $$, el, fmtBytes, fmtDate, fmtLoss, fmtNumber, fmtSeconds, showError } from "./dom.js";
 import { requestTry } from "./store.js";
 
+const gateWords = (result) => ({ passed: "passed", held_back: "held the model back", skipped: "skipped" })[result] ?? result;
+
 // The form's fields (the `textgen train` flags): those shown at once, then those under "More settings".
 const MAIN_FIELDS = ["embedding_dim", "hidden_dim", "layers", "seq_len", "batch_size", "lr", "epochs", "max_steps"];
 const MORE_FIELDS = [
@@ -220,7 +222,9 @@ export class TrainPanel {
     if (name) fields.name = name;
     const base = $("#train-base", this.root).value;
     if (base) fields.base_model = base;
-    fields.activate = $("#train-activate", this.root).checked;
+    // true: if the quality gate passes (no worse than the active model on the same held-out text)
+    const gated = $("#train-gate", this.root).checked;
+    fields.activate = $("#train-activate", this.root).checked ? (gated ? true : "always") : false;
     const source = this.source();
     if (source === "corpus") return { json: { ...fields, corpus: $("#train-corpus", this.root).value } };
     if (source === "text") {
@@ -337,6 +341,7 @@ export class TrainPanel {
       epoch: () => this.onEpoch(data),
       checkpoint: () => this.setResult(`Saved a resumable state after epoch ${data.epoch}.`, ""),
       published: () => this.setResult(`Published ${data.model_id}.`, ""),
+      gate: () => this.setResult(`Quality gate ${gateWords(data.result)}: ${data.reason}.`, data.result === "held_back" ? "warn" : ""),
       error: () => this.setResult(`${data.error.message} Reconnecting…`, "warn"),
     }[event];
     if (handler) handler();
@@ -375,7 +380,10 @@ export class TrainPanel {
     if (state === "succeeded") {
       const metrics = data.metrics ?? {};
       const activated = data.activated ? "and activated" : `(not activated${data.note ? `: ${data.note}` : ""})`;
-      this.setResult(`Published ${data.model_id} ${activated}. Validation loss ${fmtLoss(metrics.val_loss)}.`, "good");
+      // a held-back model's note already gives the gate's reason
+      const gate = data.gate && data.gate.result !== "held_back" ? ` Quality gate ${gateWords(data.gate.result)}: ${data.gate.reason}.` : "";
+      const tone = data.activated || !data.gate ? "good" : "warn";
+      this.setResult(`Published ${data.model_id} ${activated}. Validation loss ${fmtLoss(metrics.val_loss)}.${gate}`, tone);
       const tryButton = $("#job-try", this.root);
       tryButton.textContent = `Try ${data.model_id}`;
       tryButton.hidden = false;
