@@ -155,10 +155,10 @@ async def _body_chunks(reader: asyncio.StreamReader, headers: dict[str, str]):
         yield await reader.readexactly(int(headers.get("content-length", "0")))
 
 
-def _post_request(host: str, path: str, payload: bytes) -> bytes:
-    """One HTTP/1.1 POST of a JSON body, on a connection that closes after the answer."""
+def _post_request(host: str, path: str, payload: bytes, method: str = "POST") -> bytes:
+    """One HTTP/1.1 request (POST by default) with a JSON body, on a connection that closes after the answer."""
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + payload
@@ -207,11 +207,11 @@ async def post_stream(
         writer.close()
 
 
-async def post_json(host: str, port: int, path: str, body: dict) -> tuple[int, dict]:
+async def post_json(host: str, port: int, path: str, body: dict, method: str = "POST") -> tuple[int, dict]:
     payload = json.dumps(body).encode()
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(_post_request(host, path, payload))
+        writer.write(_post_request(host, path, payload, method))
         status, headers = await _read_head(reader)
         data = b"".join([chunk async for chunk in _body_chunks(reader, headers)])
         return status, json.loads(data) if data else {}
