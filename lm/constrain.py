@@ -176,59 +176,39 @@ class _Encoder:
 
 @dataclass
 class _Mask:
-    """One step's mask over the model's vocabulary: `allowed` (V,) bool; `accepting`: the grammar accepts
-    the text so far (it may end here)."""
+    """One step's mask over the model's vocabulary: `allowed` (V,) bool; `additive` (V,) float32, 0 where
+    allowed and -inf elsewhere; `any`: some token is allowed; `accepting`: the grammar accepts the text so
+    far (it may end here)."""
 
     allowed: np.ndarray
+    additive: Tensor
+    any: bool
     accepting: bool
-    additive: Tensor | None = None  # `row()` computed ahead (a batch's rows at once: `_masks`)
-    some: bool | None = None  # `any` computed ahead
-
-    @property
-    def any(self) -> bool:
-        if self.some is None:
-            self.some = bool(self.allowed.any())
-        return self.some
 
     def row(self) -> Tensor | None:
-        """(V,) float32 to add to the logits: -inf where not allowed; None where nothing is masked (the
-        grammar accepts, so a token it does not allow ends the sequence instead: see the module doc)."""
-        if self.accepting:
-            return None
-        if self.additive is not None:
-            return self.additive
-        return torch.from_numpy(np.where(self.allowed, np.float32(0.0), np.float32("-inf")))
-
-
-def _mask(matcher: Any, vocab: Vocabulary) -> _Mask:
-    words = np.zeros(vocab.words, dtype=np.int32)
-    matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)  # drops the GIL
-    if matcher.is_error():  # llguidance's "no token allowed" (or a forced byte no token spells)
-        return _Mask(np.zeros(vocab.size, dtype=bool), accepting=matcher.is_accepting())
-    bits = np.unpackbits(words.view(np.uint8), bitorder="little")
-    return _Mask(bits[: vocab.size].astype(bool), accepting=bool(bits[vocab.end_id]) or matcher.is_accepting())
+        """What to add to the logits: `additive`, or None where nothing is masked (the grammar accepts, so
+        a token it does not allow ends the sequence instead: see the module doc)."""
+        return None if self.accepting else self.additive
 
 
 def _masks(matchers: list[Any], vocab: Vocabulary) -> list[_Mask]:
-    """`_mask` for many matchers, with one pass of numpy over all of them: a batch's constrained rows pay
-    the conversion once. (llguidance's LLExecutor computes masks on a thread pool: 8 masks took 0.3 ms
-    through it on 2 cores, against 40 us one after the other, each a few microseconds without the GIL.)"""
+    """The next step's mask of each matcher, with one pass of numpy over all of them: a batch's constrained
+    rows pay the conversion once. (llguidance's LLExecutor computes masks on a thread pool: 8 masks took
+    0.3 ms through it on 2 cores, against 40 us one after the other, each a few microseconds without the GIL.)"""
     words = np.zeros((len(matchers), vocab.words), dtype=np.int32)
     nbytes, address = vocab.words * 4, words.ctypes.data  # (`ctypes.data` costs microseconds: once)
     for i, m in enumerate(matchers):
-        m.unsafe_compute_mask_ptr(address + i * nbytes, nbytes)
+        m.unsafe_compute_mask_ptr(address + i * nbytes, nbytes)  # drops the GIL
+    errors = [m.is_error() for m in matchers]  # llguidance's "no token allowed" (or a forced byte no token spells)
+    words[errors] = 0
     bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")
     allowed = bits[:, : vocab.size].astype(bool)
     additive = torch.from_numpy(np.where(allowed, np.float32(0.0), np.float32("-inf")))  # (k, V)
-    some = np.any(allowed, axis=1).tolist()  # list[bool]
-    out = []
-    for i, m in enumerate(matchers):
-        if m.is_error():
-            out.append(_Mask(np.zeros(vocab.size, dtype=bool), accepting=m.is_accepting()))
-        else:
-            accepting = bool(bits[i, vocab.end_id]) or m.is_accepting()
-            out.append(_Mask(allowed[i], accepting=accepting, additive=additive[i], some=some[i]))
-    return out
+    some = np.any(allowed, axis=1).tolist()
+    return [
+        _Mask(allowed[i], additive[i], some[i], accepting=bool(bits[i, vocab.end_id]) or m.is_accepting())
+        for i, m in enumerate(matchers)
+    ]
 
 
 @dataclass(eq=False)
@@ -240,7 +220,6 @@ class CompiledConstraint:
     vocab: Vocabulary
     matcher: Any  # llguidance.LLMatcher, never advanced: states are copies
     first: _Mask
-    first_row: Tensor | None
 
     def start(self) -> ConstraintState:
         return ConstraintState(self)
@@ -257,7 +236,7 @@ class ConstraintState:
         self._vocab = compiled.vocab
         self._matcher = compiled.matcher.deep_copy()
         self._mask = compiled.first
-        self.row = compiled.first_row
+        self.row = compiled.first.row()
         self.complete = False
         self.dead_end = False
 
@@ -271,7 +250,7 @@ class ConstraintState:
     def advance(self, token_id: int) -> None:
         """Consume an allowed token; compute the next step's mask."""
         self._consume(token_id)
-        self._update(_mask(self._matcher, self._vocab))
+        self._update(_masks([self._matcher], self._vocab)[0])
 
     def _consume(self, token_id: int) -> None:
         if not self._matcher.consume_token(token_id):
@@ -355,7 +334,7 @@ def _compile(constraint: Constraint, vocab: Vocabulary) -> CompiledConstraint:
     if matcher.is_error():
         message = _first_line(matcher.get_error())
         raise ConfigError(f"invalid {_NAMES[constraint.kind]}: {message}", constraint.param)
-    first = _mask(matcher, vocab)
+    first = _masks([matcher], vocab)[0]
     if not first.any and not first.accepting:
         raise ConfigError(
             f"the model's vocabulary cannot spell any text that matches this {_NAMES[constraint.kind]}: "
@@ -363,7 +342,7 @@ def _compile(constraint: Constraint, vocab: Vocabulary) -> CompiledConstraint:
             constraint.param,
         )
     log.debug("compiled %s constraint (%d chars)", constraint.kind, len(constraint.text))
-    return CompiledConstraint(constraint, vocab, matcher, first, first.row())
+    return CompiledConstraint(constraint, vocab, matcher, first)
 
 
 _NAMES = {"regex": "regex", "choice": "choice list", "json": "JSON schema", "grammar": "grammar"}
