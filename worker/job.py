@@ -84,6 +84,7 @@ def train_and_publish(
     # "" = no model was active; recorded once, at the first start, and kept across resumes
     active_at_start = store.set_once(job_id, "active_at_start", pointer.get() or "")
     config = published_by(registry, model_id, job_id)
+    gate = record.gate  # the quality gate's verdict: recorded by an earlier run that published, or below
     if config is None:
         text = decode_corpus(corpus_path(models_dir, job_id).read_bytes(), "the corpus")
         val_file = validation_path(models_dir, job_id)
@@ -122,14 +123,13 @@ def train_and_publish(
         }
         if activate is True:  # "always" skips the gate; recorded before publishing, so a resumed run agrees
             verdict = quality_gate(registry, result, active_at_start or None)
-            store.set_once(job_id, "gate", verdict.to_dict())
-            store.append_event(job_id, "gate", verdict.to_dict())
-            log.info("job %s: quality gate %s: %s", job_id, verdict.result, verdict.reason)
+            gate = store.set_once(job_id, "gate", verdict.to_dict())  # an earlier run's verdict, if it gave one
+            store.append_event(job_id, "gate", gate)
+            log.info("job %s: quality gate %s: %s", job_id, gate["result"], gate["reason"])
         config = save_model(registry, result, model_id=model_id, training=training)
         store.append_event(job_id, "published", {"model_id": model_id})
     activated, note = False, None
-    gate = store.get(job_id).gate if activate is True else None
-    if gate is not None and gate["result"] == "held_back":
+    if activate is True and gate is not None and gate["result"] == "held_back":
         note = f"published but not activated by the quality gate: {gate['reason']}"
     elif activate:
         activated, note = promote(registry, model_id, active_at_start or None)
