@@ -14,7 +14,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -127,55 +127,42 @@ def post_from(server: Server, source: str, path: str, body: dict, **headers: str
 # ---------------------------------------------------------------------------- servers
 
 
-def serve(models_template: Path, root: Path, **settings: str) -> Server:
+@contextmanager
+def serving(models_template: Path, root: Path, **settings: str) -> Iterator[Server]:
+    """A real server on a copy of the models, with these settings, stopped at the end."""
     models = root / "models"
     shutil.copytree(models_template, models)
-    return start_server(models, root, **settings)
+    server = start_server(models, root, **settings)
+    try:
+        yield server
+    finally:
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")
 def guarded(models_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """1 s to send a request head, 1 s of keep-alive idleness, 1 s stalled: then the connection closes."""
-    root = tmp_path_factory.mktemp("guarded")
-    srv = serve(
-        models_template,
-        root,
-        head_timeout_s="1",
-        idle_timeout_s="1",
-        stall_timeout_s="1",
-        keepalive_s="0.2",
-        max_tokens=str(LONG),
-        max_running_per_client="0",
-    )
-    yield srv
-    stop_server(srv)
+    timeouts = {"head_timeout_s": "1", "idle_timeout_s": "1", "stall_timeout_s": "1", "keepalive_s": "0.2"}
+    limits = {"max_tokens": str(LONG), "max_running_per_client": "0"}
+    with serving(models_template, tmp_path_factory.mktemp("guarded"), **timeouts, **limits) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def capped(models_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """At most 4 open connections."""
-    root = tmp_path_factory.mktemp("capped")
-    srv = serve(models_template, root, max_connections="4", head_timeout_s="1", retry_after_s="2")
-    yield srv
-    stop_server(srv)
+    settings = {"max_connections": "4", "head_timeout_s": "1", "retry_after_s": "2"}
+    with serving(models_template, tmp_path_factory.mktemp("capped"), **settings) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def per_client(models_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """No keys, 2 sequences per client address, 8 in all; 127.0.0.1 is a trusted proxy."""
-    root = tmp_path_factory.mktemp("per-client")
-    srv = serve(
-        models_template,
-        root,
-        max_running="4",
-        max_waiting="4",
-        max_running_per_client="2",
-        trusted_proxies="127.0.0.1",
-        max_tokens=str(LONG),
-        keepalive_s="0.2",
-    )
-    yield srv
-    stop_server(srv)
+    limits = {"max_running": "4", "max_waiting": "4", "max_running_per_client": "2", "max_tokens": str(LONG)}
+    settings = {**limits, "trusted_proxies": "127.0.0.1", "keepalive_s": "0.2"}
+    with serving(models_template, tmp_path_factory.mktemp("per-client"), **settings) as server:
+        yield server
 
 
 # ---------------------------------------------------------------------------- request heads and idle connections

@@ -11,8 +11,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -26,7 +25,7 @@ from tests.app.test_connections import (
     connect,
     metric,
     request,
-    serve,
+    serving,
     stream_lines,
     wait_for,
 )
@@ -35,15 +34,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.chaos]  # two of the chaos suite's d
 
 DEFAULTS = Settings()
 STALLING = {"prompt": "To be", "max_tokens": LONG, "stream": True, "logprobs": 5}  # ~400 bytes a token
-
-
-@contextmanager
-def server_with(models_template: Path, root: Path, **settings: str) -> Iterator[Server]:  # noqa: F811
-    server = serve(models_template, root, max_tokens=str(LONG), **settings)
-    try:
-        yield server
-    finally:
-        stop_server(server)
 
 
 class Reader(threading.Thread):
@@ -78,7 +68,7 @@ def test_300_idle_and_50_trickling_connections_are_closed_within_the_head_timeou
     tmp_path: Path,
 ) -> None:
     head, idle = DEFAULTS.head_timeout_s, DEFAULTS.idle_timeout_s
-    with server_with(models_template, tmp_path) as server:
+    with serving(models_template, tmp_path, max_tokens=str(LONG)) as server:
         reader = Reader(server)
         reader.start()
         kept_alive = [connect(server) for _ in range(20)]  # one request each, then nothing
@@ -146,7 +136,7 @@ def test_200_stalled_readers_from_one_address_beside_a_reading_client(
 ) -> None:
     """The drill's server (32 running + 64 waiting), the default stall timeout and per-client limit."""
     stall = DEFAULTS.stall_timeout_s
-    with server_with(models_template, tmp_path, max_running="32", max_waiting="64") as server:
+    with serving(models_template, tmp_path, max_tokens=str(LONG), max_running="32", max_waiting="64") as server:
         stalled = [connect(server, source="127.0.0.2", rcvbuf=4096) for _ in range(200)]
         for sock in stalled:
             sock.sendall(request("/v1/completions", STALLING))
@@ -173,7 +163,9 @@ def test_200_stalled_readers_from_200_addresses_are_cleared_in_rounds_of_the_sta
     the stall timeout after it filled its buffers; a reading client, retrying on 429, gets in once the
     streams ahead of it in the waiting queue (96 / 32 = 3 rounds) have been cut."""
     stall = 2.0
-    with server_with(models_template, tmp_path, max_running="32", max_waiting="64", stall_timeout_s="2") as server:
+    with serving(
+        models_template, tmp_path, max_tokens=str(LONG), max_running="32", max_waiting="64", stall_timeout_s="2"
+    ) as server:
         stalled = [connect(server, source=f"127.0.1.{i}", rcvbuf=4096) for i in range(1, 201)]
         for sock in stalled:
             sock.sendall(request("/v1/completions", STALLING))
