@@ -127,14 +127,10 @@ def _check_float(
         raise ConfigError(f"{name} must be in {interval}, got {value:g}", name)
 
 
+@functools.lru_cache(maxsize=16)  # a few tokenizers at a time (one per loaded model version); small rows
 def special_mask(tokenizer: Tokenizer) -> Tensor | None:
     """(V,) float32: -inf at the tokenizer's special ids, 0 elsewhere; None when there is nothing to mask
     (or it would mask every token). Built once per tokenizer and shared by its sequences: never write to it."""
-    return _special_mask(tokenizer)
-
-
-@functools.lru_cache(maxsize=16)  # a few tokenizers at a time (one per loaded model version); small rows
-def _special_mask(tokenizer: Tokenizer) -> Tensor | None:
     vocab = tokenizer.vocab_size
     ids = sorted({i for i in tokenizer.special_ids if 0 <= i < vocab})
     if not ids or len(ids) >= vocab:
