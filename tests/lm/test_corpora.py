@@ -31,6 +31,7 @@ class Corpus:
 CORPORA = [
     Corpus("shakespeare", DATA / "shakespeare" / "shakespeare.txt", min_bytes=3_000_000),
     Corpus("tang-poetry", DATA / "tang-poetry" / "tang-poetry.txt", min_bytes=2_000_000),
+    Corpus("genesis", DATA / "genesis" / "genesis.txt", min_bytes=150_000),
 ]
 
 
@@ -103,6 +104,16 @@ def test_tang_poems_are_title_author_then_verse(texts: dict[str, str]) -> None:
         assert CJK_CHAR.match(author), poem
         assert verse and all(VERSE_LINE.fullmatch(line) for line in verse), poem
     assert poems[0].split("\n")[:2] == ["帝京篇十首 一", "太宗皇帝"]
+
+
+def test_genesis_is_its_50_chapters_a_verse_a_line(texts: dict[str, str]) -> None:
+    chapters = texts["genesis"].rstrip("\n").split("\n\n")
+    assert [chapter.split("\n")[0] for chapter in chapters] == [f"Genesis {n}" for n in range(1, 51)]
+    verses = [line for chapter in chapters for line in chapter.split("\n")[1:]]
+    assert len(verses) == 1533  # the count PROVENANCE.md gives
+    assert verses[0] == "In the beginning God created the heaven and the earth."
+    assert all(line and line == " ".join(line.split()) and not line[0].isdigit() for line in verses)
+    assert texts["genesis"].isascii()
 
 
 def test_shipped_data_stays_small() -> None:
