@@ -89,10 +89,18 @@ class FineTuningJobCreate(TrainHyperparameters):
     metadata: dict[str, str] | None = Field(None, max_length=16, description="kept with the job")
     integrations: list[dict[str, Any]] | None = Field(None, description="none are supported: null or []")
     name: str | None = Field(None, description="textgen: the new model's id (default: <model>-ft[-<suffix>]-<6 hex>)")
+    keep_checkpoints: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="textgen: each epoch's model is a checkpoint; keep the last this many (default: "
+        "TEXTGEN_KEEP_CHECKPOINTS, 3); 0: none",
+    )
     activate: Activate = Field(
         False,
         description="textgen: make the new model the active one when it is published, if it passes the quality "
-        'gate (POST /train\'s `activate`); "always": without the gate',
+        'gate (POST /train\'s `activate`); "always": without the gate; "canary:<weight>": production\'s canary '
+        "at that weight instead",
     )
 
 

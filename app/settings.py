@@ -30,6 +30,7 @@ class Settings(JobSettings):
     max_corpus_bytes: int = Field(default=50_000_000, ge=1)  # the largest training text POST /train accepts
     max_file_bytes: int = Field(default=50_000_000, ge=1)  # the largest file POST /v1/files accepts
     max_train_parameters: int = Field(default=100_000_000, ge=1)  # the largest model POST /train may ask for
+    keep_checkpoints: int = Field(default=3, ge=0, le=100)  # a job's per-epoch checkpoints kept (the last K)
     reconcile_s: float = Field(default=2.0, gt=0)  # how often a replica checks the active pointer
 
     # auth: Bearer tokens; empty = open (a startup warning says so)

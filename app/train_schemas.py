@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from app.bodies import RequestBody
+from lm.aliases import canary_weight
+from lm.errors import ConfigError
 from lm.train import BOUNDS
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobState = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 
 
 def _bounded(name: str, description: str) -> Any:
@@ -22,20 +24,36 @@ def _bounded(name: str, description: str) -> Any:
 
 
 def _activate(value: object, info: ValidationInfo) -> object:
-    """`activate` is true, false or "always": never 1 or 0 (which equal True and False); a form's "true" and
-    "false" are the booleans (form fields are strings: `read_submission` validates them with context form)."""
+    """`activate` is true, false, "always" or "canary:<weight>": never 1 or 0 (which equal True and False); a
+    form's "true" and "false" are the booleans (form fields are strings: `read_submission` validates them with
+    context form)."""
     if isinstance(value, str) and info.context and info.context.get("form"):
         value = {"true": True, "false": False}.get(value.lower(), value)
     if value is True or value is False or value == "always":
         return value
-    raise PydanticCustomError("literal_error", 'Input should be true, false or "always"')
+    try:
+        if canary_weight(value) is not None:
+            return value
+    except ConfigError as e:
+        raise PydanticCustomError("value_error", str(e)) from None
+    raise PydanticCustomError(
+        "literal_error", 'Input should be true, false, "always" or "canary:<weight>" (a weight in (0, 1])'
+    )
 
 
-Activate = Annotated[Literal[True, False, "always"], BeforeValidator(_activate)]
+ACTIVATE_SCHEMA = {
+    "anyOf": [
+        {"type": "boolean"},
+        {"type": "string", "enum": ["always"]},
+        {"type": "string", "pattern": r"^canary:[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$", "examples": ["canary:0.1"]},
+    ]
+}
+Activate = Annotated[bool | str, BeforeValidator(_activate), WithJsonSchema(ACTIVATE_SCHEMA)]
 
 
 class TrainHyperparameters(RequestBody):
-    """Every `textgen train` hyperparameter; null or omitted = the default of `textgen train`.
+    """Every `textgen train` hyperparameter; null or omitted = the default of `textgen train` (the sizes:
+    fitted to the corpus and the time budget, lm/train/sizing.py).
 
     Strict types (app/bodies.py) hold for JSON; a multipart form's fields are strings, which the
     route validates with `strict=False`.
@@ -56,7 +74,9 @@ class TrainHyperparameters(RequestBody):
     weight_decay: float | None = _bounded("weight_decay", "AdamW weight decay")
     grad_clip: float | None = _bounded("grad_clip", "gradient norm clip")
     warmup_steps: int | None = _bounded("warmup_steps", "linear warmup steps")
-    epochs: int | None = _bounded("epochs", "passes over the training split")
+    epochs: int | None = _bounded(
+        "epochs", "passes over the training split (default 10; under time_budget_s, a cap only when given)"
+    )
     max_steps: int | None = _bounded("max_steps", "stop after this many optimizer steps")
     time_budget_s: float | None = _bounded("time_budget_s", "stop after this many seconds")
     patience: int | None = _bounded("patience", "stop after this many epochs without a better val loss")
@@ -88,10 +108,19 @@ class TrainJobCreate(TrainHyperparameters):
         description="a validation text in the corpus's format (e.g. held-out conversations), instead of the "
         "corpus's last val_fraction",
     )
+    keep_checkpoints: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="publish each epoch's model as `<name>-ckpt-step-<step>` and keep the last this many "
+        "(default: TEXTGEN_KEEP_CHECKPOINTS, 3); 0: none",
+    )
     activate: Activate = Field(
         True,
         description="make the new model active when it is published, if it passes the quality gate (its "
-        'validation loss no worse than the active model\'s on the same held-out text); "always": without the gate',
+        'validation loss no worse than the active model\'s on the same held-out text); "always": without the gate; '
+        '"canary:<weight>" (e.g. "canary:0.1"): if it passes the gate, make it production\'s canary at that weight '
+        "instead of replacing production",
     )
 
 
@@ -112,15 +141,18 @@ class TrainJobPublic(BaseModel):
     )
     metrics: dict[str, Any] | None = Field(None, description="per-epoch losses; the final metrics once done")
     model_id: str | None = Field(None, description="the published model, once succeeded")
-    activated: bool | None = None
+    activated: bool | None = Field(None, description="whether the new model became the active one (a canary did not)")
     error: str | None = Field(None, description="why the job failed")
-    note: str | None = Field(None, description="e.g. why a published model was not activated")
+    note: str | None = Field(
+        None, description="e.g. why a published model was not activated, or that it became production's canary"
+    )
     gate: dict[str, Any] | None = Field(
         None,
         description="the quality gate's verdict before activation: result (passed, held_back, skipped), reason, "
         "val_loss and active_val_loss on the same held-out tokens",
     )
     cancel_requested: bool = False
+    pause_requested: bool = Field(False, description="asked to save its state and pause: it will within seconds")
     attempts: int
     worker: str | None
     params: dict[str, Any]

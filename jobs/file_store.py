@@ -131,6 +131,33 @@ class FileStore:
             self.append_event(job_id, "cancelled", final_event_data(record))
         return record
 
+    def pause(self, job_id: str) -> JobRecord:
+        """A queued job (or one whose worker is gone) is paused at once; a running one is asked to save and stop."""
+        now = time.time()
+        before: list[str] = []
+
+        def change(record: JobRecord) -> Changes:
+            before.append(record.state)
+            return records.pause(record, now, self.lease_s)
+
+        _, record = self._modify(job_id, change)
+        if record.state == "paused" and before[-1] != "paused":
+            self.append_event(job_id, "paused", records.paused_event_data(record))
+        return record
+
+    def resume(self, job_id: str) -> JobRecord:
+        """A paused job is queued again, to go on from its saved state; a pausing one is told to go on."""
+        before: list[str] = []
+
+        def change(record: JobRecord) -> Changes:
+            before.append(record.state)
+            return records.resume(record)
+
+        _, record = self._modify(job_id, change)
+        if before[-1] == "paused":
+            self.append_event(job_id, "resumed", {"state": "queued", "saved_step": record.saved_step})
+        return record
+
     def events(self, job_id: str, after: str | None = None, block_s: float = 0.0) -> list[JobEvent]:
         """Events after the opaque id `after` (a byte offset in events.jsonl), waiting up to block_s for one."""
         path = self._dir(job_id) / self.EVENTS
@@ -279,14 +306,21 @@ class FileStore:
             f.write(line.encode("utf-8"))
             return str(f.tell())
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return self._read(job_id).cancel_requested
+    def stop_requested(self, job_id: str) -> str | None:
+        return records.stop_request(self._read(job_id))
 
     def finish(self, claim: Claim, state: str, **values: Any) -> bool:
         """running -> a final state, with the final event; False when this claim no longer holds the job."""
         done, record = self._modify(claim.job_id, self._held(claim, lambda r: records.finish(r, state, values)))
         if done:
             self.append_event(claim.job_id, FINAL_EVENTS[state], final_event_data(record))
+        return done
+
+    def mark_paused(self, claim: Claim) -> bool:
+        """running -> paused (its state saved), the worker freed; False when this claim no longer holds the job."""
+        done, record = self._modify(claim.job_id, self._held(claim, records.paused))
+        if done:
+            self.append_event(claim.job_id, "paused", records.paused_event_data(record))
         return done
 
     def hand_back(self, claim: Claim, reason: str) -> bool:

@@ -2,7 +2,10 @@
 
     queued -> running -> succeeded | failed | cancelled
     running -> queued                  handed back (the worker was stopped; the job resumes)
-    queued | running -> cancelled      at once when queued or abandoned, else by the worker
+    queued | running | paused -> cancelled   at once when queued, paused or abandoned, else by the worker
+    queued | running -> paused         at once when queued or abandoned, else by the worker, which saves
+                                       the training state where it is and frees itself
+    paused -> queued                   resumed: the next free worker goes on from the saved state
 
 Each transition below is written once, as a function of a record that returns the fields it
 changes (None: the transition does not apply). The stores differ only in how they make the read
@@ -22,7 +25,7 @@ from typing import Any
 
 from jobs.errors import JobConflict, JobNotFound
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 FINAL_EVENTS = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}
 JOB_ID_RE = re.compile(r"job-[0-9]{17}-[0-9a-f]{6}")
@@ -52,14 +55,19 @@ class JobRecord:
     attempts: int = 0  # starts that did not end cleanly yet (a hand-back does not count)
     worker: str | None = None  # the worker running it
     cancel_requested: bool = False
+    pause_requested: bool = False  # a running job is asked to save its state and stop (-> paused)
     heartbeat_at: float | None = None  # unix time of the running worker's last heartbeat
     saved_epoch: int = 0  # internal: the last epoch whose resumable state was saved; a resume starts after it
+    saved_step: int = 0  # internal: the step that state was saved at (mid-epoch when the job was paused or stopped)
     # internal: the active model id when the job first started ("" = none, None = not recorded);
     # the publish is a compare-and-set against it, so a newer promotion is never overwritten
     active_at_start: str | None = None
     # the quality gate's verdict before activation (worker/publish.py `Gate`): result, reason, losses;
     # recorded once, so a resumed run of a published job decides as the first did
     gate: dict[str, Any] | None = None
+    # the job's per-epoch checkpoints still kept, oldest first (worker/checkpoints.py): model_id, step, epoch,
+    # train_loss, val_loss, created
+    checkpoints: list[dict[str, Any]] | None = None
 
     @property
     def final(self) -> bool:
@@ -83,7 +91,9 @@ class JobEvent:
     """One entry of a job's event log; `id` is opaque and increasing (an SSE `id:`)."""
 
     id: str
-    kind: str  # queued | started | progress | epoch | checkpoint | requeued | published | done | failed | cancelled
+    # queued | started | progress | epoch | checkpoint | model_checkpoint | requeued | paused | resumed | gate |
+    # published | done | failed | cancelled
+    kind: str
     data: dict[str, Any] = field(default_factory=dict)
     at: float | None = None  # unix time it was recorded (None where the store does not know)
 
@@ -145,7 +155,13 @@ def final_event_data(record: JobRecord) -> dict[str, Any]:
 
 def requeued_event_data(record: JobRecord, worker: str, reason: str) -> dict[str, Any]:
     """The `requeued` event: the worker the job left, and the saved epoch it resumes after (0: from the start)."""
-    return {"state": "queued", "reason": reason, "worker": worker, "saved_epoch": record.saved_epoch}
+    return {
+        "state": "queued",
+        "reason": reason,
+        "worker": worker,
+        "saved_epoch": record.saved_epoch,
+        "saved_step": record.saved_step,
+    }
 
 
 def takeover_event_data(record: JobRecord, worker: str, lease_s: float) -> dict[str, Any] | None:
@@ -153,7 +169,11 @@ def takeover_event_data(record: JobRecord, worker: str, lease_s: float) -> dict[
     the take); None for a job that was simply queued, which its hand-back or submission already announced."""
     if record.state != "running":
         return None
-    saved = f"the state saved after epoch {record.saved_epoch}" if record.saved_epoch else "the start"
+    saved = (
+        f"its state saved at step {record.saved_step} ({record.saved_epoch} epochs done)"
+        if record.saved_step or record.saved_epoch
+        else "the start"
+    )
     reason = f"worker {worker} stopped heartbeating for over {lease_s:g}s; the job resumes from {saved}"
     return requeued_event_data(record, worker, reason)
 
@@ -181,8 +201,8 @@ def take(record: JobRecord, holder: str, now: float, lease_s: float) -> Changes 
 
 
 def start(record: JobRecord, worker: str, now: float) -> Changes | None:
-    """queued/running -> running under `worker`: one more attempt; None when the job already ended."""
-    if record.final:
+    """queued/running -> running under `worker`: one more attempt; None when the job ended or was paused meanwhile."""
+    if record.final or record.state == "paused":
         return None
     return {
         "state": "running",
@@ -216,6 +236,48 @@ def cancel(record: JobRecord, now: float, lease_s: float) -> Changes:
     if record.final:
         raise JobConflict(f"job {record.id} has already {record.state}; there is nothing to cancel")
     changes: Changes = {"cancel_requested": True}
-    if record.state == "queued" or lease_expired(record, now, lease_s * 2):
+    if record.state in ("queued", "paused") or lease_expired(record, now, lease_s * 2):
         changes.update(state="cancelled", finished=utc_now(), worker=None)
     return changes
+
+
+def pause(record: JobRecord, now: float, lease_s: float) -> Changes:
+    """A queued job (or one whose worker is gone) is paused at once; a running one is asked to save its
+    state and stop. Pausing a paused job changes nothing. JobConflict for a job that has already ended."""
+    if record.final:
+        raise JobConflict(f"job {record.id} has already {record.state}; there is nothing to pause")
+    if record.state == "paused":
+        return {}
+    if record.state == "queued" or lease_expired(record, now, lease_s * 2):
+        return paused(record) or {}
+    return {"pause_requested": True}
+
+
+def paused(record: JobRecord) -> Changes | None:
+    """running (or queued) -> paused, the worker freed; the start does not count as an attempt. None when
+    the job already ended."""
+    if record.final:
+        return None
+    attempts = max(0, record.attempts - 1) if record.state == "running" else record.attempts
+    return {"state": "paused", "pause_requested": False, "worker": None, "heartbeat_at": None, "attempts": attempts}
+
+
+def resume(record: JobRecord) -> Changes:
+    """paused -> queued, for the next free worker, which goes on from the saved state. A job asked to pause that
+    has not yet paused keeps running. JobConflict for a job that is neither paused nor pausing."""
+    if record.state == "paused":
+        return {"state": "queued", "pause_requested": False}
+    if record.pause_requested and not record.final:
+        return {"pause_requested": False}
+    raise JobConflict(f"job {record.id} is {record.state}, not paused; only a paused job can be resumed")
+
+
+def stop_request(record: JobRecord) -> str | None:
+    """What the job's worker is asked to do: "cancel", "pause", or None (go on)."""
+    if record.cancel_requested:
+        return "cancel"
+    return "pause" if record.pause_requested else None
+
+
+def paused_event_data(record: JobRecord) -> dict[str, Any]:
+    return {"state": "paused", "saved_epoch": record.saved_epoch, "saved_step": record.saved_step}

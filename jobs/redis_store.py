@@ -197,6 +197,68 @@ class RedisStore:
             self.append_event(job_id, "cancelled", final_event_data(record))
         return record
 
+    def pause(self, job_id: str) -> JobRecord:
+        """A queued job (or one whose worker is gone) is paused at once, its queue entry removed; a running one
+        is asked to save its state and stop."""
+        key = self._job_key(job_id)
+        now = time.time()
+
+        def txn(pipe: Any) -> tuple[str, JobRecord]:
+            raw = pipe.hgetall(key)
+            if not raw:
+                raise JobNotFound(f"no training job {job_id!r}")
+            record = self._decode(raw)
+            before = record.state
+            changes = records.pause(record, now, self.lease_s)
+            entries = self._queue_entries(pipe, job_id) if changes.get("state") == "paused" else []
+            pipe.multi()
+            if changes:
+                pipe.hset(key, mapping=self._encode(changes))
+            if entries:
+                pipe.zrem(f"{self.prefix}jobs:queued", job_id)
+                pipe.xack(self.queue_key, self.GROUP, *entries)
+                pipe.xdel(self.queue_key, *entries)
+            record.apply(changes)
+            return before, record
+
+        with redis_errors():
+            self._ensure_group()
+            before, record = self.redis.transaction(txn, key, value_from_callable=True)
+        if record.state == "paused" and before != "paused":
+            self.append_event(job_id, "paused", records.paused_event_data(record))
+        return record
+
+    def _queue_entries(self, client: Any, job_id: str) -> list[str]:
+        """The queue's entries for `job_id` (the queue holds one per unfinished job that is not paused)."""
+        return [eid for eid, fields in client.xrange(self.queue_key) if fields.get("job_id") == job_id]
+
+    def resume(self, job_id: str) -> JobRecord:
+        """A paused job goes back into the queue (a new entry), to go on from its saved state; a job asked to
+        pause that has not yet paused is told to go on."""
+        key = self._job_key(job_id)
+
+        def txn(pipe: Any) -> tuple[str, JobRecord]:
+            raw = pipe.hgetall(key)
+            if not raw:
+                raise JobNotFound(f"no training job {job_id!r}")
+            record = self._decode(raw)
+            before = record.state
+            changes = records.resume(record)
+            pipe.multi()
+            pipe.hset(key, mapping=self._encode(changes))
+            if before == "paused":
+                pipe.zadd(f"{self.prefix}jobs:queued", {job_id: _created_score(record)})
+                pipe.xadd(self.queue_key, {"job_id": job_id})
+            record.apply(changes)
+            return before, record
+
+        with redis_errors():
+            self._ensure_group()
+            before, record = self.redis.transaction(txn, key, value_from_callable=True)
+        if before == "paused":
+            self.append_event(job_id, "resumed", {"state": "queued", "saved_step": record.saved_step})
+        return record
+
     def events(self, job_id: str, after: str | None = None, block_s: float = 0.0) -> list[JobEvent]:
         key = self._events_key(job_id)
         with redis_errors():
@@ -353,9 +415,10 @@ class RedisStore:
                 self._events_key(job_id), self._event_fields(kind, data), maxlen=self.events_maxlen, approximate=True
             )
 
-    def cancel_requested(self, job_id: str) -> bool:
+    def stop_requested(self, job_id: str) -> str | None:
         with redis_errors():
-            return self.redis.hget(self._job_key(job_id), "cancel_requested") == "true"
+            cancel, pause = self.redis.hmget(self._job_key(job_id), "cancel_requested", "pause_requested")
+        return "cancel" if cancel == "true" else "pause" if pause == "true" else None
 
     def finish(self, claim: Claim, state: str, **values: Any) -> bool:
         """running -> final, the entry acknowledged, atomically; then the final event."""
@@ -372,6 +435,20 @@ class RedisStore:
             return False
         self.append_event(claim.job_id, FINAL_EVENTS[state], final_event_data(record))
         return True
+
+    def mark_paused(self, claim: Claim) -> bool:
+        """running -> paused (its state saved), the queue entry acknowledged: the worker is free, and a resume
+        queues the job again with a new entry."""
+
+        def done(pipe: Any, record: JobRecord) -> None:
+            pipe.zrem(f"{self.prefix}jobs:queued", claim.job_id)
+            pipe.xack(self.queue_key, self.GROUP, claim.token)
+            pipe.xdel(self.queue_key, claim.token)
+
+        _, record = self._transition(claim, records.paused, done)
+        if record is not None:
+            self.append_event(claim.job_id, "paused", records.paused_event_data(record))
+        return record is not None
 
     def hand_back(self, claim: Claim, reason: str) -> bool:
         """running -> queued; the entry is made to look long idle so the next free worker claims it at once."""

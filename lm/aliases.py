@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 PRODUCTION = "production"
 ALIASES_FILE = "ALIASES"
 MAX_ATTEMPTS = 20  # a set without expected_model retries a lost compare-and-set this often
+CANARY_PREFIX = "canary:"  # a training job's `activate`: "canary:0.1" makes its model production's canary
+_WEIGHT = re.compile(r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,22 @@ def make_canary(model: str, weight: float) -> Canary:
     if not 0.0 <= weight <= 1.0:
         raise ConfigError(f"canary weight {weight} is outside 0.0-1.0", "canary.weight")
     return Canary(validate_model_id(model), float(weight))
+
+
+def canary_weight(activate: object) -> float | None:
+    """The weight of a job's `activate` when it is "canary:<weight>" (0 < weight <= 1); None for any other value
+    (true, false, "always"); ConfigError for a "canary:" whose weight is not a number in (0, 1]."""
+    if not isinstance(activate, str) or not activate.startswith(CANARY_PREFIX):
+        return None
+    text = activate.removeprefix(CANARY_PREFIX)
+    weight = float(text) if _WEIGHT.fullmatch(text) else -1.0
+    if not 0.0 < weight <= 1.0:
+        raise ConfigError(
+            f"activate {activate!r}: a canary's weight is a number in (0, 1], "
+            'e.g. "canary:0.1" for 10% of the traffic',
+            "activate",
+        )
+    return weight
 
 
 def parse(name: str, stored: str, active: str | None = None) -> Alias | None:

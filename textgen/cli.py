@@ -163,7 +163,16 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=help_text)
     p.add_argument("--name", help="model id (default: from the corpus file name)")
     p.add_argument("--base-model", metavar="ID", help="fine-tune this model (keeps its tokenizer and shape)")
-    p.add_argument("--activate", action="store_true", help="make the new model the active one")
+    p.add_argument(
+        "--activate",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_activate_flag,
+        metavar="canary:WEIGHT",
+        help="make the new model the active one; with canary:WEIGHT (e.g. canary:0.1, after the corpus), "
+        "production's canary at that weight instead",
+    )
     p.add_argument("--state-dir", type=Path, help="write per-epoch resumable state here; resume from it")
     p.add_argument(
         "--validation-file",
@@ -262,7 +271,6 @@ def _add_worker(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     from lm.checkpoint import validate_model_id
     from lm.data import read_corpus
-    from lm.registry import Registry
     from lm.train import TrainConfig, train
 
     text = read_corpus(args.corpus)
@@ -272,7 +280,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings, argv: list[str]) -> 
     val_text = read_corpus(args.validation_file) if args.validation_file else None
     if val_text is not None:
         _data_format(val_text, cfg.data_format, "--validation-file")
-    registry = Registry(settings.models_dir)
+    registry, aliases = _models(settings)
     # without --name the id comes from the file name: 'Owl Songs.txt' -> 'owl-songs' (or owl-songs-2, ...)
     model_id = validate_model_id(args.name) if args.name else registry.unique_id(args.corpus.stem)
     if args.name and _exists(registry, model_id):
@@ -301,18 +309,46 @@ def cmd_train(args: argparse.Namespace, settings: Settings, argv: list[str]) -> 
         "parent_model": base.model_id if base else None,
         "command": shlex.join(["textgen", *argv]),
     }
-    activate = args.activate or registry.active_id() is None  # the first model becomes active
     model_id = registry.publish(
         result.model,
         result.tokenizer,
         model_id=model_id,
         training=training,
         metrics=result.metrics,
-        activate=activate,
         chat_template=result.chat_template,  # a fine-tune keeps its base model's
     )
-    _print_summary(model_id, result.metrics, registry.path(model_id), registry.active_id() == model_id)
+    active = _release(registry, aliases, model_id, args.activate)
+    _print_summary(model_id, result.metrics, registry.path(model_id), active)
     return 0
+
+
+def _activate_flag(value: str) -> str:
+    """`--activate canary:WEIGHT`: the weight is checked here, as POST /train checks its `activate`."""
+    from lm.aliases import canary_weight
+
+    try:
+        if canary_weight(value) is not None:
+            return value
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    raise argparse.ArgumentTypeError(f"expected nothing or canary:WEIGHT, not {value!r}")
+
+
+def _release(registry: Any, aliases: Any, model_id: str, activate: bool | str) -> str:
+    """Make the new model production's model (as POST /models/{id}/activate: its canary cleared) or, with
+    canary:WEIGHT, production's canary; the first model becomes active. Returns the summary's "active" line."""
+    from lm.aliases import PRODUCTION, Canary, canary_weight, set_alias
+
+    production = registry.active_id()
+    weight = canary_weight(activate)
+    if weight is not None and production is not None:
+        set_alias(aliases, PRODUCTION, production, Canary(model_id, weight), expected_model=production)
+        return f"no: production's canary, serving {weight * 100:g}% of its traffic ({production} serves the rest)"
+    if activate or production is None:
+        registry.get(model_id)
+        set_alias(aliases, PRODUCTION, model_id, None)
+        return "yes"
+    return "no"
 
 
 def _data_format(text: str, expected: str | None, flag: str) -> Any:
@@ -333,7 +369,7 @@ def _exists(registry: Any, model_id: str) -> bool:
     return True
 
 
-def _print_summary(model_id: str, metrics: dict, path: Path, active: bool) -> None:
+def _print_summary(model_id: str, metrics: dict, path: Path, active: str) -> None:
     rows = [
         ("model", model_id),
         ("val loss", _fmt(metrics.get("val_loss"), ".4f")),
@@ -345,7 +381,7 @@ def _print_summary(model_id: str, metrics: dict, path: Path, active: bool) -> No
             "speed",
             f"{_fmt(metrics.get('tokens_per_s'), '.0f')} tokens/s ({metrics.get('lstm_kernel', '-')} LSTM kernel)",
         ),
-        ("active", "yes" if active else "no"),
+        ("active", active),
         ("path", str(path)),
     ]
     for key, value in rows:
@@ -475,10 +511,18 @@ def cmd_eval(args: argparse.Namespace, settings: Settings, argv: list[str]) -> i
 # -- models ---------------------------------------------------------------------------------------
 
 
-def cmd_models_list(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
+def _models(settings: Settings) -> tuple[Any, Any]:
+    """The registry and the aliases where the service keeps them: the active pointer and the aliases in
+    Redis with TEXTGEN_REDIS_URL, else in the models folder."""
+    from jobs.store import backend_from_settings
     from lm.registry import Registry
 
-    infos = Registry(settings.models_dir).list()
+    backend = backend_from_settings(settings)
+    return Registry(settings.models_dir, backend.pointer), backend.aliases
+
+
+def cmd_models_list(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
+    infos = _models(settings)[0].list()
     if not infos:
         print(f"no models in {settings.models_dir}")
         return 0
@@ -507,9 +551,8 @@ def _model_row(info: Any) -> tuple[str, ...]:
 
 def cmd_models_show(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
     from lm.checkpoint import read_config
-    from lm.registry import Registry
 
-    registry = Registry(settings.models_dir)
+    registry = _models(settings)[0]
     info = registry.get(args.model_id)
     config = read_config(info.path)
     config["active"] = info.active
@@ -518,17 +561,18 @@ def cmd_models_show(args: argparse.Namespace, settings: Settings, argv: list[str
 
 
 def cmd_models_activate(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
-    from lm.registry import Registry
+    """= POST /models/{id}/activate (PUT /models/aliases/production {"model": id}): production's canary is cleared."""
+    from lm.aliases import PRODUCTION, set_alias
 
-    Registry(settings.models_dir).activate(args.model_id)
+    registry, aliases = _models(settings)
+    registry.load(args.model_id)  # ModelNotFound / CheckpointError before the pointer moves
+    set_alias(aliases, PRODUCTION, args.model_id, None)
     print(f"active model: {args.model_id}")
     return 0
 
 
 def cmd_models_delete(args: argparse.Namespace, settings: Settings, argv: list[str]) -> int:
-    from lm.registry import Registry
-
-    Registry(settings.models_dir).delete(args.model_id)
+    _models(settings)[0].delete(args.model_id)
     print(f"deleted {args.model_id}")
     return 0
 

@@ -29,13 +29,15 @@ from jobs.files import corpus_path, remove_job_files, state_path, validation_pat
 from jobs.records import Claim, JobRecord
 from jobs.retry import until_available
 from jobs.store import JobStore, backend_from_spec
+from lm.aliases import AliasStore
 from lm.data import decode_corpus
 from lm.errors import TrainingCancelled
 from lm.registry import ActivePointer, Registry
 from lm.train import TrainConfig, TrainEvent, train
+from worker.checkpoints import Checkpointer
 from worker.errors import EXIT_FINISHED, EXIT_HANDED_BACK, EXIT_PARENT_GONE, JobFailed, describe_failure
 from worker.progress import Reporter, Stopper, elapsed_before
-from worker.publish import Publication, promote, published_by, quality_gate, save_model
+from worker.publish import Publication, gated, published_by, quality_gate, release, save_model
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,17 @@ def run_job(spec: dict[str, Any]) -> int:
     record = _retry(lambda: store.get(claim.job_id), stopper)
     log.info("job %s: training (attempt %d) on worker %s", claim.job_id, record.attempts, claim.worker)
     try:
-        publication = train_and_publish(record, store, backend.pointer, stopper, native=spec.get("native", True))
+        publication = train_and_publish(
+            record, store, backend.pointer, stopper, aliases=backend.aliases, native=spec.get("native", True)
+        )
     except TrainingCancelled:
         if stopper.shutting_down:
             return EXIT_HANDED_BACK
         if stopper.parent_gone:
             return EXIT_PARENT_GONE
+        if stopper.pausing:
+            _pause(store, claim, stopper)
+            return EXIT_FINISHED
         _end(store, claim, stopper, "cancelled")
         return EXIT_FINISHED
     except Exception as exc:
@@ -74,13 +81,19 @@ def run_job(spec: dict[str, Any]) -> int:
 
 
 def train_and_publish(
-    record: JobRecord, store: JobStore, pointer: ActivePointer, stopper: Stopper, *, native: bool = True
+    record: JobRecord,
+    store: JobStore,
+    pointer: ActivePointer,
+    stopper: Stopper,
+    *,
+    aliases: AliasStore,
+    native: bool = True,
 ) -> Publication:
     params, job_id = record.params, record.id
     models_dir = store.models_dir
     registry = Registry(models_dir, pointer)
     model_id = params["name"]
-    activate = params.get("activate", True)  # True: if the quality gate passes; "always"; False
+    activate = params.get("activate", True)  # True: if the quality gate passes; "always"; "canary:<w>"; False
     # "" = no model was active; recorded once, at the first start, and kept across resumes
     active_at_start = store.set_once(job_id, "active_at_start", pointer.get() or "")
     config = published_by(registry, model_id, job_id)
@@ -92,12 +105,24 @@ def train_and_publish(
         cfg = _train_config(params, torch.get_num_threads())
         base = registry.load(params["base_model"]) if params.get("base_model") else None
         reporter = Reporter(store, job_id, elapsed_before_s=elapsed_before(record))
+        state_dir = state_path(models_dir, job_id)
+        checkpointer = Checkpointer(
+            registry,
+            aliases,
+            store,
+            job_id,
+            model_id=model_id,
+            keep=int(params.get("keep_checkpoints") or 0),
+            state_dir=state_dir,
+            training={"command": "POST /train", "job_id": job_id, "corpus_name": params.get("corpus_name")},
+            chat_template=base.config.get("chat_template") if base is not None else None,
+            kept=record.checkpoints,
+        )
 
         def on_event(event: TrainEvent) -> None:
-            stopper.observe(event)
             reporter(event)
+            checkpointer(event)
 
-        state_dir = state_path(models_dir, job_id)
         result = train(
             text,
             cfg,
@@ -121,18 +146,16 @@ def train_and_publish(
             "job_id": job_id,
             "history": result.history,
         }
-        if activate is True:  # "always" skips the gate; recorded before publishing, so a resumed run agrees
+        if gated(activate):  # "always" skips the gate; recorded before publishing, so a resumed run agrees
             verdict = quality_gate(registry, result, active_at_start or None)
             gate = store.set_once(job_id, "gate", verdict.to_dict())  # an earlier run's verdict, if it gave one
             store.append_event(job_id, "gate", gate)
             log.info("job %s: quality gate %s: %s", job_id, gate["result"], gate["reason"])
         config = save_model(registry, result, model_id=model_id, training=training)
         store.append_event(job_id, "published", {"model_id": model_id})
-    activated, note = False, None
-    if activate is True and gate is not None and gate["result"] == "held_back":
-        note = f"published but not activated by the quality gate: {gate['reason']}"
-    elif activate:
-        activated, note = promote(registry, model_id, active_at_start or None)
+    activated, note, canary = release(registry, aliases, model_id, activate, gate, active_at_start or None)
+    if canary is not None:
+        store.append_event(job_id, "canary", canary)
     return Publication(model_id=model_id, metrics=config["metrics"], activated=activated, note=note)
 
 
@@ -150,6 +173,14 @@ def _end(store: JobStore, claim: Claim, stopper: Stopper, state: str, **values: 
         return
     remove_job_files(store.models_dir, claim.job_id)
     log.info("job %s %s", claim.job_id, state)
+
+
+def _pause(store: JobStore, claim: Claim, stopper: Stopper) -> None:
+    """Record the pause (the training state is saved where it stopped, and stays for the resume); the worker is free."""
+    if _retry(lambda: store.mark_paused(claim), stopper):
+        log.info("job %s paused", claim.job_id)
+    else:
+        log.warning("job %s: another worker holds it now, or it ended; not paused here", claim.job_id)
 
 
 def _retry(action: Callable[[], T], stopper: Stopper) -> T:

@@ -8,7 +8,6 @@ reach the store answers "keep going".
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -31,7 +30,7 @@ def elapsed_before(record: JobRecord) -> float:
 
 
 class Reporter:
-    """lm.train's on_event: progress, each epoch's validation loss and sample, each saved epoch state.
+    """lm.train's on_event: progress, each epoch's validation loss and sample, each saved training state.
 
     Progress carries two times: `attempt_elapsed_s`, this attempt's training time, and `elapsed_s`, the
     job's over every attempt (`elapsed_before_s` plus this attempt's). lm's own elapsed_s would mix
@@ -67,72 +66,45 @@ class Reporter:
             )
             log.info("job %s: epoch %d/%d val loss %.4f", self.job_id, event.epoch, event.epochs, event.val_loss)
         elif event.kind == "state_saved":
-            self.store.update(self.job_id, saved_epoch=event.epoch)  # where a takeover resumes (its requeued event)
+            # where a takeover or a resume goes on (its requeued or paused event)
+            self.store.update(self.job_id, saved_epoch=event.epoch, saved_step=event.step)
             self.store.append_event(self.job_id, "checkpoint", {"epoch": event.epoch, "step": event.step})
 
 
 class Stopper:
-    """lm.train's should_stop: True on SIGTERM, when the worker that started us is gone, or on cancel.
-
-    On SIGTERM, when the current epoch will end (and its state be saved) within `drain_s`, training
-    goes on until that state is saved, so the job resumes where it stopped; otherwise it stops at
-    the next step and resumes from the previous epoch's state. The store is asked about a cancel
-    at most every `poll_s` seconds (should_stop runs every step).
+    """lm.train's should_stop: True on SIGTERM, when the worker that started us is gone, or when the job is
+    asked to cancel or to pause. The training loop then saves its state where it is (mid-epoch too), so a
+    paused or handed-back job resumes at the step it stopped at. The store is asked about a cancel or a
+    pause at most every `poll_s` seconds (should_stop runs every step).
     """
 
-    def __init__(
-        self, store: JobStore, job_id: str, parent_pid: int, *, poll_s: float = 1.0, drain_s: float = 10.0
-    ) -> None:
+    def __init__(self, store: JobStore, job_id: str, parent_pid: int, *, poll_s: float = 1.0) -> None:
         self.store = store
         self.job_id = job_id
         self.parent_pid = parent_pid
         self.poll_s = poll_s
-        self.drain_s = drain_s
         self.shutting_down = False
         self.parent_gone = False
-        self.cancelled = False
-        self.saved_since_signal = False
-        self._drain_until = 0.0
+        self.request: str | None = None  # "cancel" | "pause", as the store last said
         self._next_poll = 0.0
-        self._last: tuple[float, int] | None = None  # (monotonic time, step) of the last progress event
-        self._steps_per_s: float | None = None
-        self._epoch_end_step: int | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.request == "cancel"
+
+    @property
+    def pausing(self) -> bool:
+        return self.request == "pause"
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which sends us SIGTERM
 
-    def observe(self, event: TrainEvent) -> None:
-        """Follow the training's pace, to know how far the next saved epoch state is."""
-        now = time.monotonic()
-        if self._last is not None and event.step > self._last[1]:
-            self._steps_per_s = (event.step - self._last[1]) / max(now - self._last[0], 1e-6)
-        self._last = (now, event.step)
-        per_epoch = event.total_steps / max(1, event.epochs)
-        # a progress event names the epoch being trained; epoch and state_saved, the one just done
-        next_end = event.epoch if event.kind == "progress" else event.epoch + 1
-        self._epoch_end_step = math.ceil(next_end * per_epoch)
-        if event.kind == "state_saved" and self.shutting_down:
-            self.saved_since_signal = True
-
-    def seconds_to_saved_state(self) -> float | None:
-        if self._last is None or not self._steps_per_s or self._epoch_end_step is None:
-            return None
-        at, step = self._last
-        now_step = step + self._steps_per_s * (time.monotonic() - at)
-        return max(0.0, self._epoch_end_step - now_step) / self._steps_per_s
-
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if self.shutting_down:
-            self._drain_until = 0.0  # a second signal: stop now
-            return
         self.shutting_down = True
-        eta = self.seconds_to_saved_state()
-        if eta is not None and eta <= self.drain_s:
-            self._drain_until = time.monotonic() + self.drain_s
 
     def __call__(self) -> bool:
-        if self.shutting_down and (self.saved_since_signal or time.monotonic() >= self._drain_until):
+        if self.shutting_down:
             return True
         if os.getppid() != self.parent_pid:
             self.parent_gone = True
@@ -141,7 +113,7 @@ class Stopper:
         if now >= self._next_poll:
             self._next_poll = now + self.poll_s
             try:
-                self.cancelled = self.store.cancel_requested(self.job_id)
+                self.request = self.store.stop_requested(self.job_id)
             except StoreUnavailable as e:
-                log.warning("job %s: cannot check for a cancel: %s", self.job_id, e)
-        return self.cancelled
+                log.warning("job %s: cannot check for a cancel or a pause: %s", self.job_id, e)
+        return self.request is not None

@@ -8,6 +8,10 @@ and a second run (its first worker was killed after publishing) finds the model 
 Compare-and-set: the job remembers the active model id from when it first started; the
 promotion succeeds only if the pointer still holds that id. An operator's rollback or another
 job's promotion in between wins, and the new model stays published but inactive.
+
+A promotion is `PUT /models/aliases/production {"model": id}`, as `POST /models/{id}/activate` is: it
+clears production's canary. `activate: "canary:<weight>"` instead makes the model production's canary
+at that weight, compare-and-set against the same remembered model.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from lm.aliases import PRODUCTION, AliasStore, Canary, canary_weight, set_alias
 from lm.checkpoint import read_config
 from lm.errors import CheckpointError, ModelNotFound, PromotionConflict, TextgenError
 from lm.registry import Registry
@@ -31,7 +36,7 @@ class Publication:
     model_id: str
     metrics: dict[str, Any]
     activated: bool
-    note: str | None = None  # why it was not activated
+    note: str | None = None  # why it was not activated, or that it became production's canary
 
 
 @dataclass
@@ -115,10 +120,44 @@ def save_model(registry: Registry, result: TrainResult, *, model_id: str, traini
     return read_config(registry.path(model_id))
 
 
-def promote(registry: Registry, model_id: str, active_at_start: str | None) -> tuple[bool, str | None]:
-    """Compare-and-set the active pointer from `active_at_start` to `model_id`; (activated, note)."""
+def gated(activate: object) -> bool:
+    """Whether a job's `activate` passes through the quality gate: true and "canary:<weight>" do, "always"
+    (and false: nothing to gate) do not."""
+    return activate is True or canary_weight(activate) is not None
+
+
+def release(
+    registry: Registry,
+    aliases: AliasStore,
+    model_id: str,
+    activate: object,
+    gate: dict[str, Any] | None,
+    active_at_start: str | None,
+) -> tuple[bool, str | None, dict[str, Any] | None]:
+    """What a job's published model becomes, by its `activate`: production's model, its canary, or neither
+    (false, or held back by the gate); (activated, note, the "canary" event's data when it became one)."""
+    if not activate:
+        return False, None, None
+    weight = canary_weight(activate)
+    if gated(activate) and gate is not None and gate["result"] == "held_back":
+        what = "activated" if weight is None else "made production's canary"
+        return False, f"published but not {what} by the quality gate: {gate['reason']}", None
+    if weight is None or active_at_start is None:  # no production to be the canary of: the model becomes it
+        activated, note = promote(registry, aliases, model_id, active_at_start)
+        if weight is not None and activated:
+            note = "no model was active, so there was no production to be the canary of: it is the active model"
+        return activated, note, None
+    return canary(registry, aliases, model_id, weight, active_at_start)
+
+
+def promote(
+    registry: Registry, aliases: AliasStore, model_id: str, active_at_start: str | None
+) -> tuple[bool, str | None]:
+    """Make `model_id` production's model, its canary cleared (= POST /models/{id}/activate), compare-and-set
+    from `active_at_start`; (activated, note)."""
+    registry.get(model_id)  # ModelNotFound / CheckpointError before the pointer moves
     try:
-        registry.activate(model_id, expected=active_at_start)
+        set_alias(aliases, PRODUCTION, model_id, None, active_at_start)
     except PromotionConflict:
         current = registry.active_id()
         if current == model_id:  # an earlier run of this job promoted it already
@@ -129,4 +168,34 @@ def promote(registry: Registry, model_id: str, active_at_start: str | None) -> t
         )
         log.info("%s", note)
         return False, note
+    log.info("activated model %s", model_id)
     return True, None
+
+
+def canary(
+    registry: Registry, aliases: AliasStore, model_id: str, weight: float, active_at_start: str
+) -> tuple[bool, str | None, dict[str, Any] | None]:
+    """Make `model_id` production's canary at `weight`, while production's model is still `active_at_start`
+    (a canary it already had is replaced); (activated, note, the "canary" event's data)."""
+    registry.get(model_id)
+    before = aliases.all().get(PRODUCTION)
+    try:
+        alias = set_alias(aliases, PRODUCTION, active_at_start, Canary(model_id, weight), active_at_start)
+    except PromotionConflict:
+        current = registry.active_id()
+        if current == model_id:  # an earlier run made it the canary, and an operator promoted it since
+            return True, None, None
+        note = (
+            f"published but not made production's canary: the active model changed to {current!r} while this job "
+            f"ran (it was {active_at_start!r}); PUT /models/aliases/production with it as the canary to use it"
+        )
+        log.info("%s", note)
+        return False, note, None
+    share = f"{weight * 100:g}%"
+    note = f"serving {share} of production's traffic as its canary; production's model stays {active_at_start!r}"
+    if before is not None and before.canary is not None and before.canary.model != model_id:
+        note += f" (it replaced the canary {before.canary.model!r})"
+    note += "; POST /models/aliases/production/promote or /abort when it has been watched"
+    log.info("model %s: %s", model_id, note)
+    event = {"alias": PRODUCTION, "model": alias.model, "canary": {"model": model_id, "weight": weight}, "note": note}
+    return False, note, event

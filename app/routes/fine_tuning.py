@@ -38,7 +38,7 @@ from app.fine_tuning_schemas import (
     JobHyperparameters,
 )
 from app.routes.files import page_after
-from app.routes.train import get_record, plan_job, store_job
+from app.routes.train import change_state, get_record, plan_job, store_job
 from app.settings import Settings
 from app.train_schemas import HYPER, TrainJobCreate
 from app.training import Training, TrainingDep
@@ -128,6 +128,7 @@ def _plan(
     hyper = _hyperparameters(body)
     base_model, tokenizer = _model(body.model, hyper, training)
     fields: dict[str, Any] = {**hyper, "text": text, "validation_text": validation, "activate": body.activate}
+    fields["keep_checkpoints"] = body.keep_checkpoints
     if tokenizer is not None:
         fields["tokenizer"] = tokenizer
     fields["base_model"] = base_model
@@ -247,7 +248,10 @@ def job_object(record: JobRecord) -> FineTuningJob:
     ft = params.get("fine_tuning") or {}
     cfg = TrainConfig.from_dict({k: v for k, v in params.items() if k in HYPER})
     hyper = JobHyperparameters(
-        n_epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate_multiplier=cfg.lr / DEFAULT_LR
+        # no epoch cap: a time budget ends the run ("auto")
+        n_epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        learning_rate_multiplier=cfg.lr / DEFAULT_LR,
     )
     metrics = record.metrics or {}
     progress = record.progress or {}
@@ -301,7 +305,17 @@ def event_object(job_id: str, event: JobEvent) -> FineTuningJobEvent:
     elif kind == "started":
         message = f"Job started on worker {data.get('worker')} (attempt {data.get('attempt')})"
     elif kind == "checkpoint":
-        message = f"Saved the training state after epoch {data.get('epoch')} (step {data.get('step')})"
+        message = f"Saved the training state at step {data.get('step')} ({data.get('epoch')} epochs done)"
+    elif kind == "model_checkpoint":
+        kind_type = "metrics"
+        message = (
+            f"Checkpoint created at step {data.get('step')} (epoch {data.get('epoch')}): {data.get('model_id')}, "
+            f"validation loss={_num(data.get('val_loss'))}"
+        )
+    elif kind == "paused":
+        message = f"Job paused at step {data.get('saved_step')}; its training state is saved"
+    elif kind == "resumed":
+        message = f"Job resumed: it goes on from step {data.get('saved_step')}"
     elif kind == "requeued":
         level, message = "warn", f"Job requeued: {data.get('reason')}"
     elif kind == "gate":
@@ -309,6 +323,8 @@ def event_object(job_id: str, event: JobEvent) -> FineTuningJobEvent:
         message = f"Quality gate {str(data.get('result')).replace('_', ' ')}: {data.get('reason')}"
     elif kind == "published":
         message = f"New fine-tuned model created: {data.get('model_id')}"
+    elif kind == "canary":
+        message = f"{(data.get('canary') or {}).get('model')} became production's canary: {data.get('note')}"
     elif kind == "done":
         message = "The job has successfully completed"
     elif kind == "failed":
@@ -332,25 +348,33 @@ def _num(value: Any) -> str:
 
 
 def checkpoint_objects(record: JobRecord) -> list[FineTuningJobCheckpoint]:
-    """The published model is the job's one checkpoint (until per-epoch checkpoints are published)."""
-    if record.state != "succeeded" or not record.model_id:
-        return []
-    metrics = record.metrics or {}
-    step = int(metrics.get("steps") or 0)
+    """The job's per-epoch checkpoints still kept, oldest first; a job that kept none (`keep_checkpoints` 0)
+    shows its published model as its one checkpoint once it has succeeded."""
+    kept = [
+        (c["model_id"], int(c.get("step") or 0), c.get("train_loss"), c.get("val_loss"), c.get("created"))
+        for c in record.checkpoints or []
+    ]
+    if not kept and record.state == "succeeded" and record.model_id:
+        metrics = record.metrics or {}
+        kept = [
+            (
+                record.model_id,
+                int(metrics.get("steps") or 0),
+                metrics.get("train_loss"),
+                metrics.get("val_loss"),
+                record.finished,
+            )
+        ]
     return [
         FineTuningJobCheckpoint(
-            id=f"{CHECKPOINT_PREFIX}{record.id}-{step}",
-            created_at=_seconds(record.finished) or 0,
-            fine_tuned_model_checkpoint=record.model_id,
+            id=f"{CHECKPOINT_PREFIX}{record.id}-{step:09d}",  # zero-padded: ids sort as the steps do
+            created_at=_seconds(created) or 0,
+            fine_tuned_model_checkpoint=model_id,
             fine_tuning_job_id=record.id,
-            metrics=CheckpointMetrics(
-                step=step,
-                train_loss=metrics.get("train_loss"),
-                valid_loss=metrics.get("val_loss"),
-                full_valid_loss=metrics.get("val_loss"),
-            ),
+            metrics=CheckpointMetrics(step=step, train_loss=train_loss, valid_loss=val_loss, full_valid_loss=val_loss),
             step_number=step,
         )
+        for model_id, step, train_loss, val_loss, created in kept
     ]
 
 
@@ -388,16 +412,16 @@ async def cancel_job(job_id: str, training: TrainingDep) -> FineTuningJob:
 
 @router.post("/{job_id}/pause", response_model=FineTuningJob)
 async def pause_job(job_id: str, training: TrainingDep) -> FineTuningJob:
-    """Not yet: textgen's jobs cannot be paused (400 `pause_not_supported`)."""
-    await get_record(training, job_id)
-    raise ApiError(400, "textgen cannot pause a training job yet; cancel it instead", code="pause_not_supported")
+    """Pause a queued job at once, or ask a running one to save its state where it is and free its worker
+    (its status turns `paused` within seconds). 409 for a job that has ended."""
+    return job_object(await change_state(training, job_id, "pause"))
 
 
 @router.post("/{job_id}/resume", response_model=FineTuningJob)
 async def resume_job(job_id: str, training: TrainingDep) -> FineTuningJob:
-    """Not yet: textgen's jobs cannot be paused, so none can be resumed (400 `pause_not_supported`)."""
-    await get_record(training, job_id)
-    raise ApiError(400, "textgen cannot pause or resume a training job yet", code="pause_not_supported")
+    """Queue a paused job again: the next free worker goes on from the step it stopped at. 409 for a job that is
+    not paused."""
+    return job_object(await change_state(training, job_id, "resume"))
 
 
 @router.get("/{job_id}/events", response_model=FineTuningJobEventList)
@@ -434,9 +458,10 @@ async def list_checkpoints(
     after: str | None = Query(None, description="the id of the last checkpoint of the previous page"),
     limit: int = Query(10, ge=1, le=1000),
 ) -> FineTuningJobCheckpointList:
-    """The job's checkpoints, newest first: its published model, once it has succeeded."""
+    """The job's checkpoints, newest first: each epoch's model, a registry model of its own (the last
+    `keep_checkpoints` are kept), or its published model when it kept none."""
     record = await get_record(training, job_id)
-    items = [{"id": c.id, "checkpoint": c} for c in checkpoint_objects(record)]
+    items = [{"id": c.id, "checkpoint": c} for c in reversed(checkpoint_objects(record))]
     page, has_more = page_after(items, after, limit, descending=True)
     data = [item["checkpoint"] for item in page]
     return FineTuningJobCheckpointList(

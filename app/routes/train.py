@@ -1,4 +1,4 @@
-"""Training jobs: submit, list, show, follow (SSE) and cancel. Admin key when keys are configured.
+"""Training jobs: submit, list, show, follow (SSE), cancel, pause and resume. Admin key when keys are configured.
 
 The route validates everything it can before queueing (corpus, bounds, model size, name), so
 a job that fails later fails for a reason only training can find (out of memory, divergence).
@@ -13,7 +13,7 @@ import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -241,6 +241,7 @@ def plan_job(
         "name": name,
         "base_model": body.base_model,
         "activate": body.activate,
+        "keep_checkpoints": settings.keep_checkpoints if body.keep_checkpoints is None else body.keep_checkpoints,
         "corpus_name": corpus_name,
         "corpus_bytes": len(text.encode("utf-8")),
         "parameters": parameters,
@@ -326,7 +327,7 @@ def _model_name(name: str | None, corpus_name: str, job_id: str, training: Train
     return name
 
 
-# ---------------------------------------------------------------------------- read and cancel
+# ---------------------------------------------------------------------------- read, cancel, pause, resume
 
 
 async def public(training: Training, record: JobRecord) -> TrainJobPublic:
@@ -370,6 +371,33 @@ async def cancel_job(job_id: str, training: TrainingDep, response: Response) -> 
     if not record.final:
         response.status_code = 202  # the worker stops it within seconds
     return await public(training, record)
+
+
+@router.post("/{job_id}/pause", response_model=TrainJobPublic)
+async def pause_job(job_id: str, training: TrainingDep, response: Response) -> TrainJobPublic:
+    """Pause a queued job at once, or ask a running one to save its state where it is and free its worker
+    (202; within seconds). 409 for a job that has ended."""
+    record = await change_state(training, job_id, "pause")
+    if record.state != "paused":
+        response.status_code = 202
+    return await public(training, record)
+
+
+@router.post("/{job_id}/resume", response_model=TrainJobPublic)
+async def resume_job(job_id: str, training: TrainingDep) -> TrainJobPublic:
+    """Queue a paused job again: the next free worker goes on from the step it stopped at. 409 for a job that is
+    not paused (nor asked to pause)."""
+    return await public(training, await change_state(training, job_id, "resume"))
+
+
+async def change_state(training: Training, job_id: str, action: Literal["pause", "resume"]) -> JobRecord:
+    """Pause or resume a job: 404 for an unknown one, 409 when its state does not allow it."""
+    await get_record(training, job_id)
+    change = training.store.pause if action == "pause" else training.store.resume
+    try:
+        return await asyncio.to_thread(change, job_id)
+    except JobConflict as e:
+        raise ApiError(409, str(e), code="job_finished" if action == "pause" else "job_not_paused") from None
 
 
 # ---------------------------------------------------------------------------- events

@@ -197,9 +197,12 @@ def train(
     )
     prog = Progress()
     best_weights: dict[str, Tensor] | None = None
+    carry: State | None = None
     if resuming:
         assert state_path is not None
-        prog, best_weights = load_state(state_path, cfg, corpus_sha, model, optimizer)
+        prog, best_weights, carry = load_state(state_path, cfg, corpus_sha, model, optimizer)
+        if carry is not None:
+            carry = (carry[0].to(device), carry[1].to(device))
 
     steps_per_epoch = num_windows(train_data, cfg.seq_len)
     total_steps = cfg.epochs * steps_per_epoch
@@ -209,6 +212,15 @@ def train(
         cfg, model, optimizer, train_data, bf16, total_steps, prog, on_event, should_stop, progress_interval_s, native
     )
     loop.targets = train_targets  # (B, N) bool beside train_data, or None: every target counts
+    loop.carry = carry
+
+    def save_on_stop(state: State | None) -> None:
+        """Stopped mid-epoch (a job paused or handed back): save where it is, so a resume loses no step."""
+        if state_path is not None and prog.window > 0:
+            save_state(state_path, cfg, corpus_sha, tokenizer, model, optimizer, prog, best_weights, carry=state)
+            loop.emit("state_saved", train_loss=loop.recent_loss)
+
+    loop.on_stop = save_on_stop
     if val_every_s:
         loop.validate_every(val_every_s, val_data, val_targets)
 
@@ -293,6 +305,8 @@ class _Loop:
         self.val_data: Tensor | None = None
         self.val_targets: Tensor | None = None
         self.targets: Tensor | None = None  # (B, N) bool: which targets the loss counts; None = every one
+        self.carry: State | None = None  # the LSTM state to start the epoch's next window with (a mid-epoch resume)
+        self.on_stop: Callable[[State | None], None] | None = None  # called with the carried state when stopped
         self.next_val_s = math.inf
 
     def validate_every(self, seconds: float, val_data: Tensor, val_targets: Tensor | None = None) -> None:
@@ -318,18 +332,21 @@ class _Loop:
 
     def run_epoch(self) -> tuple[float | None, str | None]:
         """Returns (mean train loss of the epoch or None if no step ran, the limit that stopped it)."""
-        cfg, model = self.cfg, self.model
+        cfg, model, prog = self.cfg, self.model, self.prog
         model.train()
-        state: State | None = None
-        loss_sum, n = 0.0, 0
+        state, self.carry = self.carry, None  # a resumed epoch goes on from its saved window and state
         masks = windows(self.targets, cfg.seq_len) if self.targets is not None else None
-        for x, y in windows(self.data, cfg.seq_len):
+        for i, (x, y) in enumerate(windows(self.data, cfg.seq_len)):
             target_mask = next(masks)[1] if masks is not None else None  # (B, t) or None
+            if i < prog.window:
+                continue
             if self.should_stop is not None and self.should_stop():
+                if self.on_stop is not None:
+                    self.on_stop(state)
                 raise TrainingCancelled("training was cancelled")
             reason = self.limit_reached()
             if reason is not None:
-                return (loss_sum / n if n else None), reason
+                return self._end_epoch(), reason
             budget_fraction = self.elapsed() / cfg.time_budget_s if cfg.time_budget_s else 0.0
             self.lr = lr_at(cfg, self.prog.step, self.total_steps, budget_fraction)
             for group in self.optimizer.param_groups:
@@ -338,6 +355,7 @@ class _Loop:
                 logits, state = self.forward(x, state)  # (B, t, V)
             loss, counted = token_loss(logits, y, target_mask)  # the mean over the targets the mask keeps
             state = (state[0].detach(), state[1].detach())  # detach: truncated BPTT
+            prog.window += 1
             if counted == 0:  # a window of context only (a long prompt): nothing to learn, carry the state on
                 continue
             self.optimizer.zero_grad(set_to_none=True)
@@ -349,7 +367,8 @@ class _Loop:
             if not math.isfinite(value):
                 raise ConfigError(f"training diverged (loss {value}); lower lr (now {cfg.lr:g})", "lr")
             weight = 1 if target_mask is None else counted  # masked: the epoch's mean over its counted tokens
-            loss_sum, n = loss_sum + value * weight, n + weight
+            prog.epoch_loss_sum += value * weight
+            prog.epoch_weight += weight
             self.recent_loss = value if self.recent_loss is None else 0.9 * self.recent_loss + 0.1 * value
             self.prog.step += 1
             self.prog.tokens += x.numel()
@@ -358,7 +377,14 @@ class _Loop:
             if time.perf_counter() - self.last_report >= self.interval_s:
                 self.emit("progress", train_loss=self.recent_loss)
             self.maybe_validate()
-        return (loss_sum / n if n else None), self.limit_reached()
+        return self._end_epoch(), self.limit_reached()
+
+    def _end_epoch(self) -> float | None:
+        """The epoch's mean train loss (None if no step ran), and the counters reset for the next epoch."""
+        prog = self.prog
+        mean = prog.epoch_loss_sum / prog.epoch_weight if prog.epoch_weight else None
+        prog.window, prog.epoch_loss_sum, prog.epoch_weight = 0, 0.0, 0.0
+        return mean
 
     def tokens_per_s(self) -> float:
         dt = time.perf_counter() - self.session_start

@@ -118,10 +118,19 @@ def test_fine_tuning_a_registry_model_through_the_sdk(sdk: OpenAI, server: Serve
     first_page = sdk.fine_tuning.jobs.list_events(created.id, limit=3)
     assert [e.id for e in first_page.data] == [e.id for e in events[:3]] and first_page.has_more
 
-    checkpoints = sdk.fine_tuning.jobs.checkpoints.list(created.id).data
-    assert [c.fine_tuned_model_checkpoint for c in checkpoints] == [done.fine_tuned_model]
-    assert checkpoints[0].fine_tuning_job_id == created.id and checkpoints[0].step_number > 0
-    assert checkpoints[0].metrics.valid_loss is not None
+    checkpoints = sdk.fine_tuning.jobs.checkpoints.list(created.id).data  # each epoch's model, newest first
+    steps = [c.step_number for c in checkpoints]
+    assert len(steps) == 2 and steps[0] > steps[1] > 0
+    assert [c.fine_tuned_model_checkpoint for c in checkpoints] == [
+        f"{done.fine_tuned_model}-ckpt-step-{step}" for step in steps
+    ]
+    assert all(c.fine_tuning_job_id == created.id and c.metrics.valid_loss is not None for c in checkpoints)
+    first_epoch = checkpoints[-1].fine_tuned_model_checkpoint
+    answer = sdk.chat.completions.create(model=first_epoch, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert answer.model == first_epoch  # a checkpoint is served by its id
+    assert first_epoch in {m.id for m in sdk.models.list()}
+    page = sdk.fine_tuning.jobs.checkpoints.list(created.id, limit=1, after=checkpoints[0].id)
+    assert [c.id for c in page.data] == [checkpoints[1].id] and not page.has_more
 
 
 def test_a_recipe_trains_from_scratch_and_activate_makes_it_active(sdk: OpenAI, server: Server) -> None:
@@ -157,9 +166,44 @@ def test_jobs_of_both_routes_are_listed_and_paged_and_cancelled(sdk: OpenAI, ser
     assert sdk.fine_tuning.jobs.checkpoints.list(queued.id).data == []
     with pytest.raises(openai.ConflictError):
         sdk.fine_tuning.jobs.cancel(queued.id)
-    with pytest.raises(openai.BadRequestError) as paused:
-        sdk.fine_tuning.jobs.pause(queued.id)
-    assert paused.value.code == "pause_not_supported"
+    with pytest.raises(openai.ConflictError):
+        sdk.fine_tuning.jobs.pause(queued.id)  # a job that has ended cannot be paused
+
+
+def test_a_job_paused_through_the_sdk_resumes_and_finishes(sdk: OpenAI, server: Server) -> None:
+    file_id = upload(sdk, shakespeare(30_000).encode(), "plays.txt")
+    job = sdk.fine_tuning.jobs.create(
+        model="textgen-char",
+        training_file=file_id,
+        hyperparameters={"n_epochs": 3},
+        extra_body={**RECIPE, "activate": False, "keep_checkpoints": 1},
+    )
+    deadline = time.monotonic() + 60
+    while not any(e.type == "metrics" for e in sdk.fine_tuning.jobs.list_events(job.id, limit=50)):
+        assert time.monotonic() < deadline, "the job never reported progress"
+        time.sleep(0.1)
+    assert sdk.fine_tuning.jobs.pause(job.id).status in ("running", "paused")  # running: it saves its state first
+    deadline = time.monotonic() + 30
+    while (paused := sdk.fine_tuning.jobs.retrieve(job.id)).status != "paused":
+        assert paused.status == "running" and time.monotonic() < deadline, paused.status
+        time.sleep(0.1)
+    assert sdk.fine_tuning.jobs.pause(job.id).status == "paused"  # pausing again changes nothing
+
+    resumed = sdk.fine_tuning.jobs.resume(job.id)
+    assert resumed.status in ("queued", "running")
+    done = wait_final(sdk, job.id)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=1000)]
+    assert any(m.startswith("Job paused at step") for m in messages)
+    assert any(m.startswith("Job resumed: it goes on from step") for m in messages)
+    (kept,) = sdk.fine_tuning.jobs.checkpoints.list(job.id).data  # keep_checkpoints 1: the last epoch's alone
+    models = {m.id for m in sdk.models.list()}
+    assert kept.fine_tuned_model_checkpoint in models
+    assert not any(
+        m.startswith(f"{done.fine_tuned_model}-ckpt-") and m != kept.fine_tuned_model_checkpoint for m in models
+    )
+    with pytest.raises(openai.ConflictError):
+        sdk.fine_tuning.jobs.resume(job.id)  # only a paused job resumes
 
 
 @pytest.mark.parametrize(
@@ -194,6 +238,7 @@ def test_a_bad_file_is_refused_by_the_sdk_with_its_line(sdk: OpenAI, data: bytes
         ({"tokenizer": "bpe"}, "tokenizer"),
         ({"hidden_dim": "16"}, "hidden_dim"),
         ({"unknown_field": 1}, "unknown_field"),
+        ({"activate": "canary:2"}, "activate"),
     ],
 )
 def test_a_bad_create_is_400_naming_the_field(sdk: OpenAI, fields: dict[str, Any], param: str) -> None:

@@ -77,13 +77,13 @@ async def test_with_another_tokenizer_the_gate_is_skipped_and_says_so(make_clien
     assert done["activated"] is True and await active(client, "words") == "words"
 
 
-async def test_activate_takes_true_false_or_always(make_client: ClientFactory) -> None:
+async def test_activate_takes_true_false_always_or_a_canary(make_client: ClientFactory) -> None:
     client = await make_client()
     for wrong in ("sometimes", "true", 1):
         refused = await submit(client, text=CORPUS * 20, activate=wrong)
         assert refused.status_code == 422, wrong
         assert refused.json()["error"]["param"] == "activate"
-        assert 'true, false or "always"' in refused.json()["error"]["message"]
+        assert 'true, false, "always" or "canary:<weight>"' in refused.json()["error"]["message"]
     upload = {"file": ("corpus.txt", (CORPUS * 20).encode())}
     form = await client.post("/train", data={"epochs": "1", "activate": "false"}, files=upload)
     assert form.status_code == 202 and form.json()["params"]["activate"] is False

@@ -226,12 +226,11 @@ class SlowStream(threading.Thread):
 
 
 def published_for(models_dir: Path, job_id: str) -> list[str]:
-    """Every model folder whose checkpoint says it came from `job_id`."""
-    return [
-        config.parent.name
-        for config in models_dir.glob("*/config.json")
-        if json.loads(config.read_text())["training"].get("job_id") == job_id
-    ]
+    """Every model folder whose config says `job_id` published it as its model (its per-epoch checkpoints aside)."""
+    trainings = {
+        config.parent.name: json.loads(config.read_text())["training"] for config in models_dir.glob("*/config.json")
+    }
+    return sorted(name for name, t in trainings.items() if t.get("job_id") == job_id and "checkpoint_of" not in t)
 
 
 def redis_pointer(redis: RedisServer) -> RedisPointer:

@@ -82,9 +82,10 @@ def test_a_job_created_through_one_replica_is_followed_through_the_other(cluster
     events = list(two.fine_tuning.jobs.list_events(created.id, limit=4))
     assert events[0].message == "The job has successfully completed" and events[-1].message == "Job queued"
     assert any(e.type == "metrics" for e in events) and len({e.id for e in events}) == len(events)
-    assert [c.fine_tuned_model_checkpoint for c in one.fine_tuning.jobs.checkpoints.list(created.id)] == [
-        job.fine_tuned_model
-    ]
+    checkpoints = [c.fine_tuned_model_checkpoint for c in one.fine_tuning.jobs.checkpoints.list(created.id)]
+    assert len(checkpoints) == 2 and all(c.startswith(f"{job.fine_tuned_model}-ckpt-step-") for c in checkpoints)
+    answer = two.chat.completions.create(model=checkpoints[-1], messages=[{"role": "user", "content": "Hi"}])
+    assert answer.model == checkpoints[-1]  # the first epoch's model, served by the other replica
 
     for client in (one, two):  # served by either replica at once, without being activated
         answer = client.chat.completions.create(
@@ -113,3 +114,42 @@ def test_a_job_cancelled_through_one_replica_stops_and_the_other_shows_it(cluste
         time.sleep(0.2)
     assert httpx.get(f"{api1.url}/train/{job.id}").json()["state"] == "cancelled"
     assert two.fine_tuning.jobs.list_events(job.id, limit=1).data[0].message == "The job was cancelled"
+
+
+def test_a_job_paused_through_one_replica_is_resumed_through_the_other(cluster: Cluster) -> None:
+    """The pause reaches the worker through Redis: it saves the state and takes the next job; the resume,
+    sent to the other replica, queues the job again, and it finishes."""
+    api1, api2 = (p for p in cluster.processes if p.url)
+    one, two = sdk(api1), sdk(api2)
+    file = one.files.create(file=("plays.txt", (TEXT * 4).encode()), purpose="fine-tune")
+    job = one.fine_tuning.jobs.create(
+        model="textgen-char", training_file=file.id, extra_body={**TINY, "epochs": 10_000, "max_steps": 2500}
+    )
+    deadline = time.monotonic() + 60
+    while two.fine_tuning.jobs.retrieve(job.id).status != "running":
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.1)
+    one.fine_tuning.jobs.pause(job.id)
+    deadline = time.monotonic() + 60
+    while (status := two.fine_tuning.jobs.retrieve(job.id).status) != "paused":
+        assert status == "running" and time.monotonic() < deadline, status
+        time.sleep(0.1)
+    after = one.fine_tuning.jobs.create(model="textgen-char", training_file=file.id, extra_body={**TINY, "epochs": 1})
+    deadline = time.monotonic() + 120
+    while (status := one.fine_tuning.jobs.retrieve(after.id).status) not in FINAL_STATES:
+        assert time.monotonic() < deadline, status  # the paused job freed the only worker
+        time.sleep(0.2)
+    assert status == "succeeded"
+    assert two.fine_tuning.jobs.retrieve(job.id).status == "paused"
+
+    assert two.fine_tuning.jobs.resume(job.id).status == "queued"
+    deadline = time.monotonic() + 180
+    while (done := one.fine_tuning.jobs.retrieve(job.id)).status not in FINAL_STATES:
+        assert time.monotonic() < deadline, done.status
+        time.sleep(0.2)
+    assert done.status == "succeeded", (done.error, cluster.logs())
+    native = httpx.get(f"{api2.url}/train/{job.id}").json()
+    assert native["metrics"]["steps"] == 2500  # max_steps, across the pause: no step lost or repeated
+    messages = [e.message for e in two.fine_tuning.jobs.list_events(job.id, limit=1000)]
+    assert any(m.startswith("Job paused at step") for m in messages)
+    assert any(m.startswith("Job resumed") for m in messages)

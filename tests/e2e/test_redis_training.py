@@ -36,6 +36,7 @@ from tests.e2e.conftest import (
     wait_for_job,
     wait_serving,
 )
+from tests.e2e.test_aliases_redis import canary_seen
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -73,7 +74,9 @@ def _logs_on_failure(rc: RedisCluster) -> Iterator[None]:
 
 def test_a_job_swaps_both_replicas_while_a_stream_finishes_on_the_old_version(rc: RedisCluster) -> None:
     api1, api2 = rc.apis
-    assert serving(api1) == serving(api2) == BASE_MODEL
+    for api in rc.apis:  # production's model is unchanged; the canary only shares its traffic
+        assert httpx.get(f"{api.url}/readyz", timeout=10).json()["model"] == BASE_MODEL
+    assert rc.pointer().get() == BASE_MODEL
     stream = SlowStream.open(api1, max_tokens=5000)
     assert stream.started_tokens.wait(30)
 
@@ -163,7 +166,9 @@ def test_a_job_finishing_late_does_not_overwrite_a_newer_activation(rc: RedisClu
     assert (done["model_id"], done["activated"]) == ("late-v3", False)
     assert BASE_MODEL in done["note"]
     time.sleep(1.5)
-    assert serving(api1) == serving(api2) == BASE_MODEL
+    for api in rc.apis:  # production's model is unchanged; the canary only shares its traffic
+        assert httpx.get(f"{api.url}/readyz", timeout=10).json()["model"] == BASE_MODEL
+    assert rc.pointer().get() == BASE_MODEL
     assert rc.pointer().get() == BASE_MODEL
 
 
@@ -222,3 +227,33 @@ def test_a_chat_job_through_one_replica_is_followed_through_the_other(rc: RedisC
     model = httpx.get(f"{api2.url}/models/chat-v1", timeout=10).json()
     assert model["training"]["recipe"]["data_format"] == "chat"
     assert published_for(rc.models_dir, job["id"]) == ["chat-v1"]
+
+
+def test_a_job_with_activate_canary_makes_its_model_productions_canary_on_both_replicas(rc: RedisCluster) -> None:
+    api1, api2 = rc.apis
+    activated = httpx.post(f"{api1.url}/models/{BASE_MODEL}/activate", timeout=30)  # random weights: the job beats it
+    assert activated.status_code == 200, activated.text
+    wait_serving(rc.apis, BASE_MODEL, timeout=5.0)
+
+    job = submit(api1, name="canary-v1", activate="canary:0.3")
+    done = wait_for_job(api2, job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert done["gate"]["result"] == "passed", done["gate"]
+    assert (done["model_id"], done["activated"]) == ("canary-v1", False)
+    assert "serving 30% of production's traffic as its canary" in done["note"]
+    canaries = [data["canary"] for kind, data in job_events(api1, job["id"]) if kind == "canary"]
+    assert canaries == [{"model": "canary-v1", "weight": 0.3}]
+    for api in rc.apis:  # the Redis aliases, followed by both replicas
+        canary_seen(api, {"model": "canary-v1", "weight": 0.3})
+    for api in rc.apis:  # production's model is unchanged; the canary only shares its traffic
+        assert httpx.get(f"{api.url}/readyz", timeout=10).json()["model"] == BASE_MODEL
+    assert rc.pointer().get() == BASE_MODEL
+
+    # a job's plain activation is PUT /models/aliases/production {"model": id}: it clears the canary
+    job = submit(api2, name="plain-v1", activate="always")
+    done = wait_for_job(api1, job["id"])
+    assert (done["state"], done["activated"]) == ("succeeded", True), done["error"]
+    wait_serving(rc.apis, "plain-v1", timeout=5.0)
+    for api in rc.apis:
+        canary_seen(api, None)
+    assert rc.pointer().get() == "plain-v1"

@@ -338,6 +338,46 @@ def test_activate_switches_the_model_of_the_generate_panel(registry_server: Serv
     assert tab.console_errors == []
 
 
+def test_the_aliases_show_a_canary_and_promote_and_abort_it(serve: ServerFactory, tab: Tab) -> None:
+    server = serve()  # its own server: production's model changes here
+    canary = {"model": "tiny-b", "weight": 0.25}
+    put = httpx.put(f"{server.url}/models/aliases/production", json={"model": "tiny-a", "canary": canary})
+    assert put.status_code == 200, put.text
+    page = tab.page
+    tab.open(server, "models")
+    production = page.locator('tr[data-alias="production"]')
+    expect(production).to_have_attribute("data-canary", "tiny-b")
+    expect(production.locator('td[data-label="Model"]')).to_have_text("tiny-a")
+    expect(production.locator('td[data-label="Canary"]')).to_have_text("tiny-b serves 25% of the routing keys")
+    expect(page.locator('tr[data-model="tiny-b"] .badge[data-state="canary"]')).to_have_text("production's canary")
+    screenshot(page, "aliases")
+
+    production.get_by_role("button", name="Promote production's canary").click()
+    confirm(page, "Promote")
+    expect(page.locator("#models-notice")).to_have_text("tiny-b is production's model now.")
+    expect(production).to_have_attribute("data-canary", "")
+    expect(production.locator('td[data-label="Model"]')).to_have_text("tiny-b")
+    expect(production.locator('td[data-label="Canary"]')).to_have_text("none")
+    expect(production.get_by_role("button", name="Promote production's canary")).to_be_disabled()
+    expect(page.locator('tr[data-model="tiny-b"]')).to_have_attribute("data-active", "true")
+    alias = httpx.get(f"{server.url}/models/aliases").json()["data"][0]
+    assert (alias["alias"], alias["model"], alias["canary"]) == ("production", "tiny-b", None)
+
+    canary = {"model": "tiny-c", "weight": 0.5}
+    assert httpx.put(f"{server.url}/models/aliases/production", json={"model": "tiny-b", "canary": canary}).is_success
+    page.click("#models-refresh")
+    expect(production.locator('td[data-label="Canary"]')).to_have_text("tiny-c serves 50% of the routing keys")
+    production.get_by_role("button", name="Abort production's canary").click()
+    confirm(page, "Abort canary")
+    expect(page.locator("#models-notice")).to_have_text(
+        "production's canary tiny-c was aborted; tiny-b serves all of it."
+    )
+    expect(production.locator('td[data-label="Canary"]')).to_have_text("none")
+    alias = httpx.get(f"{server.url}/models/aliases").json()["data"][0]
+    assert (alias["model"], alias["canary"]) == ("tiny-b", None)
+    assert tab.console_errors == []
+
+
 # ---------------------------------------------------------------------------- training
 
 
@@ -382,6 +422,35 @@ def test_a_training_job_draws_its_loss_curve_and_its_model_can_be_tried(registry
     assert tab.console_errors == []
 
 
+def test_a_model_held_back_by_the_quality_gate_shows_the_verdict_and_why(serve: ServerFactory, tab: Tab) -> None:
+    server = serve()
+    # a fine-tune of the active model on one letter: far worse than it on the corpus (tests/app/test_quality_gate.py)
+    body = {"text": "e" * 6000, "base_model": "tiny-a", "epochs": 3, "lr": 0.05, "validation_text": CORPUS * 3}
+    submitted = httpx.post(f"{server.url}/train", json={**body, "seq_len": 16, "batch_size": 4, "name": "unlearned"})
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    deadline = time.monotonic() + 120
+    while (job := httpx.get(f"{server.url}/train/{job_id}").json())["state"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["gate"]["result"] == "held_back", job
+    reason = job["gate"]["reason"]
+    assert "worse than the active model 'tiny-a'" in reason
+
+    page = tab.page
+    tab.open(server, "train")
+    entry = page.locator("#job-list li", has_text="unlearned")
+    expect(entry.locator('.badge[data-state="held_back"]')).to_have_text("held back by the gate")
+    entry.get_by_role("button", name="Follow").click()
+    result = page.locator("#job-result")
+    expect(result).to_contain_text("Published unlearned (not activated).")
+    expect(result).to_contain_text(f"Quality gate held the model back: {reason}.")
+    expect(result).to_have_attribute("data-tone", "warn")
+    expect(page.locator("#serving")).to_have_text("serving tiny-a")
+    screenshot(page, "gate-held-back")
+    assert tab.console_errors == []
+
+
 def test_cancel_stops_a_running_job(registry_server: Server, tab: Tab) -> None:
     page = tab.page
     tab.open(registry_server, "train")
@@ -404,6 +473,66 @@ def test_cancel_stops_a_running_job(registry_server: Server, tab: Tab) -> None:
     assert job["state"] == "cancelled" and job["params"]["corpus_name"] == "sonnets"
     assert job["params"]["epochs"] == 10000 and job["params"]["hidden_dim"] == 64
     assert "never-published" not in [m["id"] for m in httpx.get(f"{registry_server.url}/models").json()["models"]]
+    assert tab.console_errors == []
+
+
+def test_pause_saves_a_running_job_and_resume_goes_on(registry_server: Server, tab: Tab) -> None:
+    page = tab.page
+    tab.open(registry_server, "train")
+    page.fill("#train-text", TRAIN_TEXT)
+    page.click('[data-preset="tiny"]')
+    page.fill("#train-epochs", "10000")
+    page.fill("#train-name", "paused-then-cancelled")
+    page.click("#train-submit")
+    expect(page.locator("#job")).to_have_attribute("data-state", "running", timeout=30_000)
+    expect(page.locator("#job-pause")).to_have_text("Pause")
+    page.wait_for_function("() => Number(document.querySelector('#loss-chart').dataset.valPoints) >= 1", timeout=30_000)
+    page.click("#job-pause")
+    expect(page.locator("#job")).to_have_attribute("data-state", "paused", timeout=30_000)
+    expect(page.locator("#job-state")).to_have_text(re.compile(r"^paused · saved at step [1-9][0-9,]*$"))
+    expect(page.locator("#job-result")).to_contain_text("Paused: the training state is saved and the worker is free.")
+    expect(page.locator("#job-pause")).to_have_text("Resume")
+    job = httpx.get(f"{registry_server.url}/train?limit=1").json()["jobs"][0]
+    assert (job["state"], job["worker"]) == ("paused", None)
+    screenshot(page, "job-paused")
+
+    page.click("#job-pause")  # Resume
+    expect(page.locator("#job")).to_have_attribute("data-state", "running", timeout=30_000)
+    expect(page.locator("#job-pause")).to_have_text("Pause")
+    page.click("#job-cancel")
+    expect(page.locator("#job-state")).to_have_text("cancelled")
+    events = httpx.get(f"{registry_server.url}/v1/fine_tuning/jobs/{job['id']}/events?limit=100").json()["data"]
+    kinds = [e["data"]["kind"] for e in events]
+    assert "paused" in kinds and "resumed" in kinds
+    assert tab.console_errors == []
+
+
+def test_a_job_released_as_a_canary_from_the_form_shows_in_the_aliases(serve: ServerFactory, tab: Tab) -> None:
+    server = serve()  # its own server: production gets a canary here
+    page = tab.page
+    tab.open(server, "train")
+    page.fill("#train-text", TRAIN_TEXT)
+    page.click('[data-preset="tiny"]')
+    page.fill("#train-name", "canary-from-form")
+    page.uncheck("#train-gate")  # no effect on a canary: the gate applies to it, and passes or skips here
+    page.check("#train-canary")
+    page.fill("#train-canary-percent", "25")
+    page.click("#train-submit")
+    result = page.locator("#job-result")
+    expect(page.locator("#job")).to_have_attribute("data-state", "succeeded", timeout=120_000)
+    expect(result).to_contain_text("Published canary-from-form as production's canary")
+    expect(result).to_have_attribute("data-tone", "good")
+    job = httpx.get(f"{server.url}/train?limit=1").json()["jobs"][0]
+    assert job["params"]["activate"] == "canary:0.25" and job["activated"] is False
+
+    page.click("#tab-models")
+    page.click("#models-refresh")
+    production = page.locator('tr[data-alias="production"]')
+    expect(production).to_have_attribute("data-canary", "canary-from-form")
+    expect(production.locator('td[data-label="Canary"]')).to_have_text(
+        "canary-from-form serves 25% of the routing keys"
+    )
+    assert httpx.get(f"{server.url}/readyz").json()["model"] == "tiny-a"
     assert tab.console_errors == []
 
 

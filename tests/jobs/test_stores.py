@@ -96,9 +96,70 @@ def test_cancelling_a_running_job_asks_its_worker_to_stop(store: JobStore) -> No
 
     record = store.cancel(job.id)
     assert record.state == "running" and record.cancel_requested
-    assert store.cancel_requested(job.id)
+    assert store.stop_requested(job.id) == "cancel"
     assert store.finish(claim, "cancelled")
     assert store.get(job.id).state == "cancelled"
+
+
+def test_pausing_a_queued_job_is_immediate_and_resuming_queues_it_again(store: JobStore) -> None:
+    job = store.submit(tiny_params(), corpus())
+    other = store.submit(tiny_params(), corpus())
+
+    record = store.pause(job.id)
+    assert record.state == "paused" and store.get(job.id).state == "paused"
+    assert store.pause(job.id).state == "paused"  # pausing again changes nothing
+    assert [e.kind for e in store.events(job.id)] == ["queued", "paused"]
+    assert store.queue_position(job.id) is None and store.queue_position(other.id) == 1
+    claim = store.claim("w1", block_s=0.5)
+    assert claim is not None and claim.job_id == other.id  # nobody runs a paused job
+    assert store.claim("w1", block_s=0.2) is None
+
+    assert store.resume(job.id).state == "queued"
+    assert store.events(job.id)[-1].kind == "resumed"
+    again = store.claim("w2", block_s=1.0)
+    assert again is not None and again.job_id == job.id and store.start(again) is not None
+    assert store.claim("w3", block_s=0.2) is None  # one queue entry: resumed once, run once
+    with pytest.raises(JobConflict, match="not paused"):
+        store.resume(job.id)
+
+
+def test_pausing_a_running_job_asks_its_worker_to_save_and_free_itself(store: JobStore) -> None:
+    job = store.submit(tiny_params(), corpus())
+    claim = store.claim("w1", block_s=1.0)
+    assert claim is not None and store.start(claim) is not None
+
+    record = store.pause(job.id)
+    assert record.state == "running" and record.pause_requested
+    assert store.stop_requested(job.id) == "pause"
+    store.update(job.id, saved_epoch=1, saved_step=7)  # what the training process records as it saves
+    assert store.mark_paused(claim)
+    record = store.get(job.id)
+    assert (record.state, record.worker, record.pause_requested, record.attempts) == ("paused", None, False, 0)
+    assert store.events(job.id)[-1].data == {"state": "paused", "saved_epoch": 1, "saved_step": 7}
+    assert not store.heartbeat(claim)  # the worker is free
+    assert store.claim("w2", block_s=0.3) is None
+
+    assert store.resume(job.id).state == "queued"
+    again = store.claim("w2", block_s=1.0)
+    assert again is not None and again.job_id == job.id
+    assert store.start(again) is not None and store.stop_requested(job.id) is None
+    assert store.finish(again, "succeeded")
+    with pytest.raises(JobConflict, match="already succeeded"):
+        store.pause(job.id)
+
+
+def test_a_paused_job_can_be_cancelled_at_once_and_a_pause_withdrawn_before_it_lands(store: JobStore) -> None:
+    paused = store.submit(tiny_params(), corpus())
+    store.pause(paused.id)
+    assert store.cancel(paused.id).state == "cancelled"
+
+    running = store.submit(tiny_params(), corpus())
+    claim = store.claim("w1", block_s=1.0)
+    assert claim is not None and claim.job_id == running.id and store.start(claim) is not None
+    store.pause(running.id)
+    record = store.resume(running.id)  # changed its mind before the worker paused
+    assert (record.state, record.pause_requested) == ("running", False)
+    assert store.stop_requested(running.id) is None
 
 
 def test_a_job_handed_back_is_taken_before_newer_jobs(store: JobStore) -> None:
@@ -111,7 +172,13 @@ def test_a_job_handed_back_is_taken_before_newer_jobs(store: JobStore) -> None:
     assert store.get(first.id).state == "queued"
     requeued = store.events(first.id)[-1]
     assert requeued.kind == "requeued"
-    assert requeued.data == {"state": "queued", "reason": "the worker was stopped", "worker": "w1", "saved_epoch": 0}
+    assert requeued.data == {
+        "state": "queued",
+        "reason": "the worker was stopped",
+        "worker": "w1",
+        "saved_epoch": 0,
+        "saved_step": 0,
+    }
     assert not store.heartbeat(claim)  # the old claim is over
 
     again = store.claim("w2", block_s=1.0)
@@ -127,7 +194,7 @@ def test_a_silent_worker_loses_its_job_to_another(store: JobStore) -> None:
     job = store.submit(tiny_params(), corpus())
     dead = store.claim("dead", block_s=1.0)
     assert dead is not None and store.start(dead) is not None
-    store.update(job.id, saved_epoch=2)  # what the training process records as it saves an epoch's state
+    store.update(job.id, saved_epoch=2, saved_step=40)  # what the training process records as it saves its state
     assert store.claim("alive", block_s=0.1) is None  # the lease (1 s in these tests) still holds
 
     time.sleep(1.3)
@@ -137,7 +204,7 @@ def test_a_silent_worker_loses_its_job_to_another(store: JobStore) -> None:
     assert requeued.kind == "requeued"
     assert (requeued.data["state"], requeued.data["worker"], requeued.data["saved_epoch"]) == ("queued", "dead", 2)
     assert "worker dead stopped heartbeating" in requeued.data["reason"]
-    assert "after epoch 2" in requeued.data["reason"]
+    assert "state saved at step 40 (2 epochs done)" in requeued.data["reason"]
     record = store.start(taken)
     assert record is not None and record.attempts == 2
     assert not store.heartbeat(dead)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lm.aliases import Canary, FileAliases
 from lm.train import TrainConfig, TrainEvent
 from tests.corpora import chat_jsonl
 from tests.redis_server import free_port
@@ -195,6 +196,26 @@ def test_fine_tune_then_show_activate_and_delete(trained, corpus, tmp_path):
     assert deleted.returncode == 0, deleted.stderr
     assert not (models / "owl-songs").exists()
     assert [r.split()[0] for r in textgen("models", models_dir=models).stdout.splitlines()[1:]] == ["tiny"]
+
+
+def test_train_activate_canary_then_models_activate_clears_the_canary(trained, corpus, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(trained[0], models)
+    released = textgen(
+        "train", str(corpus), *TINY, "--name", "candidate", "--activate", "canary:0.1", models_dir=models
+    )
+    assert released.returncode == 0, released.stderr
+    assert "active      no: production's canary, serving 10% of its traffic (tiny serves the rest)" in released.stdout
+    production = FileAliases(models).all()["production"]  # what GET /models/aliases answers
+    assert (production.model, production.canary) == ("tiny", Canary("candidate", 0.1))
+
+    assert textgen("models", "activate", "tiny", models_dir=models).returncode == 0  # = POST /models/tiny/activate
+    production = FileAliases(models).all()["production"]
+    assert (production.model, production.canary) == ("tiny", None)
+
+    refused = textgen("train", str(corpus), *TINY, "--activate", "canary:2", models_dir=models)
+    assert refused.returncode == 2
+    assert "canary's weight is a number in (0, 1]" in refused.stderr
 
 
 def test_a_chat_fine_tune_validates_and_evaluates_on_the_assistants_tokens(trained, tmp_path):

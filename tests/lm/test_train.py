@@ -15,6 +15,7 @@ from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import Registry
 from lm.tokenizers import fit_tokenizer
 from lm.train import STATE_JSON, TrainConfig, TrainEvent, evaluate, lr_at, planned_parameters, score_ids, train
+from tests.corpora import CHAT_JSONL
 
 from .conftest import CHINESE_CORPUS, TINY_CORPUS
 
@@ -87,6 +88,43 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
     resumed = train(TINY_CORPUS, cfg, state_dir=tmp_path, on_event=events.append)
     assert [e.epoch for e in events if e.kind == "epoch"] == [2, 3]  # epoch 1 was not trained again
     assert resumed.metrics["steps"] == full.metrics["steps"]
+    assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
+    for (name, x), y in zip(weights(full.model).items(), weights(resumed.model).values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("data_format", ["text", "chat"])
+def test_a_run_stopped_mid_epoch_saves_its_state_there_and_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, data_format: str
+) -> None:
+    """A pause (or a hand-back) mid-epoch: the state is saved at the step it stopped at, the carried LSTM
+    state and the epoch's loss so far included, and the resumed run trains no step twice."""
+    text = TINY_CORPUS if data_format == "text" else CHAT_JSONL
+    cfg = tiny(epochs=2, dropout=0.2, data_format=data_format)
+    full = train(text, cfg)
+    steps: list[int] = []
+
+    def record(e: TrainEvent) -> None:
+        if e.kind == "progress":
+            steps.append(e.step)
+
+    stop_at = full.metrics["steps"] * 3 // 4  # in the second epoch
+    with pytest.raises(TrainingCancelled):
+        train(
+            text,
+            cfg,
+            state_dir=tmp_path,
+            on_event=record,
+            progress_interval_s=0,
+            should_stop=lambda: steps[-1:] == [stop_at],
+        )
+    saved = json.loads((tmp_path / STATE_JSON).read_text())["progress"]
+    assert (saved["epoch"], saved["step"]) == (1, stop_at) and saved["window"] > 0
+    events: list[TrainEvent] = []
+    resumed = train(text, cfg, state_dir=tmp_path, on_event=events.append, progress_interval_s=0)
+    assert [e.step for e in events if e.kind == "progress"][0] == stop_at + 1  # no step trained twice
+    assert [e.epoch for e in events if e.kind == "epoch"] == [2]
+    assert resumed.metrics["train_loss"] == pytest.approx(full.metrics["train_loss"], rel=1e-6)
     assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
     for (name, x), y in zip(weights(full.model).items(), weights(resumed.model).values(), strict=True):
         assert torch.equal(x, y), name

@@ -25,7 +25,7 @@ from jobs.store import JobStore
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import Registry
 from lm.tokenizers import fit_tokenizer
-from lm.train import STATE_JSON, TrainConfig, TrainEvent, train
+from lm.train import STATE_JSON, TrainConfig, train
 from tests.jobs.conftest import ROOT, assert_job_files_removed, corpus, tiny_params
 from worker.errors import EXIT_HANDED_BACK, JobFailed, describe_exit, describe_failure
 from worker.progress import Stopper
@@ -324,29 +324,60 @@ def test_failure_descriptions_tell_the_user_what_to_do() -> None:
     assert "worker's log" in describe_failure(ZeroDivisionError("boom"))
 
 
-def _event(kind: str, step: int, epoch: int) -> TrainEvent:
-    return TrainEvent(kind, epoch, 10, step, 1000, 2.0, None, 1000.0, None, 1.0)
-
-
-@pytest.mark.parametrize(("pace_s", "drains"), [(0.001, True), (0.2, False)])
-def test_sigterm_near_an_epoch_end_trains_on_until_its_state_is_saved(
-    file_store: FileStore, pace_s: float, drains: bool
-) -> None:
+def test_sigterm_stops_training_at_the_next_step(file_store: FileStore) -> None:
+    """The training loop saves its state wherever it stops, so a stopping worker waits for no epoch's end."""
     job = file_store.submit(tiny_params(), corpus())
-    stopper = Stopper(file_store, job.id, os.getppid(), drain_s=5.0)
+    stopper = Stopper(file_store, job.id, os.getppid())
     previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     stopper.install()
     try:
-        stopper.observe(_event("progress", 40, 1))
-        time.sleep(pace_s * 10)
-        stopper.observe(_event("progress", 50, 1))  # 100 steps per epoch: 50 to go, at `pace_s` a step
+        assert not stopper()
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stopper() is not drains
-        stopper.observe(_event("state_saved", 100, 1))
-        assert stopper()  # the state is saved: stop now
+        assert stopper() and stopper.shutting_down and not stopper.pausing
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
+
+
+@pytest.mark.slow
+def test_a_paused_job_frees_its_worker_and_resumes_to_the_uninterrupted_result(store: JobStore) -> None:
+    """Pause mid-epoch: the state is saved at that step and the worker goes on to the next job; resumed, the
+    job trains no step twice and publishes the model an uninterrupted run of the same job publishes."""
+    params = tiny_params(epochs=3, seed=7)
+    text = corpus(30_000)  # an epoch takes a second or two
+    uninterrupted = store.submit({**params, "name": f"{params['name']}-whole", "activate": False}, text)
+    Runner(store, FAST).run(burst=True)
+    whole = store.get(uninterrupted.id)
+    assert whole.state == "succeeded", whole.error
+
+    job = store.submit(params, text)
+    after_it = store.submit(tiny_params(), corpus())
+    worker = run_in_thread(store)
+    progress = wait_for_event(store, job.id, "progress")
+    paused_at = store.pause(job.id)
+    assert paused_at.state == "running" and paused_at.pause_requested
+    paused = wait_for_event(store, job.id, "paused")
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+
+    record = store.get(job.id)
+    assert (record.state, record.worker, record.attempts) == ("paused", None, 0)
+    assert store.get(after_it.id).state == "succeeded"  # the freed worker took the next job
+    assert paused.data["saved_step"] == record.saved_step > progress.data["step"]
+    assert (state_path(store.models_dir, job.id) / STATE_JSON).is_file()
+
+    assert store.resume(job.id).state == "queued"
+    Runner(store, FAST).run(burst=True)
+    record = store.get(job.id)
+    assert record.state == "succeeded", record.error
+    events = store.events(job.id)
+    resumed = next(i for i, e in enumerate(events) if e.kind == "resumed")
+    first_step = next(e.data["step"] for e in events[resumed:] if e.kind == "progress")
+    assert first_step == paused.data["saved_step"] + 1  # went on from the step it paused at
+    assert record.metrics is not None and whole.metrics is not None
+    assert record.metrics["steps"] == whole.metrics["steps"]
+    assert record.metrics["val_loss"] == pytest.approx(whole.metrics["val_loss"], rel=1e-6)
+    assert_job_files_removed(store, job.id)
 
 
 @pytest.mark.slow

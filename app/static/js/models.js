@@ -1,5 +1,6 @@
 // The models panel: every model of the registry with its metrics, the active one marked,
-// Activate (roll forward or back) and Delete, each after a confirmation.
+// Activate (roll forward or back) and Delete; then the aliases, each with its model and any canary
+// and its weight, with Promote and Abort for a canary. Every change asks for a confirmation first.
 
 import { sendJSON } from "./api.js";
 import { $, confirmAction, el, fmtBytes, fmtDate, fmtNumber, showError } from "./dom.js";
@@ -22,6 +23,59 @@ export class ModelsPanel {
     const rows = this.store.models.map((model) => this.row(model));
     const empty = el("tr", {}, el("td", { colspan: 7, class: "hint" }, "No models in the registry yet."));
     $("#models-body", this.root).replaceChildren(...(rows.length ? rows : this.store.error ? [] : [empty]));
+    const aliases = this.store.aliases.map((alias) => this.aliasRow(alias));
+    const none = el("tr", {}, el("td", { colspan: 5, class: "hint" }, "No aliases yet."));
+    $("#aliases-body", this.root).replaceChildren(...(aliases.length ? aliases : this.store.error ? [] : [none]));
+  }
+
+  aliasRow(alias) {
+    const canary = alias.canary;
+    const share = canary ? `${fmtNumber(canary.weight * 100, 1)}%` : "";
+    const event = alias.event; // what the service did by itself: an automatic abort
+    const canaryCell = el(
+      "td",
+      { "data-label": "Canary" },
+      canary
+        ? el("span", {}, el("strong", {}, canary.model), ` serves ${share} of the routing keys`)
+        : el("span", { class: "hint" }, "none"),
+      event
+        ? el("p", { class: "hint alias-event" }, `${event.kind.replaceAll("_", " ")} (${event.canary?.model ?? "?"}): ${event.reason}`)
+        : null,
+    );
+    const promote = el("button", { type: "button", disabled: !canary, "aria-label": `Promote ${alias.alias}'s canary` }, "Promote");
+    promote.addEventListener("click", () => this.promote(alias, promote));
+    const abort = el("button", { type: "button", class: "danger", disabled: !canary, "aria-label": `Abort ${alias.alias}'s canary` }, "Abort");
+    abort.addEventListener("click", () => this.abort(alias, abort));
+    return el(
+      "tr",
+      { dataset: { alias: alias.alias, canary: canary ? canary.model : "" } },
+      el("td", { "data-label": "Alias" }, el("strong", {}, alias.alias)),
+      el("td", { "data-label": "Model" }, alias.model),
+      canaryCell,
+      el("td", { "data-label": "Updated" }, fmtDate(alias.updated_at)),
+      el("td", { class: "row-actions" }, promote, abort),
+    );
+  }
+
+  async promote(alias, button) {
+    const { model, weight } = alias.canary;
+    const ok = await confirmAction(
+      `Promote ${model}?`,
+      `${model} serves ${fmtNumber(weight * 100, 1)}% of ${alias.alias} now; it will serve all of it, in place of ${alias.model}.`,
+      "Promote",
+    );
+    if (!ok) return;
+    const path = `/models/aliases/${alias.alias}/promote`;
+    await this.change(button, "Promoting…", () => sendJSON("POST", path), `${model} is ${alias.alias}'s model now.`);
+  }
+
+  async abort(alias, button) {
+    const { model } = alias.canary;
+    const ok = await confirmAction(`Abort the canary ${model}?`, `${alias.model} will serve all of ${alias.alias} again.`, "Abort canary");
+    if (!ok) return;
+    const path = `/models/aliases/${alias.alias}/abort`;
+    const done = `${alias.alias}'s canary ${model} was aborted; ${alias.model} serves all of it.`;
+    await this.change(button, "Aborting…", () => sendJSON("POST", path), done);
   }
 
   row(model) {
@@ -32,6 +86,9 @@ export class ModelsPanel {
       el("strong", {}, model.id),
       active ? el("span", { class: "badge", dataset: { state: "active" } }, "active") : null,
       model.loaded ? el("span", { class: "badge", dataset: { state: "loaded" } }, "loaded") : null,
+      ...this.store.aliases
+        .filter((alias) => alias.canary?.model === model.id)
+        .map((alias) => el("span", { class: "badge", dataset: { state: "canary" } }, `${alias.alias}'s canary`)),
     );
     const tokenizer = model.tokenizer ?? {};
     return el(

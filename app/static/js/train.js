@@ -160,6 +160,7 @@ export class TrainPanel {
     $("#train-file", this.root).addEventListener("change", () => this.updateCorpusHint());
     $("#train-base", this.root).addEventListener("change", () => this.lockArchitecture());
     $("#job-cancel", this.root).addEventListener("click", () => this.cancel());
+    $("#job-pause", this.root).addEventListener("click", () => this.pauseOrResume());
     $("#job-try", this.root).addEventListener("click", () => requestTry(this.job.model_id));
     $("#jobs-refresh", this.root).addEventListener("click", () => this.loadJobs());
   }
@@ -225,6 +226,11 @@ export class TrainPanel {
     // true: if the quality gate passes (no worse than the active model on the same held-out text)
     const gated = $("#train-gate", this.root).checked;
     fields.activate = $("#train-activate", this.root).checked ? (gated ? true : "always") : false;
+    if ($("#train-activate", this.root).checked && $("#train-canary", this.root).checked) {
+      const percent = Number($("#train-canary-percent", this.root).value);
+      if (!(percent >= 1 && percent <= 100)) throw new Error("Canary share: a percentage from 1 to 100.");
+      fields.activate = `canary:${percent / 100}`; // the quality gate applies to a canary too
+    }
     const source = this.source();
     if (source === "corpus") return { json: { ...fields, corpus: $("#train-corpus", this.root).value } };
     if (source === "text") {
@@ -276,7 +282,9 @@ export class TrainPanel {
     this.resetJobView();
     let lastId = null;
     let failures = 0;
-    while (!follower.signal.aborted && !this.isFinal()) {
+    let replay = this.isFinal(); // a finished job: its events once, for its chart, samples and verdict
+    while (!follower.signal.aborted && (replay || !this.isFinal())) {
+      replay = false;
       try {
         const headers = lastId ? { "Last-Event-ID": lastId } : {};
         const response = await call("GET", `/train/${job.id}/events`, { signal: follower.signal, headers });
@@ -306,6 +314,7 @@ export class TrainPanel {
 
   resetJobView() {
     const job = this.job;
+    this.canary = null; // the "canary" event's, when the job's model became production's canary
     $("#job", this.root).hidden = false;
     $("#job-title", this.root).textContent = `${job.params?.name ?? "model"} · ${job.id}`;
     $("#job-samples", this.root).replaceChildren();
@@ -324,6 +333,9 @@ export class TrainPanel {
     badge.dataset.state = state;
     $("#job", this.root).dataset.state = state;
     $("#job-cancel", this.root).disabled = this.isFinal();
+    const pause = $("#job-pause", this.root);
+    pause.textContent = state === "paused" ? "Resume" : "Pause";
+    pause.disabled = this.isFinal();
   }
 
   setResult(message, tone) {
@@ -339,7 +351,18 @@ export class TrainPanel {
       requeued: () => this.setState("queued", data.reason),
       progress: () => this.onProgress(data),
       epoch: () => this.onEpoch(data),
-      checkpoint: () => this.setResult(`Saved a resumable state after epoch ${data.epoch}.`, ""),
+      checkpoint: () => this.setResult(`Saved a resumable state at step ${fmtNumber(data.step)}.`, ""),
+      model_checkpoint: () =>
+        this.setResult(`Checkpoint ${data.model_id}: epoch ${data.epoch}, val loss ${fmtLoss(data.val_loss)}.`, ""),
+      paused: () => {
+        this.setState("paused", `saved at step ${fmtNumber(data.saved_step)}`);
+        this.setResult("Paused: the training state is saved and the worker is free. Resume goes on from the same step.", "warn");
+      },
+      resumed: () => this.setState("queued", "resumed"),
+      canary: () => {
+        this.canary = data.canary;
+        this.setResult(`${data.canary.model} is production's canary, for ${Math.round(data.canary.weight * 100)}% of its traffic.`, "");
+      },
       published: () => this.setResult(`Published ${data.model_id}.`, ""),
       gate: () => this.setResult(`Quality gate ${gateWords(data.result)}: ${data.reason}.`, data.result === "held_back" ? "warn" : ""),
       error: () => this.setResult(`${data.error.message} Reconnecting…`, "warn"),
@@ -379,10 +402,13 @@ export class TrainPanel {
     $("#job-eta", this.root).textContent = state === "succeeded" ? "done" : "—";
     if (state === "succeeded") {
       const metrics = data.metrics ?? {};
-      const activated = data.activated ? "and activated" : `(not activated${data.note ? `: ${data.note}` : ""})`;
-      // a held-back model's note already gives the gate's reason
-      const gate = data.gate && data.gate.result !== "held_back" ? ` Quality gate ${gateWords(data.gate.result)}: ${data.gate.reason}.` : "";
-      const tone = data.activated || !data.gate ? "good" : "warn";
+      const heldBack = data.gate?.result === "held_back";
+      // a held-back model's note repeats the gate's reason, which the verdict below gives
+      const note = data.note && !heldBack ? `: ${data.note}` : "";
+      const canary = this.canary?.model === data.model_id;
+      const activated = data.activated ? "and activated" : canary ? `as production's canary: ${data.note}` : `(not activated${note})`;
+      const gate = data.gate ? ` Quality gate ${gateWords(data.gate.result)}: ${data.gate.reason}.` : "";
+      const tone = data.activated || canary || !data.gate ? "good" : "warn";
       this.setResult(`Published ${data.model_id} ${activated}. Validation loss ${fmtLoss(metrics.val_loss)}.${gate}`, tone);
       const tryButton = $("#job-try", this.root);
       tryButton.textContent = `Try ${data.model_id}`;
@@ -408,6 +434,21 @@ export class TrainPanel {
     }
   }
 
+  async pauseOrResume() {
+    if (!this.job || this.isFinal()) return;
+    const action = this.job.state === "paused" ? "resume" : "pause";
+    $("#job-pause", this.root).disabled = true;
+    try {
+      const job = await sendJSON("POST", `/train/${this.job.id}/${action}`);
+      if (action === "pause" && job.state !== "paused") this.setResult("Pausing: the worker saves the state within seconds…", "warn");
+      if (action === "resume") this.setResult("Resumed: the job goes on from its saved step.", "");
+    } catch (err) {
+      this.setResult(err.message, "bad");
+    } finally {
+      $("#job-pause", this.root).disabled = this.isFinal();
+    }
+  }
+
   // ---------------------------------------------------------------------------- recent jobs
 
   async loadJobs() {
@@ -429,12 +470,15 @@ export class TrainPanel {
         { dataset: { state: job.state } },
         el("span", { class: "badge", dataset: { state: job.state } }, job.state),
         el("span", { class: "job-name" }, name),
+        job.gate?.result === "held_back"
+          ? el("span", { class: "badge", title: job.gate.reason, dataset: { state: "held_back" } }, "held back by the gate")
+          : null,
         el("span", { class: "hint" }, fmtDate(job.created)),
         follow,
       );
     });
     $("#job-list", this.root).replaceChildren(...(rows.length ? rows : [el("li", { class: "hint" }, "No jobs yet.")]));
-    const unfinished = jobs.find((job) => job.state === "running" || job.state === "queued");
+    const unfinished = jobs.find((job) => ["running", "queued", "paused"].includes(job.state));
     if (!this.job && unfinished) this.follow(unfinished); // a reload picks the running job up again
   }
 }
