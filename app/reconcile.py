@@ -92,8 +92,11 @@ class Reconciler:
                 await self.reconcile()
             except Exception:
                 log.exception("reconciling the active model failed; trying again in %.1fs", self.interval_s)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that lands as the
+            # event is set, and then this loop outlives its task's cancel (and shutdown waits on it)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.interval_s)
+                async with asyncio.timeout(self.interval_s):
+                    await self.wake.wait()
 
     async def reconcile(self) -> None:
         """Swap in the model the pointer names, unless it is already active or was refused; load what the

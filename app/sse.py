@@ -109,7 +109,8 @@ class EventStream(Response):
             tg.start_soon(produce)
             while True:
                 try:
-                    chunk = await asyncio.wait_for(pending.get(), self.keepalive_s)
+                    async with asyncio.timeout(self.keepalive_s):  # not wait_for: see app/reconcile.py
+                        chunk = await pending.get()
                 except TimeoutError:
                     chunk = KEEPALIVE_COMMENT
                 if chunk is _END:

@@ -87,7 +87,8 @@ class KeyLimits:
                 if left <= 0:
                     raise
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._freed.wait(), left)
+                    async with asyncio.timeout(left):  # not wait_for, which can swallow a cancellation in 3.11
+                        await self._freed.wait()
 
     def release(self, key: str | None, n: int) -> None:
         if key is None or key not in self.admitted:
