@@ -90,6 +90,13 @@ class TrainHyperparameters(RequestBody):
         description="the corpus's format: plain text, OpenAI chat JSONL or prompt/completion JSONL (default: "
         "detected from the corpus; given, it must match)",
     )
+    # AWD-LSTM's regularisers (docs/TRAINING.md, "The default recipe"); off unless set
+    weight_drop: float | None = _bounded("weight_drop", "DropConnect on the LSTM's hidden-to-hidden weights")
+    locked_dropout: bool | None = Field(None, description="one dropout mask for every step of a window")
+    embedding_dropout: float | None = _bounded("embedding_dropout", "drop whole tokens' embeddings")
+    ar: float | None = _bounded("ar", "activation regularisation: weight of mean(h^2)")
+    tar: float | None = _bounded("tar", "temporal activation regularisation: weight of mean((h_t - h_t-1)^2)")
+    ema: float | None = _bounded("ema", "keep an exponential moving average of the weights with this decay; 0: off")
 
     def given(self) -> dict[str, Any]:
         """The hyperparameters the request set (the others keep TrainConfig's defaults)."""

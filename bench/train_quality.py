@@ -108,7 +108,8 @@ def throughput_rounds(text: str, cfg: TrainConfig, steps: int, rounds: int) -> d
 
 def quality_run(text: str, cfg: TrainConfig, minutes: float, mark_s: float) -> dict:
     """One run under a `minutes` budget; validation every `mark_s` seconds and at the end."""
-    run = TrainConfig.from_dict({**cfg.to_dict(), "time_budget_s": minutes * 60, "epochs": 1000})
+    # no epochs: the budget ends the run; the sizes not set are fitted to the corpus and this budget
+    run = TrainConfig.from_dict({**cfg.to_dict(), "time_budget_s": minutes * 60})
     marks: dict[int, float] = {}
 
     def on_event(e: TrainEvent) -> None:
@@ -161,9 +162,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     text = args.corpus.read_text(encoding="utf-8")
     cfg = TrainConfig(threads=args.threads)
+    sized, _ = cfg.fitted(text)  # the sizes the recipe fits to this corpus, which the plain loop copies
     print(f"recipe: {json.dumps(cfg.to_dict())}", flush=True)
 
-    rates = throughput_rounds(text, cfg, args.throughput_steps, args.rounds)
+    rates = throughput_rounds(text, sized, args.throughput_steps, args.rounds)
     reference = rates[next(iter(LOOPS))]
     ratios = {label: [r / p for r, p in zip(rs, reference, strict=True)] for label, rs in rates.items()}
     ratio = statistics.median(ratios["textgen (`lm.train`)"])

@@ -52,7 +52,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
     ("--grad-clip", "grad_clip", float, "gradient norm clip"),
     ("--warmup-steps", "warmup_steps", int, "linear learning-rate warmup steps"),
-    ("--epochs", "epochs", int, "passes over the training split"),
+    ("--epochs", "epochs", int, "passes over the training split; caps a --time-budget run only when given"),
     ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
     ("--time-budget", "time_budget_s", float, "stop after this many seconds"),
     ("--patience", "patience", int, "stop after this many epochs without a better val loss"),
@@ -62,9 +62,20 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--precision", "precision", str, "auto, bf16 or fp32"),
     ("--device", "device", str, "auto, cpu or cuda"),
     ("--data-format", "data_format", str, "the corpus's format: text, chat or completion JSONL (docs/TRAINING.md)"),
+    ("--weight-drop", "weight_drop", float, "DropConnect on the LSTM's hidden-to-hidden weights (AWD-LSTM)"),
+    ("--locked-dropout", "locked_dropout", argparse.BooleanOptionalAction, "one dropout mask for every step"),
+    ("--embedding-dropout", "embedding_dropout", float, "drop whole tokens' embeddings"),
+    ("--ar", "ar", float, "activation regularisation: weight of mean(h^2)"),
+    ("--tar", "tar", float, "temporal activation regularisation: weight of mean((h_t - h_t-1)^2)"),
+    ("--ema", "ema", float, "keep an EMA of the weights with this decay (e.g. 0.999); 0: off"),
 ]
 # flags whose TrainConfig default is not what an omitted flag means
-OMITTED_MEANS = {"data_format": "detected from the corpus"}
+FITTED = "fitted to the corpus and budget"
+OMITTED_MEANS = {
+    "data_format": "detected from the corpus",
+    "epochs": "10, or none under --time-budget",
+    **{size: FITTED for size in ("vocab_size", "embedding_dim", "hidden_dim", "layers", "dropout", "tie_weights")},
+}
 
 
 # flags that override a setting: settings field -> the flag's name in an error message
@@ -376,6 +387,7 @@ def _print_summary(model_id: str, metrics: dict, path: Path, active: str) -> Non
         ("perplexity", _fmt(metrics.get("val_perplexity"), ".2f")),
         ("bits/char", _fmt(metrics.get("val_bits_per_char"), ".3f")),
         ("steps", f"{metrics.get('steps', '-')} (stopped by {metrics.get('stopped_by', '-')})"),
+        *_recipe_rows(metrics),
         ("time", _duration(metrics.get("elapsed_s"))),
         (
             "speed",
@@ -386,6 +398,26 @@ def _print_summary(model_id: str, metrics: dict, path: Path, active: str) -> Non
     ]
     for key, value in rows:
         print(f"{key:<11} {value}")
+
+
+def _recipe_rows(metrics: dict) -> list[tuple[str, str]]:
+    """The summary's lines on the weights kept and the sizes the recipe fitted (lm/train/sizing.py), and why."""
+    rows = []
+    if metrics.get("kept") == "best" and metrics.get("best_epoch") is not None:
+        rows.append(("kept", f"epoch {metrics['best_epoch']} of {metrics.get('epochs', '-')} (best validation loss)"))
+    choice = metrics.get("recipe_choice")
+    if choice:
+        tied = ", tied" if choice.get("tie_weights") else ""
+        vocab = f", vocabulary cap {choice['vocab_size']}" if choice.get("vocab_size") else ""
+        rows.append(
+            (
+                "recipe",
+                f"{choice.get('layers')} x {choice.get('hidden_dim')} units, embedding {choice.get('embedding_dim')}"
+                f"{tied}, dropout {choice.get('dropout')}{vocab}",
+            )
+        )
+        rows.append(("why", str(choice.get("reason", "-"))))
+    return rows
 
 
 class ProgressBar:

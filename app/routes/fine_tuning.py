@@ -249,7 +249,7 @@ def job_object(record: JobRecord) -> FineTuningJob:
     cfg = TrainConfig.from_dict({k: v for k, v in params.items() if k in HYPER})
     hyper = JobHyperparameters(
         # no epoch cap: a time budget ends the run ("auto")
-        n_epochs=cfg.epochs,
+        n_epochs=cfg.epoch_cap() or "auto",
         batch_size=cfg.batch_size,
         learning_rate_multiplier=cfg.lr / DEFAULT_LR,
     )

@@ -87,7 +87,7 @@ async def playground_config(settings: SettingsDep) -> PlaygroundConfig:
             "max_corpus_bytes": settings.max_corpus_bytes,
             "max_train_parameters": settings.max_train_parameters,
         },
-        training=TrainingForm(defaults=TrainConfig().to_dict(), bounds=BOUNDS, tokenizers=list(TOKENIZERS)),
+        training=TrainingForm(defaults=_form_defaults(), bounds=BOUNDS, tokenizers=list(TOKENIZERS)),
         corpora=await asyncio.to_thread(shipped_corpora, settings),
     )
 
@@ -103,3 +103,11 @@ def shipped_corpora(settings: Settings) -> dict[str, int]:
 
 def _file(path: Path) -> FileResponse:
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=SECURITY_HEADERS)
+
+
+def _form_defaults() -> dict[str, Any]:
+    """TrainConfig's defaults for the form. The sizes are null (fitted to the corpus, lm/train/sizing.py): a
+    number field shows none; `tie_weights`, a checkbox, shows unchecked (sent only when ticked)."""
+    defaults = TrainConfig().to_dict()
+    defaults["tie_weights"] = bool(defaults["tie_weights"])
+    return defaults

@@ -1,6 +1,7 @@
 """Training: the recipe, the loop, the resumable state and the evaluation.
 
     config.py     TrainConfig (every hyperparameter and its default), BOUNDS, planned_parameters
+    sizing.py     fit_recipe: the sizes not given, fitted to the corpus and the time budget
     loop.py       train(): truncated BPTT, AdamW, validation, early stopping, time budgets
     state.py      per-epoch resumable state (safetensors + JSON), so a stopped job resumes
     evaluate.py   the loss of a model on a text, each token's log-probability (prompt scoring), and the

@@ -6,7 +6,7 @@ defaults live (the CLI's help, the HTTP schema and the parameter estimate all re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -15,10 +15,12 @@ from lm.devices import DEVICES
 from lm.errors import ConfigError
 from lm.formats import DATA_FORMATS, DataFormat
 from lm.model import LSTMLanguageModel, ModelConfig, count_parameters
-from lm.tokenizers import KINDS, planned_vocab_size
+from lm.tokenizers import KINDS, WORD_RE, planned_vocab_size
+from lm.train.sizing import SIZE_FIELDS, fit_recipe
 
 TOKENIZERS = KINDS
 PRECISIONS = ("auto", "bf16", "fp32")
+DEFAULT_EPOCHS = 10  # the passes a run makes when neither epochs nor a time budget is given
 
 # Inclusive bounds of every numeric hyperparameter: shared by the CLI and the HTTP schema.
 BOUNDS: dict[str, tuple[float, float]] = {
@@ -36,6 +38,11 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "epochs": (1, 10_000),
     "max_steps": (1, 100_000_000),
     "time_budget_s": (1.0, 30 * 24 * 3600.0),
+    "weight_drop": (0.0, 0.9),
+    "embedding_dropout": (0.0, 0.9),
+    "ar": (0.0, 100.0),
+    "tar": (0.0, 100.0),
+    "ema": (0.0, 0.99999),
     "patience": (1, 1000),
     "val_fraction": (0.001, 0.5),
     "seed": (0, 2**63 - 1),
@@ -48,19 +55,21 @@ class TrainConfig:
     """Every field is a `textgen train` flag and a `POST /train` field. The default is the char recipe."""
 
     tokenizer: str = "char"
-    vocab_size: int | None = None  # None: char and word keep every symbol; bpe defaults to 1024
-    embedding_dim: int = 128
-    hidden_dim: int = 512
-    layers: int = 2
-    dropout: float = 0.2  # see docs/TRAINING.md, "The default recipe"
-    tie_weights: bool = False
+    # The sizes: None (not given) = fitted to the corpus and the budget (lm/train/sizing.py `fit_recipe`);
+    # train() fills them in, and its result's config holds what it used.
+    vocab_size: int | None = None
+    embedding_dim: int | None = None
+    hidden_dim: int | None = None
+    layers: int | None = None
+    dropout: float | None = None
+    tie_weights: bool | None = None
     seq_len: int = 128
     batch_size: int = 32
     lr: float = 6e-3  # chosen by the sweep in docs/TRAINING.md, "The default recipe"
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup_steps: int = 100
-    epochs: int = 10
+    epochs: int | None = None  # None: DEFAULT_EPOCHS, or no cap under time_budget_s (`epoch_cap`)
     max_steps: int | None = None
     time_budget_s: float | None = None
     patience: int | None = None  # early stopping: epochs without a better validation loss
@@ -70,6 +79,21 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     data_format: DataFormat = "text"  # text, chat (loss on the assistant's tokens) or completion: lm/formats.py
+    # AWD-LSTM's regularisers (Merity et al. 2017, "Regularizing and Optimizing LSTM Language Models"), on
+    # where they measurably helped (AR/TAR at AWD-LSTM's weights, locked dropout); docs/TRAINING.md,
+    # "The default recipe", says what each bought
+    weight_drop: float = 0.0  # DropConnect on each layer's hidden-to-hidden weights, one mask per step
+    locked_dropout: bool = True  # `dropout` masks shared by every step of a window (variational dropout)
+    embedding_dropout: float = 0.0  # drop whole words (rows of the embedding) per step
+    ar: float = 2.0  # activation regularisation: ar * mean(h^2) of the last layer's dropped output
+    tar: float = 1.0  # temporal AR: tar * mean((h_t - h_(t-1))^2) of the last layer's output
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and kept; 0: off
+
+    def epoch_cap(self) -> int | None:
+        """The epochs that end a run: as given; unset, DEFAULT_EPOCHS, or none under a time budget."""
+        if self.epochs is not None:
+            return self.epochs
+        return None if self.time_budget_s is not None else DEFAULT_EPOCHS
 
     def validate(self) -> None:
         if self.data_format not in DATA_FORMATS:
@@ -88,7 +112,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a number, got {value!r}", name)
             if not lo <= value <= hi:
                 raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}", name)
-        if self.tie_weights and self.embedding_dim != self.hidden_dim:
+        sizes = (self.embedding_dim, self.hidden_dim)
+        if self.tie_weights and None not in sizes and sizes[0] != sizes[1]:
             raise ConfigError("tie_weights needs embedding_dim equal to hidden_dim", "tie_weights")
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,27 +125,45 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def model_config(self, vocab_size: int) -> ModelConfig:
+        """The architecture; every size must be set (`fitted` fills in the ones not given)."""
+        emb, hidden, layers, dropout = self.embedding_dim, self.hidden_dim, self.layers, self.dropout
+        if emb is None or hidden is None or layers is None or dropout is None or self.tie_weights is None:
+            raise ValueError("model_config needs every size; call fitted() first")
         return ModelConfig(
             vocab_size=vocab_size,
-            embedding_dim=self.embedding_dim,
-            hidden_dim=self.hidden_dim,
-            layers=self.layers,
-            dropout=self.dropout,
+            embedding_dim=emb,
+            hidden_dim=hidden,
+            layers=layers,
+            dropout=dropout,
             tie_weights=self.tie_weights,
         )
+
+    def fitted(self, text: str) -> tuple[TrainConfig, dict[str, Any] | None]:
+        """This config with the sizes not given fitted to `text` and the budget, and the choice (None when
+        every size was given). Deterministic: the same text and config fit the same sizes."""
+        given = {name: getattr(self, name) for name in SIZE_FIELDS if getattr(self, name) is not None}
+        if len(given) == len(SIZE_FIELDS):
+            return self, None
+        symbols = len(set(WORD_RE.findall(text))) if self.tokenizer == "word" else len(set(text))
+        sizes, reason = fit_recipe(len(text), symbols, self.tokenizer, self.time_budget_s, given)
+        fitted = {name: value for name, value in sizes.items() if name not in given}
+        choice = {**sizes, "fitted": sorted(fitted), "reason": reason}
+        return replace(self, **fitted), choice
 
 
 def planned_parameters(cfg: TrainConfig, text: str, base_architecture: dict[str, Any] | None = None) -> int:
     """The parameter count of the model `train(text, cfg)` builds, without training or fitting anything.
 
-    The model is built from `cfg` (or, for a fine-tune, from the base model's architecture) on the
-    meta device, which allocates nothing, and its parameters are counted: the same count as the
-    trained model's, for every tokenizer and size (lm/tokenizers.py `planned_vocab_size`: exact for
-    char and word; bpe plans the vocab_size it asks for, which a corpus with enough distinct pairs reaches).
+    The model is built from `cfg`, its unset sizes fitted to `text` (or, for a fine-tune, from the base
+    model's architecture) on the meta device, which allocates nothing, and its parameters are counted:
+    the same count as the trained model's, for every tokenizer and size (lm/tokenizers.py
+    `planned_vocab_size`: exact for char and word; bpe plans the vocab_size it asks for, which a corpus
+    with enough distinct pairs reaches).
     """
     if base_architecture is not None:
         model_cfg = ModelConfig.from_dict(base_architecture)
     else:
+        cfg, _ = cfg.fitted(text)
         model_cfg = cfg.model_config(planned_vocab_size(cfg.tokenizer, text, cfg.vocab_size))
     with torch.device("meta"):
         return count_parameters(LSTMLanguageModel(model_cfg))

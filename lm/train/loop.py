@@ -7,6 +7,7 @@ autocast). Resumable state is written at each epoch end (lm/train/state.py).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -14,7 +15,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,12 +32,14 @@ from lm.model import LSTMLanguageModel, State
 from lm.tokenizers import Tokenizer, fit_tokenizer, load_tokenizer
 from lm.train.config import TrainConfig
 from lm.train.evaluate import evaluate_ids, sample_text, token_loss
-from lm.train.state import STATE_JSON, STATE_TOKENIZER, Progress, load_state, save_state
+from lm.train.state import STATE_JSON, STATE_TOKENIZER, Progress, load_averaged, load_state, save_state
 
 if TYPE_CHECKING:
     from lm.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
+
+UNCAPPED_STEPS = 2**62  # the step count of a run that only its time budget ends (lr_at then follows time)
 
 
 @dataclass
@@ -165,6 +168,9 @@ def train(
     state_path = Path(state_dir) if state_dir else None
     resuming = state_path is not None and (state_path / STATE_JSON).is_file()
 
+    recipe_choice: dict[str, Any] | None = None
+    if base is None:  # sizes not given are fitted to the corpus and the budget (lm/train/sizing.py)
+        cfg, recipe_choice = cfg.fitted("".join(piece for piece, _ in pieces))
     torch.manual_seed(cfg.seed)
     if resuming:
         assert state_path is not None
@@ -205,19 +211,35 @@ def train(
             carry = (carry[0].to(device), carry[1].to(device))
 
     steps_per_epoch = num_windows(train_data, cfg.seq_len)
-    total_steps = cfg.epochs * steps_per_epoch
+    epoch_cap = cfg.epoch_cap()  # None: a time budget and no epochs given; the budget ends the run
+    total_steps = epoch_cap * steps_per_epoch if epoch_cap is not None else UNCAPPED_STEPS
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     loop = _Loop(
         cfg, model, optimizer, train_data, bf16, total_steps, prog, on_event, should_stop, progress_interval_s, native
     )
     loop.targets = train_targets  # (B, N) bool beside train_data, or None: every target counts
+    loop.steps_per_epoch = steps_per_epoch
+    if resuming:
+        assert state_path is not None
+        loop.restore_average(load_averaged(state_path))
     loop.carry = carry
 
     def save_on_stop(state: State | None) -> None:
         """Stopped mid-epoch (a job paused or handed back): save where it is, so a resume loses no step."""
         if state_path is not None and prog.window > 0:
-            save_state(state_path, cfg, corpus_sha, tokenizer, model, optimizer, prog, best_weights, carry=state)
+            save_state(
+                state_path,
+                cfg,
+                corpus_sha,
+                tokenizer,
+                model,
+                optimizer,
+                prog,
+                best_weights,
+                carry=state,
+                averaged=loop.averaged_weights(),
+            )
             loop.emit("state_saved", train_loss=loop.recent_loss)
 
     loop.on_stop = save_on_stop
@@ -226,25 +248,35 @@ def train(
 
     stopped_by = "epochs"
     last_train_loss: float | None = None
-    while prog.epoch < cfg.epochs:
+    while epoch_cap is None or prog.epoch < epoch_cap:
         epoch_loss, stop_reason = loop.run_epoch()
         last_train_loss = epoch_loss if epoch_loss is not None else last_train_loss
         if epoch_loss is None:  # no step ran this epoch: a limit was already reached
             stopped_by = stop_reason or stopped_by
             break
-        val = evaluate_ids(model, val_data, cfg.seq_len, bf16=False, mask=val_targets)
-        prog.epoch += 1
-        improved = prog.best_val is None or val < prog.best_val
-        if improved:
-            prog.best_val, prog.bad_epochs = val, 0
-            if cfg.patience is not None:
+        with loop.averaged():  # the EMA's weights, when cfg.ema is set: those are validated and kept
+            val = evaluate_ids(model, val_data, cfg.seq_len, bf16=False, mask=val_targets)
+            prog.epoch += 1
+            improved = prog.best_val is None or val < prog.best_val
+            if improved:  # the model kept is the best by validation loss
+                prog.best_val, prog.bad_epochs, prog.best_epoch = val, 0, prog.epoch
                 best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
+        if not improved:
             prog.bad_epochs += 1
         prog.history.append({"epoch": prog.epoch, "step": prog.step, "train_loss": epoch_loss, "val_loss": val})
         loop.emit("epoch", train_loss=epoch_loss, val_loss=val, sample=sample_text(model, tokenizer, cfg.seed))
         if state_path is not None:
-            save_state(state_path, cfg, corpus_sha, tokenizer, model, optimizer, prog, best_weights)
+            save_state(
+                state_path,
+                cfg,
+                corpus_sha,
+                tokenizer,
+                model,
+                optimizer,
+                prog,
+                best_weights,
+                averaged=loop.averaged_weights(),
+            )
             loop.emit("state_saved", train_loss=epoch_loss, val_loss=val)
         if stop_reason is not None:
             stopped_by = stop_reason
@@ -253,11 +285,12 @@ def train(
             stopped_by = "early_stopping"
             break
 
-    if best_weights is not None and prog.history and prog.history[-1]["val_loss"] > (prog.best_val or math.inf):
-        model.load_state_dict(best_weights)  # early stopping keeps the best epoch's weights
+    if best_weights is not None:
+        model.load_state_dict(best_weights)  # the best epoch's weights (the EMA's, under cfg.ema)
     model.eval()
     val_loss = evaluate_ids(model, val_data, cfg.seq_len, bf16=False, mask=val_targets)
     metrics = _metrics(last_train_loss, val_loss, val_chars_per_token, prog, stopped_by, loop.kernel)
+    metrics.update(_recipe_metrics(cfg, prog, best_weights is not None, recipe_choice))
     log.info("training done: %s", json.dumps(metrics))
     return TrainResult(
         model=model.cpu(),
@@ -293,10 +326,16 @@ class _Loop:
         self.cfg, self.model, self.optimizer, self.data = cfg, model, optimizer, data
         self.bf16, self.total_steps, self.prog = bf16, total_steps, prog
         self.on_event, self.should_stop, self.interval_s = on_event, should_stop, interval_s
-        self.forward, self.kernel = train_lstm.training_forward(model, data.device, native=native)
+        reg = train_lstm.Regularisation(cfg.weight_drop, cfg.locked_dropout, cfg.embedding_dropout, cfg.ar, cfg.tar)
+        self.forward, self.kernel = train_lstm.training_forward(model, data.device, native=native, reg=reg)
         log.info("training the LSTM with %s's kernel", self.kernel)
+        self.steps_per_epoch = 1  # set by train(): the windows of one pass, for the events of an uncapped run
+        self.params = list(model.parameters())  # tied weights once
+        # the EMA of the weights (cfg.ema), validated and kept instead of the raw ones; None: off
+        self.ema: list[Tensor] | None = [p.detach().clone() for p in self.params] if cfg.ema else None
         self.started = time.perf_counter() - prog.elapsed_s
         self.session_start = time.perf_counter()
+        self.session_start_step = prog.step
         self.session_tokens = 0
         self.last_report = 0.0
         self.recent_loss: float | None = None
@@ -316,7 +355,8 @@ class _Loop:
     def maybe_validate(self) -> None:
         if self.val_every_s is None or self.val_data is None or self.elapsed() < self.next_val_s:
             return
-        val = evaluate_ids(self.model, self.val_data, self.cfg.seq_len, mask=self.val_targets)
+        with self.averaged():  # the weights the run would keep
+            val = evaluate_ids(self.model, self.val_data, self.cfg.seq_len, mask=self.val_targets)
         self.emit("validation", train_loss=self.recent_loss, val_loss=val)
         self.next_val_s += self.val_every_s
 
@@ -352,17 +392,18 @@ class _Loop:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits, state = self.forward(x, state)  # (B, t, V)
+                logits, state, penalty = self.forward(x, state)  # (B, t, V); AR/TAR's penalty, or None
             loss, counted = token_loss(logits, y, target_mask)  # the mean over the targets the mask keeps
             state = (state[0].detach(), state[1].detach())  # detach: truncated BPTT
             prog.window += 1
             if counted == 0:  # a window of context only (a long prompt): nothing to learn, carry the state on
                 continue
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if penalty is None else loss + penalty).backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             self.optimizer.step()
+            self.update_average()
             value = loss.item()
             if not math.isfinite(value):
                 raise ConfigError(f"training diverged (loss {value}); lower lr (now {cfg.lr:g})", "lr")
@@ -386,6 +427,58 @@ class _Loop:
         prog.window, prog.epoch_loss_sum, prog.epoch_weight = 0, 0.0, 0.0
         return mean
 
+    def update_average(self) -> None:
+        """One step of the weights' EMA. Its decay ramps up as (1 + t) / (10 + t) to cfg.ema, so the first
+        steps' (random) weights leave it quickly (TensorFlow's ExponentialMovingAverage num_updates)."""
+        if self.ema is None:
+            return
+        decay = min(self.cfg.ema, (1 + self.prog.step) / (10 + self.prog.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The model holds the EMA's weights inside the block (validation, the best's snapshot); the raw ones
+        after it. No-op when cfg.ema is off."""
+        if self.ema is None:
+            yield
+            return
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in self.params]
+            for p, a in zip(self.params, self.ema, strict=True):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.params, raw, strict=True):
+                    p.copy_(r)
+
+    def averaged_weights(self) -> dict[str, Tensor] | None:
+        """The EMA as tensors for the resumable state (in parameter order), or None."""
+        return None if self.ema is None else {str(i): a for i, a in enumerate(self.ema)}
+
+    def restore_average(self, saved: dict[str, Tensor] | None) -> None:
+        if self.ema is not None and saved is not None and len(saved) == len(self.ema):
+            with torch.no_grad():
+                for i, a in enumerate(self.ema):
+                    a.copy_(saved[str(i)])
+
+    def planned(self) -> tuple[int, int]:
+        """(epochs, total steps) for the events: the caps, or in a run only its budget ends, the estimate at
+        this pace (at least the epoch being trained)."""
+        cap = self.cfg.epoch_cap()
+        if cap is not None or self.cfg.time_budget_s is None:
+            return cap or 0, self.total_steps
+        dt = time.perf_counter() - self.session_start
+        pace = (self.prog.step - self.session_start_step) / dt if dt > 0 else 0.0
+        left = max(0.0, self.cfg.time_budget_s - self.elapsed())
+        steps = self.prog.step + int(pace * left)
+        if self.cfg.max_steps is not None:
+            steps = min(steps, self.cfg.max_steps)
+        epochs = max(self.prog.epoch + 1, math.ceil(steps / max(1, self.steps_per_epoch)))
+        return epochs, max(steps, self.prog.step)
+
     def tokens_per_s(self) -> float:
         dt = time.perf_counter() - self.session_start
         return self.session_tokens / dt if dt > 0 else 0.0
@@ -405,13 +498,14 @@ class _Loop:
         if self.on_event is None:
             return
         epoch = self.prog.epoch + 1 if kind in ("progress", "validation") else self.prog.epoch
+        epochs, total_steps = self.planned()
         self.on_event(
             TrainEvent(
                 kind=kind,
                 epoch=epoch,
-                epochs=self.cfg.epochs,
+                epochs=epochs,
                 step=self.prog.step,
-                total_steps=self.total_steps,
+                total_steps=total_steps,
                 train_loss=train_loss,
                 val_loss=val_loss,
                 tokens_per_s=self.tokens_per_s(),
@@ -498,3 +592,21 @@ def _metrics(
         "stopped_by": stopped_by,
         "lstm_kernel": kernel,
     }
+
+
+def _recipe_metrics(
+    cfg: TrainConfig, prog: Progress, kept_best: bool, recipe_choice: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What the recipe did besides the losses: the weights kept, the epoch cap, the sizes it fitted, the
+    regularisers it ran with."""
+    regularisers = {name: getattr(cfg, name) for name in REGULARISERS if getattr(cfg, name)}
+    return {
+        "kept": "best" if kept_best else "last",  # the best epoch by validation loss, or the last weights
+        "best_epoch": prog.best_epoch,
+        "epoch_cap": cfg.epoch_cap(),  # None: only the time budget (or max_steps, early stopping) ended it
+        "recipe_choice": recipe_choice,  # the sizes fitted to the corpus and budget, and why; None: all given
+        "regularisation": regularisers,
+    }
+
+
+REGULARISERS = ("weight_drop", "locked_dropout", "embedding_dropout", "ar", "tar", "ema")

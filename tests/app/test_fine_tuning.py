@@ -175,8 +175,9 @@ def test_a_job_paused_through_the_sdk_resumes_and_finishes(sdk: OpenAI, server: 
     job = sdk.fine_tuning.jobs.create(
         model="textgen-char",
         training_file=file_id,
-        hyperparameters={"n_epochs": 3},
-        extra_body={**RECIPE, "activate": False, "keep_checkpoints": 1},
+        hyperparameters={"n_epochs": 50},
+        # long enough (several seconds) for the pause to land while it trains; each epoch ~420 steps
+        extra_body={**RECIPE, "activate": False, "keep_checkpoints": 1, "max_steps": 4000},
     )
     deadline = time.monotonic() + 60
     while not any(e.type == "metrics" for e in sdk.fine_tuning.jobs.list_events(job.id, limit=50)):

@@ -209,7 +209,8 @@ def test_static_files_are_served_from_the_package_only(shared_server: Server) ->
     config = httpx.get(f"{shared_server.url}/ui/config").json()
     assert config["auth"] is False
     assert config["limits"]["max_tokens"] == int(LONG_STREAM)
-    assert config["training"]["defaults"]["hidden_dim"] == 512 and config["training"]["bounds"]["layers"] == [1, 8]
+    assert config["training"]["defaults"]["hidden_dim"] is None  # fitted to the corpus (lm/train/sizing.py)
+    assert config["training"]["defaults"]["tie_weights"] is False and config["training"]["bounds"]["layers"] == [1, 8]
 
 
 def test_generation_streams_and_stop_ends_it(shared_server: Server, tab: Tab) -> None:

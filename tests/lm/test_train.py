@@ -332,7 +332,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "data" / "shakespeare" / "shakes
 @pytest.mark.parametrize(
     "sizes",
     [
-        {},  # every size from TrainConfig's defaults
+        {},  # every size fitted to the corpus (lm/train/sizing.py)
         {"embedding_dim": 24, "hidden_dim": 32, "layers": 3},
         {"embedding_dim": 16, "hidden_dim": 16, "layers": 1, "tie_weights": True, "vocab_size": 300},
     ],
@@ -341,7 +341,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "data" / "shakespeare" / "shakes
 @pytest.mark.parametrize("tokenizer", ["char", "word", "bpe"])
 def test_planned_parameters_equal_the_built_models_parameter_count(tokenizer: str, sizes: dict) -> None:
     text = SHIPPED.read_text(encoding="utf-8")[:300_000]  # enough pairs for bpe to reach its 1024 tokens
-    cfg = TrainConfig(tokenizer=tokenizer, **sizes)
+    cfg, _ = TrainConfig(tokenizer=tokenizer, **sizes).fitted(text)  # the sizes not given, as train() fits them
     fitted = fit_tokenizer(tokenizer, text, cfg.vocab_size)
     built = LSTMLanguageModel(cfg.model_config(fitted.vocab_size))
     assert planned_parameters(cfg, text) == sum(p.numel() for p in set(built.parameters()))
