@@ -23,14 +23,13 @@ from jobs.errors import StoreUnavailable
 from jobs.records import utc_now
 from jobs.store import JobStore
 from lm.aliases import AliasStore
-from lm.checkpoint import read_config
 from lm.errors import ActiveModelError, CheckpointError, ModelNotFound
 from lm.model import LSTMLanguageModel
 from lm.registry import Registry
 from lm.tokenizers import load_tokenizer
 from lm.train import STATE_JSON, TrainConfig, TrainEvent
 from lm.train.state import STATE_TENSORS, STATE_TOKENIZER
-from worker.errors import JobFailed
+from worker.publish import published_by
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class Checkpointer:
         if any(c["model_id"] == model_id for c in self.checkpoints):
             return  # a resumed run saving the same epoch again
         metrics = {"step": epoch.step, "epoch": epoch.epoch, "train_loss": epoch.train_loss, "val_loss": epoch.val_loss}
-        if not self._published(model_id):
+        if published_by(self.registry, model_id, self.job_id) is None:
             model, tokenizer = self._saved_model()
             training = {**self.training, "checkpoint_of": self.model_id, "epoch": epoch.epoch, "step": epoch.step}
             try:
@@ -95,22 +94,12 @@ class Checkpointer:
                     chat_template=self.chat_template,
                 )
             except CheckpointError:
-                if not self._published(model_id):
+                if published_by(self.registry, model_id, self.job_id) is None:
                     raise
         self.checkpoints.append({"model_id": model_id, **metrics, "created": utc_now()})
         self._prune()
         self._record("model_checkpoint", {"model_id": model_id, **metrics})
         log.info("job %s: checkpoint %s published (epoch %d, step %d)", self.job_id, model_id, epoch.epoch, epoch.step)
-
-    def _published(self, model_id: str) -> bool:
-        """Whether this job published `model_id` already (files only: no pointer read, so a Redis outage
-        does not stop a checkpoint); JobFailed when another model has the id."""
-        path = self.registry.path(model_id)
-        if not path.is_dir():
-            return False
-        if read_config(path).get("training", {}).get("job_id") != self.job_id:
-            raise JobFailed(f"a model named {model_id!r} already exists; submit the job again with another name")
-        return True
 
     def _saved_model(self) -> tuple[LSTMLanguageModel, Any]:
         """The model of the state just saved, on the CPU, with its tokenizer."""

@@ -22,7 +22,7 @@ from typing import Any
 
 from lm.aliases import PRODUCTION, AliasStore, Canary, canary_weight, set_alias
 from lm.checkpoint import read_config
-from lm.errors import CheckpointError, ModelNotFound, PromotionConflict, TextgenError
+from lm.errors import CheckpointError, PromotionConflict, TextgenError
 from lm.registry import Registry
 from lm.train import TrainResult
 from lm.train.evaluate import evaluate_ids
@@ -90,11 +90,12 @@ def quality_gate(registry: Registry, result: TrainResult, active_id: str | None)
 
 
 def published_by(registry: Registry, model_id: str, job_id: str) -> dict[str, Any] | None:
-    """config.json of `model_id` when this job published it; None when there is no such model."""
-    try:
-        config = registry.get(model_id).config
-    except ModelNotFound:
+    """config.json of `model_id` when this job published it; None when there is no such model. It reads the
+    models folder only (no pointer read), so a Redis outage does not stop a publication."""
+    path = registry.path(model_id)
+    if not path.is_dir():
         return None
+    config = read_config(path)
     if config.get("training", {}).get("job_id") != job_id:
         raise JobFailed(f"a model named {model_id!r} already exists; submit the job again with another name")
     return config

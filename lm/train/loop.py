@@ -225,21 +225,18 @@ def train(
         loop.restore_average(load_averaged(state_path))
     loop.carry = carry
 
+    def save(carry: State | None = None) -> None:
+        """The resumable state as it is now (`carry`: the LSTM state of a save mid-epoch)."""
+        assert state_path is not None
+        save_state(
+            state_path, cfg, corpus_sha, tokenizer, model, optimizer, prog, best_weights,
+            carry=carry, averaged=loop.averaged_weights(),
+        )  # fmt: skip
+
     def save_on_stop(state: State | None) -> None:
         """Stopped mid-epoch (a job paused or handed back): save where it is, so a resume loses no step."""
         if state_path is not None and prog.window > 0:
-            save_state(
-                state_path,
-                cfg,
-                corpus_sha,
-                tokenizer,
-                model,
-                optimizer,
-                prog,
-                best_weights,
-                carry=state,
-                averaged=loop.averaged_weights(),
-            )
+            save(state)
             loop.emit("state_saved", train_loss=loop.recent_loss)
 
     loop.on_stop = save_on_stop
@@ -266,17 +263,7 @@ def train(
         prog.history.append({"epoch": prog.epoch, "step": prog.step, "train_loss": epoch_loss, "val_loss": val})
         loop.emit("epoch", train_loss=epoch_loss, val_loss=val, sample=sample_text(model, tokenizer, cfg.seed))
         if state_path is not None:
-            save_state(
-                state_path,
-                cfg,
-                corpus_sha,
-                tokenizer,
-                model,
-                optimizer,
-                prog,
-                best_weights,
-                averaged=loop.averaged_weights(),
-            )
+            save()
             loop.emit("state_saved", train_loss=epoch_loss, val_loss=val)
         if stop_reason is not None:
             stopped_by = stop_reason
