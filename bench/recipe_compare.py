@@ -2,13 +2,15 @@
 
 For each shipped corpus named and each budget (minutes), two runs one after the other on the same
 machine: the previous default recipe (fixed sizes 128/512x2, dropout 0.2, untied, every symbol kept,
-10 epochs as a cap, no AWD-LSTM regularisers), and today's (`textgen train` defaults: sizes fitted to
-the corpus and the budget, AR/TAR and locked dropout, the budget alone ending the run). Each run
+10 epochs as a cap, no AWD-LSTM regularisers, lr 6e-3, weight decay 0.01), and today's (`textgen train`
+defaults: sizes fitted to the corpus and the budget, AR/TAR and locked dropout, lr 8e-3, weight decay
+0.1, the budget alone ending the run). Each run
 validates on the corpus's last 10%; the table gives the validation loss in nats per character (per
 token for word and BPE: these are char runs) and what each run did.
 
     python bench/recipe_compare.py                                  # genesis and tang-poetry, 2, 5 and 10 minutes
     python bench/recipe_compare.py --corpora genesis --budgets 2    # one corpus, one budget
+    python bench/recipe_compare.py --budgets 5,10 --jobs 2          # both corpora at once, a core each
 
 The previous recipe runs through today's code with its old settings, so both keep their best epoch's
 weights (the previous code kept the last; with 10 epochs at most and a decaying rate these rarely differ).
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import sys
 from datetime import UTC, datetime
@@ -43,10 +47,12 @@ PREVIOUS: dict[str, Any] = {
     "ar": 0.0,
     "tar": 0.0,
     "locked_dropout": False,
+    "lr": 6e-3,
+    "weight_decay": 0.01,
 }
 
 
-def run(text: str, minutes: float, recipe: str, threads: int | None) -> dict[str, Any]:
+def run(name: str, text: str, minutes: float, recipe: str, threads: int | None) -> dict[str, Any]:
     fields: dict[str, Any] = {"time_budget_s": minutes * 60, "threads": threads}
     if recipe == "previous":
         fields |= {**PREVIOUS, "vocab_size": len(set(text)) + 1}  # every symbol kept, as the previous recipe did
@@ -54,7 +60,7 @@ def run(text: str, minutes: float, recipe: str, threads: int | None) -> dict[str
     m = result.metrics
     cfg = result.config
     print(
-        f"  {recipe}, {minutes:g} min: val loss {m['val_loss']:.4f} after {m['steps']} steps, "
+        f"  {name}, {recipe}, {minutes:g} min: val loss {m['val_loss']:.4f} after {m['steps']} steps, "
         f"{m['epochs']} epochs, stopped by {m['stopped_by']}",
         flush=True,
     )
@@ -70,27 +76,41 @@ def run(text: str, minutes: float, recipe: str, threads: int | None) -> dict[str
     }
 
 
+def compare(name: str, budgets: list[float], threads: int) -> list[tuple[str, int, float, dict, dict]]:
+    """One corpus: the previous recipe, then today's, at each budget."""
+    text = (ROOT / "data" / name / f"{name}.txt").read_text(encoding="utf-8")
+    print(f"{name}: {len(text):,} characters, {len(set(text)):,} symbols", flush=True)
+    rows = []
+    for minutes in budgets:
+        previous = run(name, text, minutes, "previous", threads)
+        fitted = run(name, text, minutes, "fitted", threads)
+        rows.append((name, len(text), minutes, previous, fitted))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpora", default="genesis,tang-poetry", help="shipped corpora (data/<name>/<name>.txt)")
     parser.add_argument("--budgets", default="2,5,10", help="run budgets in minutes, comma-separated")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads a run (default: the cores / --jobs)")
+    parser.add_argument("--jobs", type=int, default=1, help="corpora run side by side (each pair stays back to back)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    rows = []
-    for name in [c.strip() for c in args.corpora.split(",") if c.strip()]:
-        text = (ROOT / "data" / name / f"{name}.txt").read_text(encoding="utf-8")
-        print(f"{name}: {len(text):,} characters, {len(set(text)):,} symbols", flush=True)
-        for minutes in budgets:
-            previous = run(text, minutes, "previous", args.threads)
-            fitted = run(text, minutes, "fitted", args.threads)
-            rows.append((name, len(text), minutes, previous, fitted))
+    corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.jobs > 1:  # the corpora side by side, each in its own process with its share of the cores
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            rows = [row for rows in pool.starmap(compare, [(n, budgets, threads) for n in corpora]) for row in rows]
+    else:
+        rows = [row for name in corpora for row in compare(name, budgets, threads)]
+    side_by_side = f", {args.jobs} corpora side by side" if args.jobs > 1 else ""
 
     lines = [
         f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Machine: {machine_summary()}. torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, Python {platform.python_version()}.",
-        f"Command: `python bench/recipe_compare.py --corpora {args.corpora} --budgets {args.budgets}`",
+        f"{threads} thread(s) a run{side_by_side}, Python {platform.python_version()}.",
+        f"Command: `python bench/recipe_compare.py --corpora {args.corpora} --budgets {args.budgets}"
+        + (f" --jobs {args.jobs}`" if args.jobs > 1 else "`"),
         f"Previous recipe: `{json.dumps(PREVIOUS)}` and every symbol kept; today's: the `textgen train` defaults.",
         "",
         "Validation loss (nats/char) on each corpus's last 10%, each run under its own budget, the two recipes",

@@ -69,6 +69,21 @@ def batchify(ids: Tensor, batch_size: int) -> Tensor:
     return ids[: per_row * batch_size].view(batch_size, per_row)
 
 
+def epoch_offset(n: int, seed: int, epoch: int) -> int:
+    """Where epoch `epoch`'s streams start in a corpus of n tokens: 0 for the first epoch, then an offset drawn
+    from (seed, epoch), so a resumed run draws the same one. `rotate` by it before `batchify`."""
+    if epoch == 0 or n < 2:
+        return 0
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    return int(torch.randint(n, (1,), generator=generator))
+
+
+def rotate(ids: Tensor, offset: int) -> Tensor:
+    """ids[offset:] followed by ids[:offset]: a new start for the same text; the seam is one more stream
+    boundary, like those `batchify` makes."""
+    return torch.cat((ids[offset:], ids[:offset])) if offset else ids
+
+
 def windows(data: Tensor, seq_len: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (x, y) windows of (B, t <= seq_len); y is x shifted by one token."""
     n = data.size(1) - 1

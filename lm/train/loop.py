@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from lm.data import batchify, check_text, encode_segments, num_windows, split_corpus, windows
+from lm.data import batchify, check_text, encode_segments, epoch_offset, num_windows, rotate, split_corpus, windows
 from lm.devices import resolve_device
 from lm.errors import ConfigError, CorpusError, TrainingCancelled
 from lm.formats import DataFormat, segments
@@ -219,6 +219,7 @@ def train(
         cfg, model, optimizer, train_data, bf16, total_steps, prog, on_event, should_stop, progress_interval_s, native
     )
     loop.targets = train_targets  # (B, N) bool beside train_data, or None: every target counts
+    loop.train_ids, loop.train_mask = train_ids.to(device), train_mask.to(device) if train_mask is not None else None
     loop.steps_per_epoch = steps_per_epoch
     if resuming:
         assert state_path is not None
@@ -252,7 +253,9 @@ def train(
             stopped_by = stop_reason or stopped_by
             break
         with loop.averaged():  # the EMA's weights, when cfg.ema is set: those are validated and kept
-            val = evaluate_ids(model, val_data, cfg.seq_len, bf16=False, mask=val_targets)
+            # in the training's precision (bf16: half the time of fp32, which the budget then trains with);
+            # the kept model's val_loss is measured once more in fp32 at the end
+            val = evaluate_ids(model, val_data, cfg.seq_len, bf16=bf16, mask=val_targets)
             prog.epoch += 1
             improved = prog.best_val is None or val < prog.best_val
             if improved:  # the model kept is the best by validation loss
@@ -331,6 +334,8 @@ class _Loop:
         self.val_data: Tensor | None = None
         self.val_targets: Tensor | None = None
         self.targets: Tensor | None = None  # (B, N) bool: which targets the loss counts; None = every one
+        self.train_ids: Tensor | None = None  # (N,) the training split, which each epoch's streams are cut from
+        self.train_mask: Tensor | None = None  # (N,) bool beside it, or None
         self.carry: State | None = None  # the LSTM state to start the epoch's next window with (a mid-epoch resume)
         self.on_stop: Callable[[State | None], None] | None = None  # called with the carried state when stopped
         self.next_val_s = math.inf
@@ -343,7 +348,7 @@ class _Loop:
         if self.val_every_s is None or self.val_data is None or self.elapsed() < self.next_val_s:
             return
         with self.averaged():  # the weights the run would keep
-            val = evaluate_ids(self.model, self.val_data, self.cfg.seq_len, mask=self.val_targets)
+            val = evaluate_ids(self.model, self.val_data, self.cfg.seq_len, bf16=self.bf16, mask=self.val_targets)
         self.emit("validation", train_loss=self.recent_loss, val_loss=val)
         self.next_val_s += self.val_every_s
 
@@ -361,6 +366,7 @@ class _Loop:
         """Returns (mean train loss of the epoch or None if no step ran, the limit that stopped it)."""
         cfg, model, prog = self.cfg, self.model, self.prog
         model.train()
+        self.shift_streams(prog.epoch)
         state, self.carry = self.carry, None  # a resumed epoch goes on from its saved window and state
         masks = windows(self.targets, cfg.seq_len) if self.targets is not None else None
         for i, (x, y) in enumerate(windows(self.data, cfg.seq_len)):
@@ -406,6 +412,17 @@ class _Loop:
                 self.emit("progress", train_loss=self.recent_loss)
             self.maybe_validate()
         return self._end_epoch(), self.limit_reached()
+
+    def shift_streams(self, epoch: int) -> None:
+        """Each epoch after the first starts the B streams at a new place in the corpus (lm/data.py
+        `epoch_offset`): every window then begins at a different character and carries a different state into
+        it, so later epochs do not replay the first one's windows. Multi-epoch runs overfit later for it."""
+        if self.train_ids is None:
+            return
+        offset = epoch_offset(len(self.train_ids), self.cfg.seed, epoch)
+        self.data = batchify(rotate(self.train_ids, offset), self.cfg.batch_size)
+        if self.train_mask is not None:
+            self.targets = batchify(rotate(self.train_mask, offset), self.cfg.batch_size)
 
     def _end_epoch(self) -> float | None:
         """The epoch's mean train loss (None if no step ran), and the counters reset for the next epoch."""

@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lm.data import epoch_offset, rotate, windows
 from lm.kernels import train_lstm
 from lm.model import LSTMLanguageModel, ModelConfig
 from lm.registry import Registry
 from lm.tokenizers import WORD_RE
-from lm.train import TrainConfig, TrainEvent, planned_parameters, train
+from lm.train import TrainConfig, TrainEvent, loop, planned_parameters, train
 from lm.train.config import DEFAULT_EPOCHS
 from lm.train.sizing import fit_recipe
 from lm.train.state import STATE_TENSORS
@@ -80,6 +81,31 @@ def test_the_best_epoch_by_validation_loss_is_kept_without_patience() -> None:
     assert r.metrics["kept"] == "best"
     assert r.metrics["best_epoch"] == vals.index(min(vals)) + 1
     assert r.metrics["val_loss"] == pytest.approx(min(vals), rel=1e-5)
+
+
+def test_each_epoch_after_the_first_starts_its_streams_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    starts: list[tuple[int, torch.Tensor]] = []  # each pass over a split: its streams' length and first ids
+
+    def spy(data: torch.Tensor, seq_len: int):  # noqa: ANN202 - lm.data.windows's iterator
+        if data.dtype == torch.long:  # the ids, not a target mask
+            starts.append((data.size(1), data[:, :4].clone()))
+        return windows(data, seq_len)
+
+    monkeypatch.setattr(loop, "windows", spy)
+    train(TINY_CORPUS, tiny(epochs=3))
+    longest = max(n for n, _ in starts)
+    first, second, third = [s for n, s in starts if n == longest]  # validation's streams are shorter
+    assert not torch.equal(second, first) and not torch.equal(third, second) and not torch.equal(third, first)
+
+
+def test_epoch_offsets_are_drawn_from_the_seed_and_the_epoch() -> None:
+    assert epoch_offset(1000, seed=1, epoch=0) == 0  # the first epoch starts where it always did
+    offsets = [epoch_offset(1000, seed=1, epoch=e) for e in range(1, 6)]
+    assert offsets == [epoch_offset(1000, seed=1, epoch=e) for e in range(1, 6)]  # a resumed run draws the same
+    assert len(set(offsets)) > 1 and all(0 <= o < 1000 for o in offsets)
+    assert offsets != [epoch_offset(1000, seed=2, epoch=e) for e in range(1, 6)]
+    ids = torch.arange(10)
+    assert rotate(ids, 3).tolist() == [3, 4, 5, 6, 7, 8, 9, 0, 1, 2]
 
 
 # -- sizes fitted to the corpus and the budget ----------------------------------------------------
