@@ -416,7 +416,7 @@ class _Loop:
     def shift_streams(self, epoch: int) -> None:
         """Each epoch after the first starts the B streams at a new place in the corpus (lm/data.py
         `epoch_offset`): every window then begins at a different character and carries a different state into
-        it, so later epochs do not replay the first one's windows. Multi-epoch runs overfit later for it."""
+        it, so later epochs do not replay the first one's windows."""
         if self.train_ids is None:
             return
         offset = epoch_offset(len(self.train_ids), self.cfg.seed, epoch)
