@@ -425,8 +425,10 @@ def test_a_training_job_draws_its_loss_curve_and_its_model_can_be_tried(registry
 
 def test_a_model_held_back_by_the_quality_gate_shows_the_verdict_and_why(serve: ServerFactory, tab: Tab) -> None:
     server = serve()
-    # a fine-tune of the active model on one letter: far worse than it on the corpus (tests/app/test_quality_gate.py)
-    body = {"text": "e" * 6000, "base_model": "tiny-a", "epochs": 3, "lr": 0.05, "validation_text": CORPUS * 3}
+    # a fine-tune of the active model on one letter: far worse than it on the corpus (tests/app/test_quality_gate.py);
+    # no weight decay, which would pull tiny-a's random weights toward a uniform guess, better than theirs
+    body = {"text": "e" * 6000, "base_model": "tiny-a", "epochs": 3, "lr": 0.05, "weight_decay": 0.0}
+    body["validation_text"] = CORPUS * 3
     submitted = httpx.post(f"{server.url}/train", json={**body, "seq_len": 16, "batch_size": 4, "name": "unlearned"})
     assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["id"]
