@@ -88,29 +88,23 @@ def compare(name: str, budgets: list[float], threads: int) -> list[tuple[str, in
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpora", default="genesis,tang-poetry", help="shipped corpora (data/<name>/<name>.txt)")
-    parser.add_argument("--budgets", default="2,5,10", help="run budgets in minutes, comma-separated")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads a run (default: the cores / --jobs)")
-    parser.add_argument("--jobs", type=int, default=1, help="corpora run side by side (each pair stays back to back)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = parser.parse_args()
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    if args.jobs > 1:  # the corpora side by side, each in its own process with its share of the cores
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+TITLE = "The recipe against the previous one on other corpora (`bench/recipe_compare.py`)"
+
+
+def compare_corpora(corpora: list[str], budgets: list[float], jobs: int, threads: int | None) -> str:
+    """Run the comparison on each corpus (`jobs` of them side by side) and return its RESULTS.md section."""
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    if jobs > 1:  # the corpora side by side, each in its own process with its share of the cores
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
             rows = [row for rows in pool.starmap(compare, [(n, budgets, threads) for n in corpora]) for row in rows]
     else:
         rows = [row for name in corpora for row in compare(name, budgets, threads)]
-    side_by_side = f", {args.jobs} corpora side by side" if args.jobs > 1 else ""
-
+    side_by_side = f", {jobs} corpora side by side" if jobs > 1 else ""
     lines = [
         f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Machine: {machine_summary()}. torch {torch.__version__}, "
         f"{threads} thread(s) a run{side_by_side}, Python {platform.python_version()}.",
-        f"Command: `python bench/recipe_compare.py --corpora {args.corpora} --budgets {args.budgets}"
-        + (f" --jobs {args.jobs}`" if args.jobs > 1 else "`"),
+        f"Command: `python bench/recipe_compare.py --corpora {','.join(corpora)} --budgets "
+        f"{','.join(f'{b:g}' for b in budgets)}" + (f" --jobs {jobs}`" if jobs > 1 else "`"),
         f"Previous recipe: `{json.dumps(PREVIOUS)}` and every symbol kept; today's: the `textgen train` defaults.",
         "",
         "Validation loss (nats/char) on each corpus's last 10%, each run under its own budget, the two recipes",
@@ -126,10 +120,23 @@ def main() -> None:
         "",
         f"Today's recipe is better in {sum(f['val_loss'] < p['val_loss'] for *_, p, f in rows)} of {len(rows)} runs.",
     ]
-    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpora", default="genesis,tang-poetry", help="shipped corpora (data/<name>/<name>.txt)")
+    parser.add_argument("--budgets", default="2,5,10", help="run budgets in minutes, comma-separated")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads a run (default: the cores / --jobs)")
+    parser.add_argument("--jobs", type=int, default=1, help="corpora run side by side (each pair stays back to back)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
+    section = compare_corpora(corpora, budgets, args.jobs, args.threads)
+    print(section, flush=True)
     if not args.no_write:
-        title = "The recipe against the previous one on other corpora (`bench/recipe_compare.py`)"
-        write_section(title, "\n".join(lines))
+        write_section(TITLE, section)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ The table gives each one's median over the rounds and the median of the per-roun
 
     python bench/train_quality.py                    # a 10- and a 20-minute run, validated every 5 minutes
     python bench/train_quality.py --budgets '' --throughput-steps 40   # throughput only
+    python bench/train_quality.py --budgets 10 --other-corpora genesis,tang-poetry --jobs 2   # and other corpora
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from lm.train import TrainConfig, TrainEvent, keep_freed_memory, train
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 sys.path.insert(0, str(ROOT / "bench"))
+from recipe_compare import TITLE as COMPARE_TITLE  # noqa: E402
+from recipe_compare import compare_corpora  # noqa: E402
 from results import machine_summary, write_section  # noqa: E402
 
 
@@ -164,6 +167,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (median reported)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument(
+        "--other-corpora",
+        default="",
+        help="then compare the recipe with the previous one on these shipped corpora, as bench/recipe_compare.py "
+        "does (e.g. genesis,tang-poetry)",
+    )
+    parser.add_argument("--other-budgets", default="2,5,10", help="their run budgets in minutes")
+    parser.add_argument("--jobs", type=int, default=1, help="other corpora run side by side")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -222,6 +233,14 @@ def main() -> None:
     ]
     if not args.no_write:
         write_section("Training quality and throughput (`bench/train_quality.py`)", "\n".join(lines))
+
+    corpora = [c.strip() for c in args.other_corpora.split(",") if c.strip()]
+    if corpora:
+        other_budgets = [float(b) for b in args.other_budgets.split(",") if b.strip()]
+        section = compare_corpora(corpora, other_budgets, args.jobs, args.threads)
+        print(section, flush=True)
+        if not args.no_write:
+            write_section(COMPARE_TITLE, section)
 
 
 if __name__ == "__main__":
