@@ -131,11 +131,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="corpora run side by side (each pair stays back to back)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
-    section = compare_corpora(corpora, budgets, args.jobs, args.threads)
+    compare_and_report(args.corpora, args.budgets, args.jobs, args.threads, write=not args.no_write)
+
+
+def compare_and_report(corpora: str, budgets: str, jobs: int, threads: int | None, *, write: bool) -> None:
+    """The comparison on comma-separated `corpora` and `budgets` (minutes), printed and, with `write`, in
+    bench/RESULTS.md; bench/train_quality.py --other-corpora calls it too."""
+    names = [c.strip() for c in corpora.split(",") if c.strip()]
+    section = compare_corpora(names, [float(b) for b in budgets.split(",") if b.strip()], jobs, threads)
     print(section, flush=True)
-    if not args.no_write:
+    if write:
         write_section(TITLE, section)
 
 

@@ -36,8 +36,7 @@ from lm.train import TrainConfig, TrainEvent, keep_freed_memory, train
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 sys.path.insert(0, str(ROOT / "bench"))
-from recipe_compare import TITLE as COMPARE_TITLE  # noqa: E402
-from recipe_compare import compare_corpora  # noqa: E402
+from recipe_compare import compare_and_report  # noqa: E402
 from results import machine_summary, write_section  # noqa: E402
 
 
@@ -234,13 +233,8 @@ def main() -> None:
     if not args.no_write:
         write_section("Training quality and throughput (`bench/train_quality.py`)", "\n".join(lines))
 
-    corpora = [c.strip() for c in args.other_corpora.split(",") if c.strip()]
-    if corpora:
-        other_budgets = [float(b) for b in args.other_budgets.split(",") if b.strip()]
-        section = compare_corpora(corpora, other_budgets, args.jobs, args.threads)
-        print(section, flush=True)
-        if not args.no_write:
-            write_section(COMPARE_TITLE, section)
+    if args.other_corpora.strip():
+        compare_and_report(args.other_corpora, args.other_budgets, args.jobs, args.threads, write=not args.no_write)
 
 
 if __name__ == "__main__":
